@@ -1,0 +1,364 @@
+"""The expert catalog (`experts.yaml`): typed schema, strict loading, discovery and locked atomic writes.
+
+Import-light on purpose: `mixdiff experts list` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CatalogError, CatalogNotFound, ExpertNotFound, InvalidName
+
+CATALOG_NAME = "experts.yaml"
+SCHEMA_VERSION = 1
+KINDS = ("lora", "model")
+FORMATS = ("diffusers", "peft", "kohya", "diffusers-model", "single-file")
+ARCHS = ("sd1", "sd2", "sdxl")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+HEADER = "# mixdiff expert catalog (schema: README.md, 'The catalog'). Edit with `mixdiff` commands or by hand.\n"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise InvalidName(
+            f"invalid expert name {name!r}",
+            "use 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit (e.g. 'watercolor-v2')",
+        )
+    return name
+
+
+def slugify(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")
+    return slug[:64] or "expert"
+
+
+@dataclass
+class Expert:
+    name: str
+    kind: str
+    source: str  # relative to the catalog file, absolute, or hf://org/repo[/file]@revision
+    format: str
+    sha256: str | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    arch: str | None = None  # the base architecture it fits: sd1, sd2, sdxl
+    description: str = ""
+    prompts: list[str] = field(default_factory=list)  # example prompts the router learns from
+    trigger: list[str] = field(default_factory=list)  # trigger words that force this expert
+    default_weight: float = 1.0
+    tags: list[str] = field(default_factory=list)
+    added: str | None = None  # ISO 8601 timestamp
+
+    @property
+    def short_hash(self) -> str:
+        """AutoV2: the first 10 hex digits of sha256, as model sites show it."""
+        return (self.sha256 or "")[:10]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
+class Base:
+    source: str  # local diffusers folder, single-file checkpoint, or hf://org/repo@revision
+    arch: str | None = None
+    sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
+class Catalog:
+    path: Path
+    base: Base | None = None
+    router: str | None = None  # router checkpoint, relative to the catalog file
+    experts: list[Expert] = field(default_factory=list)
+    version: int = SCHEMA_VERSION
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def expert(self, name: str) -> Expert:
+        for exp in self.experts:
+            if exp.name == name:
+                return exp
+        known = ", ".join(self.names) or "none"
+        raise ExpertNotFound(
+            f"no expert named {name!r} in {self.path}",
+            f"known experts: {known}. Run 'mixdiff experts list' to see them",
+        )
+
+    def resolve(self, source: str) -> Path:
+        """A local source as a path (relative sources are relative to the catalog file)."""
+        if source.startswith("hf://"):
+            raise ValueError("hub sources are resolved by mixdiff_cli.sources.resolve")
+        path = Path(source).expanduser()
+        return path if path.is_absolute() else (self.root / path)
+
+    def relative_source(self, path: Path) -> str:
+        """How to write a local path into the catalog: relative when under the catalog folder."""
+        path = Path(os.path.abspath(path))
+        try:
+            return path.relative_to(Path(os.path.abspath(self.root))).as_posix()
+        except ValueError:
+            return str(path)
+
+    def router_path(self) -> Path | None:
+        return None if self.router is None else self.resolve(self.router)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "base": self.base.to_dict() if self.base else None,
+            "router": self.router,
+            "experts": [e.to_dict() for e in self.experts],
+        }
+
+    def hash(self) -> str:
+        """Identity of what the router sees: base, expert names in order and their file hashes."""
+        ident = {
+            "base": self.base.source if self.base else None,
+            "experts": [[e.name, e.sha256] for e in self.experts],
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+# --- strict loading -------------------------------------------------------------------------------
+
+_STR, _INT, _NUM, _STRLIST = "a string", "an integer", "a number", "a list of strings"
+
+
+def _spec(cls: type) -> dict[str, str | tuple[str, ...]]:
+    specs: dict[type, dict[str, str | tuple[str, ...]]] = {
+        Expert: {
+            "name": _STR, "kind": KINDS, "source": _STR, "format": FORMATS, "sha256": _STR, "rank": _INT,
+            "alpha": _NUM, "arch": ARCHS, "description": _STR, "prompts": _STRLIST, "trigger": _STRLIST,
+            "default_weight": _NUM, "tags": _STRLIST, "added": _STR,
+        },
+        Base: {"source": _STR, "arch": ARCHS, "sha256": _STR},
+    }
+    return specs[cls]
+
+
+_REQUIRED = {Expert: ("name", "kind", "source", "format"), Base: ("source",)}
+
+
+def _construct(node: yaml.Node) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+class _Loader:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, node: yaml.Node | None, what: str, hint: str) -> CatalogError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return CatalogError(f"{self.path}{line}: {what}", hint)
+
+    def scalar(self, node: yaml.Node, want: str | tuple[str, ...], key: str) -> Any:
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return None
+        value = _construct(node) if isinstance(node, yaml.ScalarNode) else None
+        if want == _STR and isinstance(value, (datetime.date, datetime.datetime)):
+            value = value.isoformat()  # an unquoted `added: 2026-11-26` is a date to YAML
+        ok = {
+            _STR: isinstance(value, str),
+            _INT: isinstance(value, int) and not isinstance(value, bool),
+            _NUM: isinstance(value, (int, float)) and not isinstance(value, bool),
+        }
+        if isinstance(want, tuple):
+            if value not in want:
+                raise self.fail(node, f"{key} is {value!r}", f"use one of: {', '.join(want)}")
+            return value
+        if want == _STRLIST:
+            if not isinstance(node, yaml.SequenceNode):
+                raise self.fail(node, f"{key} must be {_STRLIST}", f"write e.g. {key}: [\"a watercolor painting\"]")
+            items = [self.scalar(item, _STR, f"{key}[{i}]") for i, item in enumerate(node.value)]
+            return [str(x) for x in items if x is not None]
+        if not ok[want]:
+            shown = "a mapping" if isinstance(node, yaml.MappingNode) else "a list" if isinstance(node, yaml.SequenceNode) else repr(value)
+            raise self.fail(node, f"{key} must be {want}, got {shown}", f"fix the value of '{key}'")
+        return float(value) if want == _NUM else value
+
+    def mapping(self, node: yaml.Node, cls: type, where: str) -> Any:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{where} must be a mapping", "see README.md, 'The catalog', for the format")
+        spec = _spec(cls)
+        values: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key not in spec:
+                raise self.fail(key_node, f"unknown key '{key}' in {where}", f"allowed keys: {', '.join(spec)}")
+            if key in values:
+                raise self.fail(key_node, f"duplicate key '{key}' in {where}", "keep one of them")
+            values[key] = self.scalar(value_node, spec[key], key)
+        for key in _REQUIRED[cls]:
+            if values.get(key) is None:
+                raise self.fail(node, f"{where} has no '{key}'", f"add '{key}:' to it")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def catalog(self, text: str) -> Catalog:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise CatalogError(f"{self.path}{line}: YAML syntax error: {problem}", "fix the file (indentation, quotes, colons)") from None
+        if root is None:
+            return Catalog(path=self.path)
+        if not isinstance(root, yaml.MappingNode):
+            raise self.fail(root, "the catalog must be a mapping with version, base, router and experts", "see README.md, 'The catalog'")
+        cat = Catalog(path=self.path)
+        seen: set[str] = set()
+        for key_node, value_node in root.value:
+            key = key_node.value
+            if key in seen:
+                raise self.fail(key_node, f"duplicate key '{key}'", "keep one of them")
+            seen.add(key)
+            if key == "version":
+                cat.version = self.scalar(value_node, _INT, "version")
+                if cat.version != SCHEMA_VERSION:
+                    raise self.fail(value_node, f"catalog version {cat.version} is not supported", f"this mixdiff reads version {SCHEMA_VERSION}; upgrade mixdiff")
+            elif key == "base":
+                null = isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")
+                cat.base = None if null else self.mapping(value_node, Base, "base")
+            elif key == "router":
+                cat.router = self.scalar(value_node, _STR, "router")
+            elif key == "experts":
+                null = isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")
+                if not null and not isinstance(value_node, yaml.SequenceNode):
+                    raise self.fail(value_node, "experts must be a list", "write 'experts:' followed by '- name: ...' items")
+                for item in [] if null else value_node.value:
+                    exp = self.mapping(item, Expert, "an expert")
+                    try:
+                        check_name(exp.name)
+                    except InvalidName as exc:
+                        raise self.fail(item, exc.message, exc.hint or "") from None
+                    if exp.name in cat.names:
+                        raise self.fail(item, f"expert name '{exp.name}' appears twice", "names must be unique; rename or remove one")
+                    cat.experts.append(exp)
+            else:
+                raise self.fail(key_node, f"unknown key '{key}'", "allowed keys: version, base, router, experts")
+        return cat
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and validate a catalog file (safe YAML only)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CatalogNotFound(f"catalog {path} does not exist", "run 'mixdiff init' to create it, or pass --catalog PATH") from None
+    except IsADirectoryError:
+        raise CatalogNotFound(f"catalog {path} is a folder", f"pass the file, e.g. {path / CATALOG_NAME}") from None
+    except UnicodeDecodeError:
+        raise CatalogError(f"{path}: not a UTF-8 text file", "pass the experts.yaml catalog") from None
+    return _Loader(path).catalog(text)
+
+
+def dump_catalog(cat: Catalog) -> str:
+    return HEADER + yaml.safe_dump(cat.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+
+
+def save_catalog(cat: Catalog) -> None:
+    """Write atomically (temporary file, fsync, rename). Callers hold the lock (see `edit_catalog`)."""
+    from .fsutil import atomic_write
+
+    text = dump_catalog(cat)
+    _Loader(cat.path).catalog(text)  # never write what we could not read back
+    atomic_write(cat.path, text)
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def catalog_lock(path: str | Path, timeout: float = 120.0) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    try:
+        with FileLock(str(lock_path(path)), timeout=timeout):
+            yield
+    except Timeout:
+        raise CatalogError(
+            f"catalog {path} is locked by another mixdiff process", f"wait for it, or delete {lock_path(path)} if none runs"
+        ) from None
+
+
+@contextlib.contextmanager
+def edit_catalog(path: str | Path) -> Iterator[Catalog]:
+    """Lock, re-read, let the caller change the catalog, then write it atomically (not on error)."""
+    path = Path(path)
+    with catalog_lock(path):
+        cat = load_catalog(path)
+        yield cat
+        save_catalog(cat)
+
+
+# --- discovery ------------------------------------------------------------------------------------
+
+
+def user_catalog_path() -> Path:
+    import typer
+
+    return Path(typer.get_app_dir("mixdiff")) / CATALOG_NAME
+
+
+def packaged_catalog_path() -> Path:
+    """The embedded demo catalog shipped as package data."""
+    return Path(__file__).parent / "data" / "demo" / CATALOG_NAME
+
+
+def find_catalog(explicit: str | Path | None = None, *, must_exist: bool = True) -> Path:
+    """`--catalog`, then $MIXDIFF_CATALOG, then experts.yaml walking up from the cwd, then the user and
+    packaged catalogs. With must_exist=False, return where a new catalog would go."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if path.is_dir():
+            path = path / CATALOG_NAME
+        if must_exist and not path.is_file():
+            raise CatalogNotFound(f"catalog {path} does not exist", f"create it with 'mixdiff init --catalog {path}'")
+        return path
+    env = os.environ.get("MIXDIFF_CATALOG")
+    if env:
+        path = Path(env).expanduser()
+        if must_exist and not path.is_file():
+            raise CatalogNotFound(f"catalog {path} (from $MIXDIFF_CATALOG) does not exist", "create it with 'mixdiff init' or unset MIXDIFF_CATALOG")
+        return path
+    cwd = Path.cwd()
+    if not must_exist:
+        return cwd / CATALOG_NAME
+    for folder in (cwd, *cwd.parents):
+        if (folder / CATALOG_NAME).is_file():
+            return folder / CATALOG_NAME
+    for path in (user_catalog_path(), packaged_catalog_path()):
+        if path.is_file():
+            return path
+    raise CatalogNotFound(
+        "no catalog found (no --catalog, no $MIXDIFF_CATALOG, no experts.yaml here or above, no user catalog)",
+        "run 'mixdiff init --base PATH' to create one, or pass --catalog PATH",
+    )

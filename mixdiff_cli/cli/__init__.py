@@ -1,0 +1,46 @@
+"""The `mixdiff` Typer app: wiring only; each command group lives in its own module."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from . import catalog, evaluate, finetune, generate, route, router
+from ._output import out
+
+app = typer.Typer(
+    name="mixdiff",
+    help="Mixture of Diffusers: route each prompt to the top-k experts of a catalog and blend them while sampling.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mixdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    json_mode: Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only results.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Mixture of Diffusers."""
+    out.configure(json_mode=json_mode, quiet=quiet)
+
+
+for _module in (catalog, route, generate, router, finetune, evaluate):
+    _module.register(app)
+
+
+def main() -> None:
+    app(prog_name="mixdiff")

@@ -1,0 +1,92 @@
+"""One output sink: data on stdout, messages on stderr; modes human (rich), json and quiet."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Literal
+
+Mode = Literal["human", "json", "quiet"]
+
+
+def _jsonable(value: Any) -> Any:
+    from pathlib import PurePath
+
+    if isinstance(value, PurePath):
+        return str(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class Output:
+    def __init__(self) -> None:
+        self.mode: Mode = "human"
+
+    def configure(self, *, json_mode: bool = False, quiet: bool = False) -> None:
+        self.mode = "json" if json_mode else "quiet" if quiet else "human"
+
+    @property
+    def json(self) -> bool:
+        return self.mode == "json"
+
+    def _console(self, stderr: bool):
+        from rich.console import Console
+
+        return Console(file=sys.stderr if stderr else sys.stdout, highlight=False, soft_wrap=True)
+
+    def data(self, value: Any) -> None:
+        """Machine-readable result: JSON in json mode, else pretty-printed mapping/list."""
+        if self.mode == "json":
+            sys.stdout.write(json.dumps(value, default=_jsonable, indent=2) + "\n")
+        elif self.mode == "human":
+            if isinstance(value, dict):
+                width = max((len(str(k)) for k in value), default=0)
+                for key, val in value.items():
+                    shown = ", ".join(map(str, val)) if isinstance(val, (list, tuple)) else val
+                    self._console(False).print(f"[bold]{key:<{width}}[/bold]  {shown}")
+            else:
+                self._console(False).print(value)
+
+    def table(self, rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
+        """Rows as a rich table (human) or a JSON list (json); quiet prints the first column only."""
+        if self.mode == "json":
+            self.data(rows)
+            return
+        if self.mode == "quiet":
+            for row in rows:
+                sys.stdout.write(f"{row[columns[0]]}\n")
+            return
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        self._console(False).print(table)
+
+    def result(self, text: str, value: Any = None) -> None:
+        """The command's primary result: `text` for people, `value` (default text) for --json."""
+        if self.mode == "json":
+            self.data(value if value is not None else text)
+        else:
+            sys.stdout.write(f"{text}\n")
+
+    def info(self, text: str) -> None:
+        if self.mode == "human":
+            self._console(True).print(text)
+
+    def hint(self, text: str) -> None:
+        if self.mode == "human":
+            self._console(True).print(f"[dim]hint: {text}[/dim]")
+
+    def warn(self, text: str) -> None:
+        if self.mode != "quiet":
+            sys.stderr.write(f"warning: {text}\n")
+
+    def error(self, text: str) -> None:
+        sys.stderr.write(f"error: {text}\n")
+
+
+out = Output()

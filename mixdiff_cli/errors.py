@@ -1,0 +1,51 @@
+"""Typed errors. Library code raises these; the CLI prints `message` and `hint` on one line and exits."""
+
+from __future__ import annotations
+
+
+class MixdiffError(Exception):
+    """An error the user can act on: what is wrong (`message`) and what to do (`hint`)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}. {self.hint}" if self.hint else self.message
+
+
+class UsageError(MixdiffError):
+    """Bad command-line usage (exit 2)."""
+
+    exit_code = 2
+
+
+class CatalogNotFound(MixdiffError):
+    pass
+
+
+class CatalogError(MixdiffError):
+    """The catalog file is not valid YAML or does not follow the schema."""
+
+
+class ExpertNotFound(MixdiffError):
+    pass
+
+
+class DuplicateExpert(MixdiffError):
+    pass
+
+
+class InvalidName(MixdiffError):
+    pass
+
+
+class HubError(MixdiffError):
+    """A hf:// source could not be resolved (offline miss, unknown repo)."""
+
+
+class VerifyFailed(MixdiffError):
+    pass

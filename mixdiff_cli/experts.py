@@ -1,0 +1,291 @@
+"""Catalog operations: init, add (register), remove, verify. Inspect everything before writing anything."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import sources
+from .catalog import (
+    CATALOG_NAME,
+    Base,
+    Catalog,
+    Expert,
+    check_name,
+    edit_catalog,
+    load_catalog,
+    save_catalog,
+    catalog_lock,
+    slugify,
+)
+from .errors import CatalogError, DuplicateExpert, MixdiffError, UsageError, VerifyFailed
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def base_arch(source_path: Path) -> str | None:
+    """Architecture of a base model on disk (diffusers folder or single file), from configs/headers only."""
+    from .formats import arch_of_unet_config, inspect_source
+
+    cfg = source_path / "unet" / "config.json"
+    if cfg.is_file():
+        return arch_of_unet_config(json.loads(cfg.read_text()))
+    return inspect_source(source_path).arch
+
+
+def base_unet_config(cat: Catalog) -> dict | None:
+    """The base UNet's config.json, when the base is a local diffusers folder (or already cached)."""
+    if cat.base is None:
+        return None
+    try:
+        path = sources.resolve(cat, cat.base.source)
+    except MixdiffError:
+        return None
+    cfg = path / "unet" / "config.json"
+    return json.loads(cfg.read_text()) if cfg.is_file() else None
+
+
+def init_catalog(path: str | Path | None = None, base: str | None = None, *, force: bool = False) -> Catalog:
+    """Create a catalog file (refuses to overwrite one unless `force`)."""
+    from .catalog import find_catalog
+
+    path = find_catalog(path, must_exist=False)
+    if path.is_dir():
+        path = path / CATALOG_NAME
+    if path.exists() and not force:
+        raise CatalogError(f"catalog {path} already exists", "edit it with 'mixdiff add-expert', or pass --force to replace it")
+    cat = Catalog(path=path)
+    if base is not None:
+        cat.base = make_base(cat, base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with catalog_lock(path):
+        save_catalog(cat)
+    return cat
+
+
+def make_base(cat: Catalog, source: str) -> Base:
+    """A Base entry for `source`; local paths must exist and are stored relative to the catalog."""
+    if sources.is_hub(source):
+        sources.parse_hub(source)
+        return Base(source=source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UsageError(f"base model {source} does not exist", "pass a diffusers folder, a .safetensors checkpoint or hf://org/repo@revision")
+    return Base(source=cat.relative_source(path), arch=base_arch(path))
+
+
+@dataclass
+class Inspected:
+    """What `add-expert` learned about a source before touching the catalog."""
+
+    expert: Expert
+    local_path: Path
+    file: Path | None  # the weights file hashed (None for folders hashed as a whole)
+
+
+def inspect_candidate(
+    cat: Catalog,
+    source: str,
+    *,
+    name: str | None = None,
+    kind: str | None = None,
+    prompts: list[str] | None = None,
+    trigger: list[str] | None = None,
+    description: str | None = None,
+    weight: float | None = None,
+    tags: list[str] | None = None,
+) -> Inspected:
+    """Read headers, detect format/architecture, hash, check fit with the base. Writes nothing."""
+    from .formats import ARCH_LABELS, ArchitectureMismatch, fits_base, inspect_source
+
+    if sources.is_hub(source):
+        local = sources.fetch(source)
+        stored = source
+    else:
+        local = Path(source).expanduser()
+        stored = cat.relative_source(local)
+    info = inspect_source(local)
+    if kind is not None and kind != info.kind:
+        raise UsageError(f"{source} is a {info.kind}, not a {kind}", f"drop --kind or pass --kind {info.kind}")
+
+    base_cfg = base_unet_config(cat)
+    if base_cfg is not None:
+        reason = fits_base(info, base_cfg)
+        if reason:
+            raise ArchitectureMismatch(reason, "add it to a catalog whose base has the same architecture")
+    elif cat.base is not None and cat.base.arch and info.arch and info.arch != cat.base.arch:
+        raise ArchitectureMismatch(
+            f"{info.kind} for {ARCH_LABELS[info.arch]}, base is {ARCH_LABELS[cat.base.arch]}",
+            "add it to a catalog whose base has the same architecture",
+        )
+
+    stem = local.stem if local.is_file() else local.name
+    expert_name = check_name(name) if name is not None else slugify(info.title or stem)
+    if expert_name in cat.names:
+        raise DuplicateExpert(f"an expert named {expert_name!r} already exists in {cat.path}", "pass --name with another name, or remove the old one first")
+    expert = Expert(
+        name=expert_name,
+        kind=info.kind,
+        source=stored,
+        format=info.format,
+        sha256=info.sha256,
+        rank=info.rank,
+        alpha=info.alpha,
+        arch=info.arch or (cat.base.arch if cat.base else None),
+        description=description if description is not None else (info.description or ""),
+        prompts=list(prompts or []),
+        trigger=list(trigger) if trigger else list(info.trigger or []),
+        default_weight=weight if weight is not None else float(info.preferred_weight or 1.0),
+        tags=list(tags or []),
+        added=_now(),
+    )
+    return Inspected(expert=expert, local_path=local, file=info.file)
+
+
+def add_expert(
+    catalog_path: str | Path,
+    source: str,
+    *,
+    name: str | None = None,
+    kind: str | None = None,
+    prompts: list[str] | None = None,
+    trigger: list[str] | None = None,
+    description: str | None = None,
+    weight: float | None = None,
+    tags: list[str] | None = None,
+    copy: bool = False,
+) -> Expert:
+    """Inspect `source`, then append it to the catalog under the lock (optionally copying it beside the catalog)."""
+    catalog_path = Path(catalog_path)
+    found = inspect_candidate(
+        load_catalog(catalog_path), source, name=name, kind=kind, prompts=prompts, trigger=trigger,
+        description=description, weight=weight, tags=tags,
+    )
+    expert = found.expert
+    with edit_catalog(catalog_path) as cat:
+        if expert.name in cat.names:  # another process added it since we looked
+            raise DuplicateExpert(f"an expert named {expert.name!r} already exists in {cat.path}", "pass --name with another name")
+        if copy and not sources.is_hub(source):
+            expert.source = cat.relative_source(_copy_into(cat, found.local_path, expert.name))
+        cat.experts.append(expert)
+    _router_after_change(cat, added=expert.name)
+    return expert
+
+
+def _copy_into(cat: Catalog, local: Path, name: str) -> Path:
+    """Copy an expert's files into `experts/` beside the catalog (atomically: copy, then rename)."""
+    from .fsutil import atomic_path
+
+    dest_dir = cat.root / "experts"
+    dest = dest_dir / (f"{name}{local.suffix}" if local.is_file() else name)
+    if dest.exists():
+        raise DuplicateExpert(f"{dest} already exists", "remove it or pass another --name")
+    if local.is_file():
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(local, tmp)
+        for sidecar in (local.with_suffix(".json"), local.parent / "adapter_config.json"):
+            if sidecar.is_file():
+                shutil.copyfile(sidecar, dest_dir / (dest.stem + ".json" if sidecar.name != "adapter_config.json" else sidecar.name))
+    else:
+        tmp = dest_dir / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local, tmp)
+        tmp.rename(dest)
+    return dest
+
+
+def remove_expert(catalog_path: str | Path, name: str) -> Expert:
+    """Drop an expert from the catalog (its files stay where they are)."""
+    with edit_catalog(catalog_path) as cat:
+        expert = cat.expert(name)
+        cat.experts.remove(expert)
+    _router_after_change(cat, removed=name)
+    return expert
+
+
+def _router_after_change(cat: Catalog, *, added: str | None = None, removed: str | None = None) -> None:
+    """Keep a trained router in step with the catalog without retraining (no forgetting)."""
+    if cat.router is None:
+        return
+    try:
+        from . import router
+    except ImportError:  # pragma: no cover - router module not present
+        return
+    if added and hasattr(router, "extend_router"):
+        router.extend_router(load_catalog(cat.path), added)
+    if removed and hasattr(router, "drop_router_row"):
+        router.drop_router_row(load_catalog(cat.path), removed)
+
+
+@dataclass
+class VerifyResult:
+    name: str
+    status: str  # ok, missing, mismatch, remote
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "detail": self.detail}
+
+
+def expert_file(cat: Catalog, expert: Expert) -> Path:
+    """The file whose sha256 the catalog records (the weights file inside a folder source)."""
+    from .formats import inspect_source
+
+    path = sources.resolve(cat, expert.source)
+    return path if path.is_file() else inspect_source(path).file
+
+
+def verify_experts(cat: Catalog, names: list[str] | None = None) -> list[VerifyResult]:
+    """Check every expert's files exist and their sha256 matches the catalog."""
+    from .formats import sha256_file
+
+    results = []
+    for expert in [cat.expert(n) for n in names] if names else cat.experts:
+        if sources.is_hub(expert.source):
+            try:
+                path = sources.fetch(expert.source)
+            except MixdiffError as exc:
+                results.append(VerifyResult(expert.name, "missing", exc.message))
+                continue
+        else:
+            path = cat.resolve(expert.source)
+        if not path.exists():
+            results.append(VerifyResult(expert.name, "missing", f"{path} not found"))
+            continue
+        if not expert.sha256:
+            results.append(VerifyResult(expert.name, "ok", "no hash recorded"))
+            continue
+        try:
+            digest = sha256_file(path if path.is_file() else expert_file(cat, expert))
+        except MixdiffError as exc:
+            results.append(VerifyResult(expert.name, "missing", exc.message))
+            continue
+        if digest != expert.sha256:
+            results.append(VerifyResult(expert.name, "mismatch", f"sha256 {digest[:10]} != catalog {expert.sha256[:10]}"))
+        else:
+            results.append(VerifyResult(expert.name, "ok", expert.sha256[:10]))
+    return results
+
+
+def check_verified(results: list[VerifyResult]) -> None:
+    bad = [r for r in results if r.status != "ok"]
+    if bad:
+        names = ", ".join(f"{r.name} ({r.status})" for r in bad)
+        raise VerifyFailed(f"{len(bad)} expert(s) failed verification: {names}", "re-add moved files with 'mixdiff add-expert' or fix the paths in the catalog")
+
+
+def expert_rows(cat: Catalog) -> list[dict]:
+    """Table rows for `experts list`."""
+    return [
+        {
+            "name": e.name, "kind": e.kind, "format": e.format, "arch": e.arch, "rank": e.rank,
+            "weight": e.default_weight, "hash": e.short_hash, "trigger": ", ".join(e.trigger),
+            "source": e.source, "description": e.description,
+        }
+        for e in cat.experts
+    ]
