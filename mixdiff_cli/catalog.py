@@ -322,10 +322,21 @@ def edit_catalog(path: str | Path) -> Iterator[Catalog]:
 # --- discovery ------------------------------------------------------------------------------------
 
 
-def user_catalog_path() -> Path:
-    import typer
+def user_data_dir() -> Path:
+    """The platform's per-user data folder for mixdiff ($MIXDIFF_HOME overrides it)."""
+    import sys
 
-    return Path(typer.get_app_dir("mixdiff")) / CATALOG_NAME
+    if os.environ.get("MIXDIFF_HOME"):
+        return Path(os.environ["MIXDIFF_HOME"]).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "mixdiff"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "mixdiff"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mixdiff"
+
+
+def user_catalog_path() -> Path:
+    return user_data_dir() / CATALOG_NAME
 
 
 def packaged_catalog_path() -> Path:

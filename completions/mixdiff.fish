@@ -1,0 +1,1 @@
+complete --command mixdiff --no-files --arguments "(env _MIXDIFF_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) mixdiff)" --condition "env _MIXDIFF_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) mixdiff"

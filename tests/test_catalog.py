@@ -1,0 +1,156 @@
+"""The catalog schema, strict loading, discovery and atomic locked writes (no models needed)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mixdiff_cli import catalog as catmod
+from mixdiff_cli.catalog import Base, Catalog, Expert, edit_catalog, find_catalog, load_catalog, save_catalog
+from mixdiff_cli.errors import CatalogError, CatalogNotFound, ExpertNotFound
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return path
+
+
+GOOD = """
+version: 1
+base:
+  source: models/base
+  arch: sd1
+router: null
+experts:
+  - name: watercolor
+    kind: lora
+    source: experts/watercolor.safetensors
+    format: kohya
+    sha256: "%s"
+    rank: 8
+    alpha: 4
+    prompts: ["a watercolor harbour"]
+    trigger: [wtrclr]
+    default_weight: 0.8
+    added: 2026-11-26T10:00:00+00:00
+""" % ("ab" * 32)
+
+
+def test_roundtrip_keeps_every_field(tmp_path):
+    cat = load_catalog(write(tmp_path / "experts.yaml", GOOD))
+    exp = cat.expert("watercolor")
+    assert (exp.rank, exp.alpha, exp.default_weight, exp.trigger) == (8, 4.0, 0.8, ["wtrclr"])
+    assert exp.short_hash == "ab" * 5
+    assert exp.added == "2026-11-26T10:00:00+00:00"
+    save_catalog(cat)
+    again = load_catalog(cat.path)
+    assert again.to_dict() == cat.to_dict()
+    assert again.hash() == cat.hash()
+
+
+@pytest.mark.parametrize(
+    "edit, line, words",
+    [
+        (("    rank: 8\n", "    rank: 8\n    colour: red\n"), 13, ["unknown key 'colour'", "allowed keys"]),
+        (("    rank: 8\n", "    rank: eight\n"), 12, ["rank must be an integer"]),
+        (("    kind: lora\n", "    kind: checkpoint\n"), 8, ["kind is 'checkpoint'", "lora, model"]),
+        (("    prompts: [\"a watercolor harbour\"]\n", "    prompts: a harbour\n"), 14, ["prompts must be a list of strings"]),
+        (("router: null\n", "router: null\nmodels: []\n"), 6, ["unknown key 'models'"]),
+        (("  - name: watercolor\n", "  - name: Water Color\n"), 7, ["invalid expert name"]),
+        (("    format: kohya\n", "    format: kohya\n   bad: [\n"), None, ["YAML syntax error"]),
+    ],
+)
+def test_bad_catalogs_name_file_line_and_fix(tmp_path, edit, line, words):
+    text = textwrap.dedent(GOOD).lstrip().replace(*edit)
+    path = tmp_path / "experts.yaml"
+    path.write_text(text)
+    with pytest.raises(CatalogError) as err:
+        load_catalog(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:")
+    if line is not None:
+        assert msg.startswith(f"{path}:{line}:"), msg
+    for word in words:
+        assert word in msg
+    assert err.value.hint
+
+
+def test_duplicate_names_rejected(tmp_path):
+    text = textwrap.dedent(GOOD).lstrip()
+    entry = text[text.index("  - name"):]
+    path = tmp_path / "experts.yaml"
+    path.write_text(text + entry)
+    with pytest.raises(CatalogError, match="appears twice"):
+        load_catalog(path)
+
+
+def test_never_constructs_python_objects(tmp_path):
+    path = write(tmp_path / "experts.yaml", "version: 1\nrouter: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(CatalogError):
+        load_catalog(path)
+
+
+def test_unknown_expert_lists_known(tmp_path):
+    cat = load_catalog(write(tmp_path / "experts.yaml", GOOD))
+    with pytest.raises(ExpertNotFound, match="known experts: watercolor"):
+        cat.expert("oil")
+
+
+def test_discovery_order(tmp_path, monkeypatch):
+    monkeypatch.delenv("MIXDIFF_CATALOG", raising=False)
+    monkeypatch.setenv("MIXDIFF_HOME", str(tmp_path / "home"))
+    nested = tmp_path / "proj" / "a" / "b"
+    nested.mkdir(parents=True)
+    monkeypatch.chdir(nested)
+    monkeypatch.setattr(catmod, "packaged_catalog_path", lambda: tmp_path / "nowhere.yaml")
+    with pytest.raises(CatalogNotFound, match="no catalog found"):
+        find_catalog()
+    user = tmp_path / "home" / "experts.yaml"
+    user.parent.mkdir()
+    user.write_text("version: 1\n")
+    assert find_catalog() == user
+    walked = write(tmp_path / "proj" / "experts.yaml", "version: 1\n")
+    assert find_catalog() == walked
+    env = write(tmp_path / "env.yaml", "version: 1\n")
+    monkeypatch.setenv("MIXDIFF_CATALOG", str(env))
+    assert find_catalog() == env
+    explicit = write(tmp_path / "explicit.yaml", "version: 1\n")
+    assert find_catalog(explicit) == explicit
+    with pytest.raises(CatalogNotFound, match="does not exist"):
+        find_catalog(tmp_path / "missing.yaml")
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = write(tmp_path / "experts.yaml", GOOD)
+    before = path.read_bytes()
+
+    def crash(*_args):
+        raise OSError("killed mid-rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        with edit_catalog(path) as cat:
+            cat.experts.clear()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".experts.yaml.lock")) == ["experts.yaml"]
+
+
+def test_error_inside_edit_writes_nothing(tmp_path):
+    path = write(tmp_path / "experts.yaml", GOOD)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with edit_catalog(path) as cat:
+            cat.experts.clear()
+            raise RuntimeError("boom")
+    assert path.read_bytes() == before
+
+
+def test_relative_sources_resolve_against_catalog(tmp_path):
+    cat = Catalog(path=tmp_path / "sub" / "experts.yaml", base=Base(source="models/base"))
+    cat.experts.append(Expert(name="x", kind="lora", source="experts/x.safetensors", format="diffusers"))
+    assert cat.resolve("experts/x.safetensors") == tmp_path / "sub" / "experts" / "x.safetensors"
+    assert cat.relative_source(tmp_path / "sub" / "a" / "b.safetensors") == "a/b.safetensors"
+    assert cat.relative_source(tmp_path / "elsewhere.safetensors") == str(tmp_path / "elsewhere.safetensors")
