@@ -35,7 +35,7 @@ def base_arch(source_path: Path) -> str | None:
     cfg = source_path / "unet" / "config.json"
     if cfg.is_file():
         return arch_of_unet_config(json.loads(cfg.read_text()))
-    return inspect_source(source_path).arch
+    return inspect_source(source_path, checksum=False).arch
 
 
 def base_unet_config(cat: Catalog) -> dict | None:
@@ -237,7 +237,7 @@ def expert_file(cat: Catalog, expert: Expert) -> Path:
     from .formats import inspect_source
 
     path = sources.resolve(cat, expert.source)
-    return path if path.is_file() else inspect_source(path).file
+    return path if path.is_file() else inspect_source(path, checksum=False).file
 
 
 def verify_experts(cat: Catalog, names: list[str] | None = None) -> list[VerifyResult]:

@@ -22,6 +22,17 @@ def _byte_alphabet() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def _apply(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest rank."""
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2 :]
+    return parts
+
+
 def write_clip_tokenizer(folder: str | Path, words: Iterable[str]) -> Path:
     """Write vocab.json/merges.txt whose BPE merges every given word into one token."""
     folder = Path(folder)
@@ -30,21 +41,19 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str]) -> Path:
     vocab: dict[str, int] = {}
     for tok in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(tok, len(vocab))
-    merges: list[str] = []
-    seen: set[str] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words if w}):
         if not all(c in alphabet for c in word):
             continue
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        # Segment the word as BPE will with the merges so far, then chain its segments into one token.
+        # New merges rank below all earlier ones, so earlier words keep their segmentation.
+        parts = _apply(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         current = parts[0]
         for nxt in parts[1:]:
-            merged = current + nxt
-            rule = f"{current} {nxt}"
-            if rule not in seen:
-                seen.add(rule)
-                merges.append(rule)
-            vocab.setdefault(merged, len(vocab))
-            current = merged
+            ranks.setdefault((current, nxt), len(ranks))
+            current += nxt
+            vocab.setdefault(current, len(vocab))
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
     vocab.setdefault(BOS, len(vocab))
     vocab.setdefault(EOS, len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

@@ -54,7 +54,7 @@ def test_roundtrip_keeps_every_field(tmp_path):
 @pytest.mark.parametrize(
     "edit, line, words",
     [
-        (("    rank: 8\n", "    rank: 8\n    colour: red\n"), 13, ["unknown key 'colour'", "allowed keys"]),
+        (("    rank: 8\n", "    rank: 8\n    colour: red\n"), 13, ["unknown key 'colour'", "Allowed keys"]),
         (("    rank: 8\n", "    rank: eight\n"), 12, ["rank must be an integer"]),
         (("    kind: lora\n", "    kind: checkpoint\n"), 8, ["kind is 'checkpoint'", "lora, model"]),
         (("    prompts: [\"a watercolor harbour\"]\n", "    prompts: a harbour\n"), 14, ["prompts must be a list of strings"]),
@@ -95,7 +95,7 @@ def test_never_constructs_python_objects(tmp_path):
 
 def test_unknown_expert_lists_known(tmp_path):
     cat = load_catalog(write(tmp_path / "experts.yaml", GOOD))
-    with pytest.raises(ExpertNotFound, match="known experts: watercolor"):
+    with pytest.raises(ExpertNotFound, match="Known experts: watercolor"):
         cat.expert("oil")
 
 

@@ -77,7 +77,7 @@ def test_list_show_remove_verify(catalog, lora_files):
     assert run("experts", "remove", "one", "-c", catalog).exit_code == 0
     assert load_catalog(catalog).names == ["two"]
     missing = run("experts", "show", "one", "-c", catalog)
-    assert missing.exit_code == 1 and "known experts: two" in missing.stderr
+    assert missing.exit_code == 1 and "Known experts: two" in missing.stderr
 
 
 def test_full_model_experts(catalog, full_model, tmp_path):
@@ -113,7 +113,7 @@ def test_moved_file_fails_verify(catalog, lora_files, tmp_path):
     before = catalog.read_bytes()
     result = run("experts", "verify", "-c", catalog)
     assert result.exit_code == 1
-    assert "moving (missing)" in result.stderr and "re-add" in result.stderr
+    assert "moving (missing)" in result.stderr and "Re-add" in result.stderr
     assert catalog.read_bytes() == before
 
 
