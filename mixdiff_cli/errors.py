@@ -49,3 +49,7 @@ class HubError(MixdiffError):
 
 class VerifyFailed(MixdiffError):
     pass
+
+
+class MixdiffWarning(UserWarning):
+    """Something the user should know that did not stop the command (the CLI prints it on stderr)."""

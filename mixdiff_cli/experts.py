@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .catalog import (
     catalog_lock,
     slugify,
 )
-from .errors import CatalogError, DuplicateExpert, MixdiffError, UsageError, VerifyFailed
+from .errors import CatalogError, DuplicateExpert, MixdiffError, MixdiffWarning, UsageError, VerifyFailed
 
 
 def _now() -> str:
@@ -212,14 +213,16 @@ def _router_after_change(cat: Catalog, *, added: str | None = None, removed: str
     """Keep a trained router in step with the catalog without retraining (no forgetting)."""
     if cat.router is None:
         return
+    from . import router
+
     try:
-        from . import router
-    except ImportError:  # pragma: no cover - router module not present
-        return
-    if added and hasattr(router, "extend_router"):
-        router.extend_router(load_catalog(cat.path), added)
-    if removed and hasattr(router, "drop_router_row"):
-        router.drop_router_row(load_catalog(cat.path), removed)
+        if added:
+            router.extend_router(load_catalog(cat.path), added)
+        if removed:
+            router.drop_router_row(load_catalog(cat.path), removed)
+    except MixdiffError as exc:
+        change = f"added {added}" if added else f"removed {removed}"
+        warnings.warn(f"{change}, but the router checkpoint was not updated: {exc}. Run 'mixdiff router train'", MixdiffWarning, stacklevel=2)
 
 
 @dataclass

@@ -27,6 +27,10 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        # mkstemp makes 0600 files; give the result the target's mode, or what umask allows.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~umask)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())

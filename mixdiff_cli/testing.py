@@ -413,3 +413,30 @@ def make_full_model(
         Path(single_file).parent.mkdir(parents=True, exist_ok=True)
         save_file(state, Path(single_file), metadata={"format": "pt"})
     return folder
+
+
+def build_tiny_catalog(folder: str | Path, seed: int = 0) -> Path:
+    """A ready catalog over the tiny SD model with three LoRA experts (the stand-in default before the
+    demo model exists, and a playground). Built through the public catalog API; idempotent."""
+    from .experts import add_expert, init_catalog
+
+    folder = Path(folder)
+    catalog = folder / "experts.yaml"
+    if catalog.is_file():
+        return catalog
+    base = build_tiny_sd(folder / "base", seed=seed) if not (folder / "base" / "model_index.json").is_file() else folder / "base"
+    experts = {
+        "shapes": (["a red circle on a blue background", "a green square", "a yellow triangle shape"], ["shape"]),
+        "watercolor": (["a watercolor painting of a river", "soft watercolor sky at sunset"], ["watercolor"]),
+        "pixel": (["pixel art castle", "a pixel art robot in a city"], ["pixel"]),
+    }
+    for i, name in enumerate(experts):
+        make_lora(base, folder / "experts" / f"{name}.safetensors", "diffusers", seed=seed + i + 1, scale=0.05)
+    tmp = folder / ".experts.yaml.building"
+    tmp.unlink(missing_ok=True)
+    init_catalog(tmp, base=str(base))
+    for name, (prompts, trigger) in experts.items():
+        add_expert(tmp, str(folder / "experts" / f"{name}.safetensors"), name=name, prompts=prompts, trigger=trigger,
+                   description=f"tiny random {name} LoRA (a stand-in, not trained)")
+    tmp.rename(catalog)
+    return catalog

