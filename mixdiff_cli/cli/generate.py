@@ -1,7 +1,220 @@
-"""Placeholder: this command group is being written."""
+"""`mixdiff generate` (route a prompt, sample the mixture, write PNGs with metadata) and `mixdiff inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
+from ._common import CatalogOpt, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt
+from ._errors import command
+from ._output import out
+
+SchedulerOpt = Annotated[
+    Optional[Literal["ddim", "euler", "euler-a", "dpm++"]],
+    typer.Option("--scheduler", help="Sampler: ddim, euler, euler-a or dpm++ (DPM++ 2M). Default: ddim."),
+]
+BlendOpt = Annotated[
+    Optional[Literal["noise", "merge"]],
+    typer.Option("--blend", help="How k > 1 experts combine: noise (sum of weighted noise predictions, default) or merge (LoRA weights combined, one forward)."),
+]
+
+
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt.", show_default=False)] = None,
+    negative: Annotated[Optional[str], typer.Option("--negative", "-n", help="Negative prompt.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Denoising steps (default 30).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", min=0.0, help="Classifier-free guidance scale (default: the pipeline's, 7.5 SD / 5.0 SDXL).")] = None,
+    seed: SeedOpt = None,
+    width: Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels, a multiple of 8 (default: the base's native size).")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", "-H", help="Height in pixels, a multiple of 8.")] = None,
+    scheduler: SchedulerOpt = None,
+    num_images: Annotated[int, typer.Option("--num-images", "-N", min=1, help="Images for the prompt (seeds SEED, SEED+1, ...).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images sampled together.")] = 1,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Experts the router picks.")] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", help="Router softmax temperature (lower is sharper).")] = 1.0,
+    threshold: Annotated[float, typer.Option("--threshold", help="Router abstains (bare base) when no expert has p >= this.")] = 0.0,
+    blend: BlendOpt = None,
+    expert: Annotated[Optional[list[str]], typer.Option("--expert", "-e", help="NAME[:WEIGHT]; repeatable. Overrides the router.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help="Experts kept loaded (LRU).")] = 4,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (LoRA hotswap keeps it compiled).")] = False,
+    catalog: CatalogOpt = None,
+    json_mode: JsonOpt = False,
+    from_image: Annotated[Optional[Path], typer.Option("--from", help="Reproduce a PNG made by mixdiff (its recorded prompt, seed, experts, ...); other options override.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: one prompt per line (or JSONL); see 'mixdiff_cli.batch'.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="With --prompts: skip images already in the output's manifest.")] = False,
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="With --prompts: skip failing items instead of stopping.")] = False,
+) -> None:
+    """Generate images: the router picks the top-k experts for PROMPT, the engine blends them.
+
+    Examples:
+
+      mixdiff generate "a watercolor fox" --seed 1
+
+      mixdiff generate "a fox" --expert watercolor:0.7 --expert ink:0.3 --blend merge
+
+      mixdiff generate --from outputs/00001-1.png
+
+      mixdiff generate --prompts prompts.txt --out run1 --batch-size 4 --resume
+    """
+    from ..errors import UsageError
+
+    if json_mode:
+        out.configure(json_mode=True)
+    _quiet_frameworks()
+    cat_path = _catalog_for(catalog, from_image)
+    if prompts is not None:
+        if prompt is not None or from_image is not None:
+            raise UsageError("--prompts replaces PROMPT and --from", "pass either a prompt file or one prompt")
+        _batch(cat_path, prompts, out_dir, locals())
+        return
+    if resume or keep_going:
+        raise UsageError("--resume and --keep-going apply to --prompts", "add --prompts FILE or drop them")
+    if prompt is None and from_image is None:
+        raise UsageError("no prompt given", "pass a PROMPT, --from IMAGE.png or --prompts FILE")
+
+    from ..engine import generate_images
+
+    with _progress() as tick:
+        result = generate_images(
+            cat_path, prompt, negative=negative, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
+            scheduler=scheduler, num_images=num_images, batch_size=batch_size, top_k=top_k, temperature=temperature,
+            threshold=threshold, blend=blend, experts=expert, out_dir=out_dir, from_image=from_image, device=device,
+            dtype=dtype, max_loaded=max_loaded, compile=compile, progress=tick, warn=out.warn,
+        )
+    chosen = result.route.get("chosen") or []
+    out.info("experts: " + (", ".join(f"{c['expert']} ({c['weight']:.2f})" for c in chosen) or "none (bare base)") + f"; blend: {result.blend}")
+    out.result("\n".join(str(p) for p in result.paths), result.to_dict())
+
+
+def _catalog_for(catalog: Path | None, from_image: Path | None) -> Path:
+    """--catalog, else $MIXDIFF_CATALOG, else (for --from) the catalog recorded in the image, else discovery."""
+    import os
+
+    from ..catalog import find_catalog
+
+    if catalog is None and from_image is not None and not os.environ.get("MIXDIFF_CATALOG"):
+        from ..pngmeta import read_record
+
+        recorded = Path((read_record(from_image).get("catalog") or {}).get("path") or "")
+        if recorded.name and recorded.is_file():
+            return recorded
+    return find_catalog(catalog)
+
+
+def _batch(cat_path: Path, prompts: Path, out_dir: Path, opts: dict[str, Any]) -> None:
+    """`--prompts FILE`: mixdiff_cli.batch.run_batch does the work."""
+    from ..batch import run_batch
+
+    given = ("negative", "steps", "guidance", "scheduler", "width", "height", "device", "dtype", "blend")
+    kwargs = {k: opts[k] for k in given if opts[k] is not None}
+    kwargs.update({k: opts[k] for k in ("top_k", "temperature", "threshold", "max_loaded")})
+    with _progress() as tick:
+        on_image = None if tick is None else (lambda record, done, total: tick(done, total))
+        result = run_batch(
+            cat_path, prompts, out_dir, batch_size=opts["batch_size"], seed=opts["seed"], resume=opts["resume"],
+            keep_going=opts["keep_going"], experts=opts["expert"] or None, on_image=on_image, **kwargs,
+        )
+    for line in result.errors:
+        out.warn(line)
+    out.result(f"{result.written} written, {result.skipped} skipped, {result.failed} failed -> {result.manifest}", result.to_dict())
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def _quiet_frameworks() -> None:
+    """diffusers/transformers chatter (progress bars, LoRA key notes) off unless debugging."""
+    import os
+
+    if os.environ.get("MIXDIFF_DEBUG", "") not in ("", "0", "false"):
+        return
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("diffusers", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", module="peft")
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class _progress:
+    """A rich progress bar on stderr in human mode; yields a `tick(done, total)` callable (or None)."""
+
+    def __enter__(self):
+        if out.mode != "human":
+            self._bar = None
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        import sys
+
+        self._bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                             console=Console(file=sys.stderr), transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task("sampling", total=None)
+
+        def tick(done: int, total: int) -> None:
+            self._bar.update(self._task, completed=done, total=total)
+
+        return tick
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def inspect(
+    image: Annotated[Path, typer.Argument(help="A PNG written by mixdiff.", show_default=False)],
+    json_mode: JsonOpt = False,
+) -> None:
+    """Show the metadata of a generated PNG: A1111 parameters and the mixdiff route record.
+
+    Example: mixdiff inspect outputs/00001-42.png --json
+    """
+    from ..pngmeta import MetadataError, read_png
+
+    if json_mode:
+        out.configure(json_mode=True)
+    meta = read_png(image)
+    if meta.parameters is None and meta.record is None:
+        raise MetadataError(f"{image} has no generation metadata", "pass a PNG written by 'mixdiff generate'")
+    if out.json:
+        out.data(meta.to_dict())
+        return
+    if meta.parameters:
+        out.result(meta.parameters)
+    rec = meta.record
+    if rec:
+        experts = ", ".join(f"{e['name']} ({e['weight']:.3g})" for e in rec.get("experts", [])) or "none (bare base)"
+        out.data({
+            "experts": experts,
+            "blend": rec.get("blend"),
+            "route": (rec.get("route") or {}).get("source"),
+            "scheduler": rec.get("scheduler"),
+            "catalog": (rec.get("catalog") or {}).get("hash", "")[:16],
+            "base": (rec.get("base") or {}).get("source"),
+            "device": f"{rec.get('device')} {rec.get('dtype')}",
+            "versions": ", ".join(f"{k} {v}" for k, v in (rec.get("versions") or {}).items()),
+        })
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    command(app, "generate")(generate)
+    command(app, "inspect")(inspect)

@@ -1,0 +1,886 @@
+"""The sparse sampling engine: one base pipeline, experts loaded only when a route needs them (LRU),
+and a `MixtureUNet` installed as the pipeline's denoiser for each run.
+
+    engine = Engine(load_catalog("experts.yaml"))
+    enc = engine.encode(["a watercolor fox"], [None])         # prompt embeds + router vector, one pass
+    images = engine.generate([Request("a watercolor fox", seed=1)], [("watercolor", 1.0)], encoded=enc)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from . import __version__, sources
+from .catalog import Catalog, Expert, load_catalog
+from .errors import MixdiffError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .embed import Encoded
+    from .mixture import Blend
+
+SchedulerName = Literal["ddim", "euler", "euler-a", "dpm++"]
+BlendMode = Literal["noise", "merge"]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+MAX_SEED = 2**32 - 1
+
+
+class EngineError(MixdiffError):
+    """A generation request the engine cannot run."""
+
+
+class ExpertLoadError(MixdiffError):
+    """An expert's weights could not be loaded into the base."""
+
+
+@dataclass
+class Request:
+    """One image to make. Requests in one `generate` call share the route; anything else may differ."""
+
+    prompt: str
+    negative: str | None = None
+    seed: int | None = None  # None: drawn at random, recorded in the image metadata
+    steps: int = 30
+    guidance: float | None = None  # None: the pipeline's default (7.5 SD 1.x, 5.0 SDXL)
+    width: int | None = None  # None: the base's native size
+    height: int | None = None
+    scheduler: SchedulerName = "ddim"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Member:
+    """An expert in a route: mixture weight (renormalised) and adapter strength (its default_weight)."""
+
+    expert: Expert
+    weight: float
+
+    @property
+    def name(self) -> str:
+        return self.expert.name
+
+
+@dataclass
+class _Loaded:
+    expert: Expert
+    adapter: str | None = None  # adapter name inside the base UNet (LoRA experts)
+    unet: Any = None  # the expert's own UNet (model experts)
+    text_encoder: bool = False  # the LoRA also adapts a text encoder
+    nbytes: int = 0
+
+
+@dataclass
+class RouteInfo:
+    """What the image metadata records about how the experts were chosen."""
+
+    source: Literal["router", "explicit"] = "explicit"
+    decision: dict[str, Any] | None = None  # Route.to_dict() when a router decided
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device(device: str | None = None) -> Any:
+    import torch
+
+    if device:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {device} requested but CUDA is not available", "pass --device cpu")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | None, device: Any) -> Any:
+    import torch
+
+    if dtype is None:
+        return torch.float16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise UsageError(f"unknown dtype {dtype!r}", "use float32, float16 or bfloat16")
+    return table[dtype]
+
+
+def make_scheduler(name: str, config: Any) -> Any:
+    """A fresh scheduler of kind `name` configured like the base's own."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler,
+               "dpm++": DPMSolverMultistepScheduler}
+    if name not in classes:
+        raise UsageError(f"unknown scheduler {name!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    if name == "dpm++":  # DPM++ 2M (Lu et al. 2022, Algorithm 2)
+        return classes[name].from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    return classes[name].from_config(config)
+
+
+def parse_expert_spec(spec: str) -> tuple[str, float]:
+    """`NAME[:WEIGHT]` -> (name, weight)."""
+    name, sep, weight = spec.partition(":")
+    if not sep:
+        return name, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        raise UsageError(f"bad --expert {spec!r}: weight {weight!r} is not a number", "write NAME or NAME:WEIGHT, e.g. watercolor:0.7") from None
+    if value <= 0:
+        raise UsageError(f"bad --expert {spec!r}: weight must be positive", "drop the expert instead of giving it weight 0")
+    return name, value
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    return {"mixdiff": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+class Engine:
+    """Loads the base once; loads experts on demand into an LRU of at most `max_loaded`."""
+
+    def __init__(
+        self,
+        catalog: Catalog | str | Path,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_loaded: int = 4,
+        compile: bool = False,
+        memory_fraction: float = 0.9,
+    ):
+        from .embed import load_pipeline
+        from .mixture import MixtureUNet
+
+        if max_loaded < 1:
+            raise UsageError("--max-loaded must be at least 1", "pass --max-loaded 1 or more")
+        self.catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.max_loaded = max_loaded
+        self.memory_fraction = memory_fraction
+        self.compile = compile
+        self.pipe = load_pipeline(self.catalog, self.device, self.dtype)
+        self.unet = self.pipe.unet  # the base UNet; adapters live in it
+        self.mixture = MixtureUNet(self.unet)
+        self.loads: list[str] = []  # every expert load, in order (tests and benchmarks read this)
+        self.evictions: list[str] = []
+        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # LRU, most recent last
+        self._parked: OrderedDict[str, Any] = OrderedDict()  # idle model experts waiting in CPU memory
+        self._slots: list[str | None] = []  # compile mode: adapter slots reused by hotswap
+        self._compiled = False
+        self._plan_key: tuple | None = None  # the route whose adapter state is set (set_adapters once per route)
+        self._plan_value: Any = None
+        self._scheduler_config = self.pipe.scheduler.config
+        self._schedulers: dict[str, Any] = {}
+        self._hashes: dict[Path, str] = {}
+        self._versions = versions()
+        if compile:
+            ranks = [e.rank for e in self.catalog.experts if e.kind == "lora" and e.rank]
+            self.pipe.enable_lora_hotswap(target_rank=max(ranks, default=128))
+
+    # ----------------------------------------------------------------------------------- experts
+
+    @property
+    def adapters(self) -> list[str]:
+        """LoRA adapters present in the base UNet."""
+        return list(getattr(self.unet, "peft_config", {}) or {})
+
+    @property
+    def loaded(self) -> list[str]:
+        """Loaded experts, least recently used first."""
+        return list(self._loaded)
+
+    def _members(self, route: Any) -> list[Member]:
+        """Route, list of (name, weight) or names -> members with weights summing to 1."""
+        chosen = route.chosen if hasattr(route, "chosen") else route
+        pairs = [(c, 1.0) if isinstance(c, str) else (c[0], float(c[1])) for c in (chosen or [])]
+        names = [n for n, _ in pairs]
+        if len(set(names)) != len(names):
+            raise UsageError(f"expert listed twice in {names}", "name each expert once")
+        members = [Member(self.catalog.expert(n), w) for n, w in pairs]
+        for m in members:
+            if m.weight <= 0:
+                raise UsageError(f"expert {m.name} has weight {m.weight}", "weights must be positive")
+        total = sum(m.weight for m in members)
+        if abs(total - 1.0) > 1e-12:  # recorded weights replay bit for bit
+            for m in members:
+                m.weight /= total
+        return members
+
+    def ensure_loaded(self, names: Sequence[str]) -> None:
+        """Load the experts `names` (others stay as they are), evicting least recently used ones."""
+        for name in names:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                continue
+            self._make_room(keep=set(names))
+            self._plan_key = None
+            self._loaded[name] = self._load(self.catalog.expert(name))
+            self.loads.append(name)
+
+    def _over_budget(self) -> bool:
+        import torch
+
+        if self.device.type != "cuda":
+            return False
+        free, total = torch.cuda.mem_get_info(self.device)
+        return (total - free) > self.memory_fraction * total
+
+    def _make_room(self, keep: set[str]) -> None:
+        while self._loaded and (len(self._loaded) >= self.max_loaded or self._over_budget()):
+            victim = next((n for n in self._loaded if n not in keep), None)
+            if victim is None:
+                return  # everything loaded is needed now: the cap bends to the route's k
+            self.evict(victim)
+
+    def evict(self, name: str) -> None:
+        """Unload an expert (LoRA: delete_adapters; model: park in CPU memory or free)."""
+        import torch
+
+        item = self._loaded.pop(name)
+        self._plan_key = None
+        if item.adapter is not None:
+            if self.compile:
+                self._slots[self._slots.index(item.adapter)] = None  # slot reused by the next hotswap
+            else:
+                self.pipe.delete_adapters(item.adapter)
+        if item.unet is not None:
+            del self.mixture.models[name]
+            if self.device.type != "cpu":
+                self._parked[name] = item.unet.to("cpu")
+                while len(self._parked) > self.max_loaded:
+                    self._parked.popitem(last=False)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.evictions.append(name)
+
+    def _expert_path(self, expert: Expert) -> Path:
+        path = Path(sources.resolve(self.catalog, expert.source))
+        if not path.exists():
+            raise ExpertLoadError(f"expert {expert.name}: {path} does not exist", "run 'mixdiff experts verify' and fix or re-add it")
+        return path
+
+    def _load(self, expert: Expert) -> _Loaded:
+        path = self._expert_path(expert)
+        try:
+            if expert.kind == "model":
+                return self._load_model(expert, path)
+            return self._load_lora(expert, path)
+        except MixdiffError:
+            raise
+        except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExpertLoadError(
+                f"could not load expert {expert.name} from {path}: {first[:300]}",
+                "check that it fits the base model ('mixdiff experts show NAME') and that the file is intact ('mixdiff experts verify')",
+            ) from exc
+
+    def _adapter_name(self, expert: Expert) -> tuple[str, bool]:
+        """The UNet adapter name for `expert`, and whether to hotswap into it (compile mode)."""
+        if not self.compile:
+            return expert.name, False
+        if None in self._slots:
+            i = self._slots.index(None)
+            self._slots[i] = f"slot{i}"
+            return self._slots[i], f"slot{i}" in self.adapters
+        self._slots.append(f"slot{len(self._slots)}")
+        return self._slots[-1], False
+
+    def _load_lora(self, expert: Expert, path: Path) -> _Loaded:
+        adapter, hotswap = self._adapter_name(expert)
+        if expert.format == "peft" or (path.is_dir() and (path / "adapter_config.json").is_file()):
+            self._load_peft_folder(path, adapter, hotswap)
+        else:
+            kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+            if path.is_dir():
+                files = sorted(path.glob("*.safetensors"))
+                if len(files) != 1:
+                    raise ExpertLoadError(f"expert {expert.name}: {path} holds {len(files)} .safetensors files", "point 'source:' at the LoRA file itself")
+                kwargs["weight_name"] = files[0].name
+            elif path.suffix != ".safetensors":
+                raise ExpertLoadError(f"expert {expert.name}: {path} is not a .safetensors file", "mixdiff never unpickles; convert it to safetensors")
+            self.pipe.load_lora_weights(str(path), adapter_name=adapter, hotswap=hotswap, **kwargs)
+        if adapter not in self.adapters:
+            raise ExpertLoadError(f"expert {expert.name}: no layer of the base UNet matched the LoRA in {path}", "it was made for another architecture; check 'arch:' in the catalog")
+        text_encoder = any(
+            adapter in (getattr(te, "peft_config", None) or {})
+            for te in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+            if te is not None
+        )
+        if self.compile:
+            self._pin_unit_scaling(adapter)
+            if not self._compiled:
+                self.unet.compile()  # after the first load, so later hotswaps do not recompile
+                self._compiled = True
+        return _Loaded(expert, adapter=adapter, text_encoder=text_encoder, nbytes=_nbytes(path))
+
+    def _pin_unit_scaling(self, adapter: str) -> None:
+        """After a hotswap PEFT updates each layer's `scaling` but not `lora_alpha`/`r` (and rank padding
+        changes `r`), so a later `set_adapters(weights)` would scale from stale values. Make
+        lora_alpha / r (or / sqrt(r) under rsLoRA) equal the scaling the load produced."""
+        from peft.tuners.lora.layer import LoraLayer
+
+        for module in self.unet.modules():
+            if isinstance(module, LoraLayer) and adapter in module.scaling:
+                unit = float(module.scaling[adapter])
+                r = module.r[adapter]
+                module.lora_alpha[adapter] = unit * (r**0.5 if module.use_rslora.get(adapter, False) else r)
+
+    def _load_peft_folder(self, path: Path, adapter: str, hotswap: bool) -> None:
+        """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for the UNet."""
+        from safetensors.torch import load_file
+
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ExpertLoadError(f"{path} has no adapter_model.safetensors", "mixdiff never unpickles; save the adapter with safe_serialization=True")
+        config = json.loads((path / "adapter_config.json").read_text())
+        state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
+        lora_keys = {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora",
+                     "lora_bias", "init_lora_weights", "lora_dropout", "fan_in_fan_out", "bias"}
+        metadata = {k: v for k, v in config.items() if k in lora_keys}
+        self.unet.load_lora_adapter(
+            state, prefix=None, adapter_name=adapter, metadata=metadata, _pipeline=self.pipe, hotswap=hotswap
+        )
+
+    def _load_model(self, expert: Expert, path: Path) -> _Loaded:
+        from diffusers import UNet2DConditionModel
+
+        if expert.name in self._parked:
+            unet = self._parked.pop(expert.name)
+        elif path.is_dir():
+            sub = "unet" if (path / "unet" / "config.json").is_file() else None
+            unet = UNet2DConditionModel.from_pretrained(
+                path, subfolder=sub, dtype=self.dtype, use_safetensors=True, local_files_only=True
+            )
+        else:
+            unet = self._unet_from_file(path)
+        mine, theirs = dict(self.unet.config), dict(unet.config)
+        for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim"):
+            if mine.get(key) != theirs.get(key):
+                raise ExpertLoadError(f"expert {expert.name}: its UNet has {key}={theirs.get(key)}, the base has {mine.get(key)}", "a model expert must share the base's architecture")
+        if unet.dtype != self.dtype:
+            unet = unet.to(dtype=self.dtype)
+        unet = unet.to(self.device).eval()
+        unet.requires_grad_(False)
+        self.mixture.models[expert.name] = unet
+        return _Loaded(expert, unet=unet, nbytes=sum(p.numel() * p.element_size() for p in unet.parameters()))
+
+    def _unet_from_file(self, path: Path) -> Any:
+        """A UNet from one .safetensors file: diffusers key names load directly, original SD names convert."""
+        from diffusers import UNet2DConditionModel
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if path.suffix != ".safetensors":
+            raise ExpertLoadError(f"{path} is not a .safetensors file", "mixdiff never unpickles; convert it to safetensors")
+        with safe_open(str(path), "pt") as fh:
+            keys = set(fh.keys())
+        if keys <= set(self.unet.state_dict()):
+            unet = UNet2DConditionModel.from_config(self.unet.config)
+            unet.load_state_dict(load_file(str(path)), strict=True)
+            return unet
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:  # from_single_file wants the config as a folder
+            self.unet.save_config(Path(folder) / "unet")
+            return UNet2DConditionModel.from_single_file(
+                str(path), config=folder, subfolder="unet", dtype=self.dtype, local_files_only=True
+            )
+
+    # ------------------------------------------------------------------------------------ prompts
+
+    def encode(self, prompts: Sequence[str], negatives: Sequence[str | None] | None = None) -> Encoded:
+        """Prompt embeds (and negatives) plus the router vector, in one pass of the bare text encoders."""
+        from .embed import bare_text_encoders, encode
+
+        with bare_text_encoders(self.pipe):
+            return encode(self.pipe, prompts, negatives, device=self.device)
+
+    def _adapted_encode(self, prompts: Sequence[str], negatives: Sequence[str | None], adapters: list[str], weights: list[float]) -> Encoded:
+        """Encode with the text encoders' LoRA layers of `adapters` active (as plain diffusers would)."""
+        from .embed import encode
+
+        self._plan_key = None  # the adapter state changes here
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(adapters, adapter_weights=weights)
+        return encode(self.pipe, prompts, negatives, device=self.device)
+
+    # --------------------------------------------------------------------------------- generation
+
+    def _native_size(self) -> int:
+        size = self.unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return int(size * self.pipe.vae_scale_factor)
+
+    def _default_guidance(self) -> float:
+        import inspect
+
+        return inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default
+
+    def _normalise(self, requests: Iterable[Request]) -> list[Request]:
+        out = []
+        for req in requests:
+            if req.scheduler not in SCHEDULERS:
+                raise UsageError(f"unknown scheduler {req.scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
+            if req.steps < 1:
+                raise UsageError(f"steps must be at least 1, got {req.steps}", "pass --steps 1 or more")
+            width, height = req.width or self._native_size(), req.height or self._native_size()
+            if width % 8 or height % 8 or width <= 0 or height <= 0:
+                raise UsageError(f"size {width}x{height} is not a positive multiple of 8", "pass --width/--height divisible by 8")
+            seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
+            guidance = float(req.guidance if req.guidance is not None else self._default_guidance())
+            out.append(Request(req.prompt, req.negative, seed, req.steps, guidance, width, height, req.scheduler))
+        return out
+
+    def plan(self, members: list[Member], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
+        """Activate adapters for `members`; return the base slices, models, weights, a label and the
+        adapters to fuse for the run (merge of several LoRAs: one forward, no per-layer LoRA cost)."""
+        key = (mode, tuple((m.name, m.weight) for m in members), tuple(self.adapters))
+        if key == self._plan_key:  # adapter state already set by the previous batch
+            return self._plan_value
+        self._plan_value = self._plan(members, mode)
+        self._plan_key = key
+        return self._plan_value
+
+    def _plan(self, members: list[Member], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
+        from .mixture import ACTIVE
+
+        loras = [m for m in members if m.expert.kind == "lora"]
+        models = [m for m in members if m.expert.kind == "model"]
+        adapter = {m.name: self._loaded[m.name].adapter for m in loras}
+        has_adapters = bool(self.adapters)
+        if not loras:
+            if has_adapters:
+                self.pipe.disable_lora()
+            slices: list[str | None] = [] if models else [ACTIVE]
+            weights = [m.weight for m in models] if models else [1.0]
+            return slices, [m.name for m in models], weights, "model" if models else "base", []
+        self.pipe.enable_lora()
+        if len(loras) == 1 or mode == "merge":
+            group = sum(m.weight for m in loras)
+            self.pipe.set_adapters(
+                [adapter[m.name] for m in loras],
+                adapter_weights=[m.weight / group * m.expert.default_weight for m in loras],
+            )
+            label = "single" if len(members) == 1 else "merge" if not models else "merge+noise"
+            fuse = [adapter[m.name] for m in loras] if len(loras) > 1 and not self.compile else []
+            return [ACTIVE], [m.name for m in models], [group] + [m.weight for m in models], label, fuse
+        # noise blend: each adapter at its own strength, one batched forward with per-sample adapters
+        self.pipe.set_adapters([adapter[m.name] for m in loras], adapter_weights=[m.expert.default_weight for m in loras])
+        return (
+            [adapter[m.name] for m in loras],
+            [m.name for m in models],
+            [m.weight for m in loras] + [m.weight for m in models],
+            "noise",
+            [],
+        )
+
+    def generate(
+        self,
+        requests: Sequence[Request] | Request,
+        route: Any = (),
+        blend: BlendMode | None = None,
+        *,
+        encoded: Encoded | None = None,
+        output_type: Literal["pil", "np"] = "pil",
+        route_info: RouteInfo | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Any]:
+        """Images for `requests`, all under one route: a router `Route`, [(expert, weight), ...] or names
+        (weights renormalised; empty = bare base). `encoded`: `self.encode(prompts, negatives)` of the same
+        requests, reused so that routing costs no second encoder pass. PIL images carry their metadata
+        record in `image.info["mixdiff"]` and A1111 text in `image.info["parameters"]`."""
+        from .pngmeta import a1111_parameters
+
+        requests = [requests] if isinstance(requests, Request) else list(requests)
+        if not requests:
+            return []
+        if blend is not None and blend not in get_args(BlendMode):
+            raise UsageError(f"unknown blend mode {blend!r}", "use noise or merge")
+        mode: BlendMode = blend or "noise"
+        reqs = self._normalise(requests)
+        members = self._members(route)
+        self.ensure_loaded([m.name for m in members])
+
+        prompts, negatives = [r.prompt for r in reqs], [r.negative for r in reqs]
+        if encoded is not None and (encoded.negative_prompt_embeds is None or len(encoded) != len(reqs)):
+            encoded = None  # routing-only encodings lack the negatives
+        # LoRAs that also adapt a text encoder: encode through them, as plain diffusers does. In a noise
+        # blend each member gets its own conditioning (Blend.conditioning).
+        per_member: list[Encoded | None] | None = None
+        loras = [m for m in members if m.expert.kind == "lora"]
+        models = [m for m in members if m.expert.kind == "model"]
+        if any(self._loaded[m.name].text_encoder for m in loras):
+            names = [self._loaded[m.name].adapter for m in loras]
+            if len(loras) > 1 and mode == "noise":
+                per_member = [
+                    self._adapted_encode(prompts, negatives, [n], [m.expert.default_weight]) for n, m in zip(names, loras)
+                ]
+            else:
+                group = sum(m.weight for m in loras)
+                weights = [m.weight / group * m.expert.default_weight for m in loras]
+                per_member = [self._adapted_encode(prompts, negatives, names, weights)]
+            if models:
+                per_member += [self.encode(prompts, negatives)] * len(models)
+            encoded = per_member[0]
+            if len(per_member) == 1:
+                per_member = None
+        elif encoded is None:
+            encoded = self.encode(prompts, negatives)
+        slices, model_names, weights, label, fuse = self.plan(members, mode)
+
+        results: list[Any] = [None] * len(reqs)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault((r.steps, r.width, r.height, r.scheduler, r.guidance), []).append(i)
+        total = sum(reqs[idx[0]].steps for idx in groups.values())
+        with self._fused(fuse):
+            self._run_groups(groups, reqs, encoded, per_member, slices, model_names, weights, output_type, progress, total, results)
+        if output_type == "pil":
+            for req, image in zip(reqs, results):
+                record = self.record(req, members, label, route_info)
+                image.info["mixdiff"] = record
+                image.info["parameters"] = a1111_parameters(record)
+        return results
+
+    def _run_groups(self, groups, reqs, encoded, per_member, slices, model_names, weights, output_type, progress, total, results) -> None:
+        """Sample each group of requests that share steps, size, scheduler and guidance."""
+        from .mixture import Blend
+
+        done = 0
+        for (steps, width, height, scheduler, guidance), idx in groups.items():
+            cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
+            conditioning = None
+            if per_member is not None:
+                conditioning = [_conditioning(e.take(idx), cfg) if e is not None else None for e in per_member]
+            mix = Blend(slices=slices, models=model_names, weights=weights, conditioning=conditioning)
+            images = self._sample(
+                encoded.take(idx), [reqs[i] for i in idx], mix, steps, width, height, scheduler, guidance,
+                output_type, progress, done, total,
+            )
+            done += steps
+            for i, image in zip(idx, images):
+                results[i] = image
+
+    @contextlib.contextmanager
+    def _fused(self, adapters: list[str]):
+        """Fuse `adapters` (at their set_adapters weights) into the base UNet for one run, then restore
+        the base weights bit for bit (unfusing alone leaves float drift: (W + dW) - dW != W)."""
+        if not adapters:
+            yield
+            return
+        from peft.tuners.lora.layer import LoraLayer
+
+        saved = []
+        for module in self.unet.modules():
+            if isinstance(module, LoraLayer) and any(a in module.lora_A for a in adapters):
+                base = module.get_base_layer()
+                saved.append((base.weight, base.weight.detach().clone()))
+        self.pipe.fuse_lora(components=["unet"], adapter_names=adapters)
+        try:
+            yield
+        finally:
+            self.pipe.unfuse_lora(components=["unet"])
+            for weight, original in saved:
+                weight.data.copy_(original)
+
+    @contextlib.contextmanager
+    def _installed(self):
+        """The mixture as the pipeline's denoiser for one run (adapter calls need the plain UNet there)."""
+        self.pipe.unet = self.mixture
+        try:
+            yield
+        finally:
+            self.pipe.unet = self.unet
+
+    def _scheduler(self, name: str) -> Any:
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self._scheduler_config)
+        return self._schedulers[name]
+
+    def _sample(self, enc: Encoded, reqs: list[Request], mix: Blend, steps: int, width: int, height: int,
+                scheduler: str, guidance: float, output_type: str, progress: Any, done: int, total: int) -> list[Any]:
+        import torch
+
+        generators = [torch.Generator(device=self.device).manual_seed(r.seed) for r in reqs]  # one per image
+        self.pipe.scheduler = self._scheduler(scheduler)
+        kwargs: dict[str, Any] = {}
+        if progress is not None:
+            def on_step(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
+                progress(done + i + 1, total)
+                return tensors
+
+            kwargs["callback_on_step_end"] = on_step
+        with self._installed(), self.mixture.routed(mix):
+            out = self.pipe(
+                **enc.pipeline_kwargs(),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                generator=generators,
+                output_type=output_type,
+                **kwargs,
+            )
+        images = out.images
+        return list(images) if output_type == "pil" else [images[i] for i in range(len(reqs))]
+
+    # ----------------------------------------------------------------------------------- metadata
+
+    def _hash(self, path: Path) -> str:
+        path = Path(path)
+        if path not in self._hashes:
+            self._hashes[path] = file_sha256(path)
+        return self._hashes[path]
+
+    def record(self, req: Request, members: list[Member], label: str, info: RouteInfo | None = None) -> dict[str, Any]:
+        """Everything needed to reproduce one image (the `mixdiff` PNG chunk)."""
+        info = info or RouteInfo()
+        cat = self.catalog
+        router = None
+        if info.source == "router" and cat.router_path() is not None and cat.router_path().is_file():
+            router = {"checkpoint": cat.router, "sha256": self._hash(cat.router_path())}
+        return {
+            "format": "mixdiff/1",
+            "prompt": req.prompt,
+            "negative": req.negative,
+            "seed": req.seed,
+            "steps": req.steps,
+            "guidance": req.guidance,
+            "width": req.width,
+            "height": req.height,
+            "scheduler": req.scheduler,
+            "blend": label,
+            "experts": [
+                {"name": m.name, "weight": m.weight, "strength": m.expert.default_weight, "kind": m.expert.kind,
+                 "format": m.expert.format, "sha256": m.expert.sha256, "source": m.expert.source}
+                for m in members
+            ],
+            "route": {"source": info.source, "decision": info.decision, "router": router, **info.extra},
+            "base": cat.base.to_dict() if cat.base else None,
+            "catalog": {"path": str(cat.path), "hash": cat.hash()},
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "versions": self._versions,
+        }
+
+
+def _conditioning(enc: Encoded, cfg: bool) -> dict[str, Any]:
+    """Per-member UNet conditioning in the pipeline's layout: [uncond..., cond...] under guidance."""
+    import torch
+
+    cat = (lambda neg, pos: torch.cat([neg, pos])) if cfg else (lambda neg, pos: pos)
+    cond = {"encoder_hidden_states": cat(enc.negative_prompt_embeds, enc.prompt_embeds)}
+    if enc.pooled_prompt_embeds is not None:
+        cond["text_embeds"] = cat(enc.negative_pooled_prompt_embeds, enc.pooled_prompt_embeds)
+    return cond
+
+
+def _nbytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+# ------------------------------------------------------------------------- one prompt -> PNG files
+
+
+class OutputError(MixdiffError):
+    """The output folder cannot be written."""
+
+
+@dataclass
+class Generated:
+    """What `generate_images` wrote."""
+
+    paths: list[Path]
+    seeds: list[int]
+    route: dict[str, Any]  # the decision (Route.to_dict() or the explicit experts)
+    blend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": [{"path": str(p), "seed": s} for p, s in zip(self.paths, self.seeds)], "route": self.route, "blend": self.blend}
+
+
+def writable_dir(out_dir: str | Path) -> Path:
+    """Create `out_dir` and prove it is writable, before any model loads."""
+    import os
+    import tempfile
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mixdiff-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to --out {out_dir}: {exc.strerror or exc}", "pass a writable output folder") from None
+    return out_dir
+
+
+def _next_index(out_dir: Path) -> int:
+    """A1111-style numbering: one more than the highest `NNNNN-*.png` already in the folder."""
+    numbers = [int(p.name[:5]) for p in out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+    return max(numbers, default=0) + 1
+
+
+def generate_images(
+    catalog: Catalog | str | Path,
+    prompt: str | None = None,
+    *,
+    negative: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    scheduler: str | None = None,
+    num_images: int = 1,
+    batch_size: int = 1,
+    top_k: int = 1,
+    temperature: float = 1.0,
+    threshold: float = 0.0,
+    blend: BlendMode | None = None,
+    experts: Sequence[str | tuple[str, float]] | None = None,
+    out_dir: str | Path = "outputs",
+    from_image: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_loaded: int = 4,
+    compile: bool = False,
+    engine: Engine | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Generated:
+    """Route one prompt (or replay `from_image`'s record), generate `num_images` (seeds seed, seed+1, ...)
+    in batches of `batch_size` and write each as a PNG with metadata into `out_dir`.
+
+    With `from_image`, every argument left None takes the recorded value and the recorded experts and
+    weights replace the router, so the image is reproduced (bit-exactly on the same CPU stack).
+    """
+    from .pngmeta import read_record, replay, save_png
+
+    cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
+    if num_images < 1 or batch_size < 1:
+        raise UsageError("--num-images and --batch-size must be at least 1", "pass 1 or more")
+    if top_k < 1 or (cat.experts and top_k > len(cat.experts)):
+        raise UsageError(f"--top-k {top_k} is out of range: the catalog has {len(cat.experts)} experts", f"pass --top-k between 1 and {max(1, len(cat.experts))}")
+    pairs = [parse_expert_spec(e) if isinstance(e, str) else (e[0], float(e[1])) for e in (experts or [])]
+    for name, _ in pairs:
+        cat.expert(name)  # unknown names fail before anything loads
+    recorded: dict[str, Any] = {}
+    if from_image is not None:
+        record = read_record(from_image)
+        recorded, chosen, recorded_blend = replay(record)
+        _check_replay(cat, record, warn)
+        if not pairs:
+            pairs = chosen
+            blend = blend or recorded_blend  # type: ignore[assignment]
+            if not pairs:
+                recorded["abstain"] = True
+    prompt = prompt if prompt is not None else recorded.get("prompt")
+    if not prompt:
+        raise UsageError("no prompt given", "pass a PROMPT, --from IMAGE.png or --prompts FILE")
+    negative = negative if negative is not None else recorded.get("negative")
+    steps = steps or recorded.get("steps") or 30
+    guidance = guidance if guidance is not None else recorded.get("guidance")
+    seed = seed if seed is not None else recorded.get("seed")
+    width, height = width or recorded.get("width"), height or recorded.get("height")
+    scheduler = scheduler or recorded.get("scheduler") or "ddim"
+    if seed is None:
+        seed = random.randint(0, MAX_SEED)
+    out_dir = writable_dir(out_dir)
+
+    engine = engine or Engine(cat, device=device, dtype=dtype, max_loaded=max_loaded, compile=compile)
+    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
+    requests = [Request(prompt, negative, s, steps, guidance, width, height, scheduler) for s in seeds]  # type: ignore[arg-type]
+    encoded = engine.encode([prompt], [negative])  # the router reads this pass; generation reuses it
+    route, info = _decide(engine, cat, prompt, encoded, pairs, recorded, top_k, temperature, threshold)
+
+    paths: list[Path] = []
+    index = _next_index(out_dir)
+    total = steps * num_images
+    with _batch_invariant(engine):
+        for start in range(0, num_images, batch_size):
+            chunk = requests[start : start + batch_size]
+            tick = None if progress is None else (lambda done, _t, base=start * steps: progress(base + done, total))
+            images = engine.generate(chunk, route, blend, encoded=encoded.take([0] * len(chunk)), route_info=info, progress=tick)
+            for req, image in zip(chunk, images):
+                paths.append(save_png(image, out_dir / f"{index:05d}-{req.seed}.png"))
+                index += 1
+    label = images[0].info["mixdiff"]["blend"]
+    return Generated(paths=paths, seeds=seeds, route=info.decision or {}, blend=label)
+
+
+def _batch_invariant(engine: Engine) -> Any:
+    """On CPU, make each image independent of its batch (as `mixdiff_cli.batch` does), so that
+    `--batch-size` never changes an image and `--from` reproduces any image bit-exactly."""
+    if engine.device.type != "cpu" or engine.compile:
+        return contextlib.nullcontext()
+    from .batch import batch_invariant
+
+    pipe = engine.pipe
+    return batch_invariant(engine.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), engine.mixture)
+
+
+def _decide(engine: Engine, cat: Catalog, prompt: str, encoded: Encoded, pairs: list[tuple[str, float]],
+            recorded: dict[str, Any], top_k: int, temperature: float, threshold: float) -> tuple[Any, RouteInfo]:
+    """The route: explicit experts (or a replayed record), else the catalog's router on this prompt."""
+    if pairs or recorded.get("abstain") or not cat.experts:
+        decision = {"chosen": [{"expert": n, "weight": w} for n, w in pairs], "source": "replay" if recorded else "explicit"}
+        return pairs, RouteInfo(source="explicit", decision=decision)
+    try:
+        from .router import load_router
+    except ImportError:  # pragma: no cover - the router module ships with mixdiff
+        raise EngineError("no router available", "pass --expert NAME[:WEIGHT]") from None
+    router = load_router(cat, pipe=engine.pipe, device=str(engine.device))
+    for message in getattr(router, "warnings", []):
+        import logging
+
+        logging.getLogger("mixdiff").warning(message)
+    # the base text encoder's pooled vector from the pass generation reuses; other encoders embed themselves
+    vec = encoded.router[0] if getattr(router, "encoder_id", "base") == "base" else router.embed([prompt])[0]
+    route = router.decide(vec, prompt, top_k=top_k, temperature=temperature, threshold=threshold)
+    return route, RouteInfo(source="router", decision=route.to_dict())
+
+
+def _check_replay(cat: Catalog, record: dict[str, Any], warn: Callable[[str], None] | None) -> None:
+    """Replaying in another catalog is allowed; say what may make the image differ."""
+    notes = []
+    for item in record.get("experts", []):
+        expert = cat.expert(item["name"])  # a missing expert is an error
+        if item.get("sha256") and expert.sha256 and item["sha256"] != expert.sha256:
+            notes.append(f"expert {expert.name} changed since the image was made (sha256 {expert.sha256[:10]} != {item['sha256'][:10]})")
+    base = record.get("base") or {}
+    if cat.base and base.get("sha256") and cat.base.sha256 and base["sha256"] != cat.base.sha256:
+        notes.append("the base model differs from the one recorded")
+    if warn is not None:
+        for note in notes:
+            warn(f"{note}; the image may not be reproduced exactly")

@@ -1,0 +1,211 @@
+"""The mixture of experts as a denoiser: a module with the base UNet's forward signature that blends
+its experts' noise predictions, eps(x_t) = sum_i w_i * eps_i(x_t). Any diffusers pipeline samples from
+it unchanged (schedulers, classifier-free guidance, SDXL micro-conditioning).
+
+What to blend is data (`Blend`), set on the module for a sampling run (`MixtureUNet.routed`):
+- LoRA experts on the base run in ONE batched forward of the base UNet, each slice of the batch with
+  its own adapter, via PEFT's per-sample adapter mechanism (`adapter_names_hooks`);
+- full-model experts run on their own UNets;
+- a single slice (top-1, merge, bare base) is a plain forward of the base with the adapters the
+  caller activated, at no extra cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+ACTIVE = None  # a slice that runs the base with whatever adapters are active (set_adapters)
+
+
+@contextlib.contextmanager
+def adapter_names_hooks(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[int]:
+    """Route sample i of every forward of `model` through adapter `adapter_names[i]` (`__base__` = none).
+
+    Registers PEFT's `_adapter_names_pre_forward_hook` on each LoRA layer (what `PeftModel.generate(...,
+    adapter_names=)` does); yields the number of hooked layers; always removes the hooks.
+    """
+    from functools import partial
+
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+    hook = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+    handles = []
+    try:
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Blend:
+    """One route as the denoiser sees it.
+
+    `slices`: the base-UNet batch is repeated once per slice; a slice names a LoRA adapter, `__base__`
+    (the bare base) or ACTIVE (None: the adapters set active by the caller, e.g. merged in weight space).
+    `models`: names of full-model experts (keys of `MixtureUNet.models`).
+    `weights`: one per slice, then one per model.
+    `conditioning`: optional per-member overrides of `encoder_hidden_states` / `text_embeds` (members
+    whose LoRA also adapts the text encoder), same layout as what the pipeline passes.
+    """
+
+    slices: list[str | None] = field(default_factory=lambda: [ACTIVE])
+    models: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=lambda: [1.0])
+    conditioning: list[Mapping[str, torch.Tensor] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(self.slices) + len(self.models):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.slices)} slices and {len(self.models)} models")
+        if ACTIVE in self.slices and len(self.slices) > 1:
+            raise ValueError("an ACTIVE slice cannot share a batched forward with named adapters")
+        if not self.slices and not self.models:
+            raise ValueError("a blend needs at least one member")
+
+    @property
+    def single(self) -> bool:
+        """One member: a plain forward, exactly what the pipeline would do without the mixture."""
+        return len(self.slices) + len(self.models) == 1 and not self.conditioning
+
+    def weights_at(self, timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """(k, 1, 1, 1, 1) mixing weights, broadcast over (k, B, C, H, W).
+
+        Constant for now; a timestep- or region-dependent route returns (k, B, 1, H, W) here.
+        """
+        return torch.tensor(self.weights, dtype=sample.dtype, device=sample.device).view(-1, 1, 1, 1, 1)
+
+
+def _repeat(x: Any, m: int) -> Any:
+    """(B, ...) -> (m*B, ...): the batch repeated m times; non-tensors and 0-d tensors pass through."""
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or m == 1:
+        return x
+    return x.repeat(m, *([1] * (x.ndim - 1)))
+
+
+class MixtureUNet(nn.Module):
+    """A drop-in `UNet2DConditionModel`: same forward, same `config`/`dtype`/`device`/`add_embedding`."""
+
+    def __init__(self, base: nn.Module, models: Mapping[str, nn.Module] | None = None):
+        super().__init__()
+        self.base = base
+        self.models = nn.ModuleDict(dict(models or {}))
+        self.blend: Blend | None = None
+        self._hooks: contextlib.ExitStack | None = None
+        self._hooked: tuple[str, ...] = ()
+
+    # attributes pipelines read from their UNet
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None:
+                raise
+            return getattr(base, name)  # add_embedding, encoder_hid_proj, ...
+
+    @contextlib.contextmanager
+    def routed(self, blend: Blend) -> Iterator[MixtureUNet]:
+        """Blend with `blend` for the duration (one sampling run); per-sample hooks are removed after."""
+        self.blend = blend
+        try:
+            yield self
+        finally:
+            self.blend = None
+            self._unhook()
+
+    def _hook(self, names: tuple[str, ...]) -> None:
+        """Keep per-sample adapter hooks for this batch layout (re-registered only when it changes)."""
+        if names == self._hooked:
+            return
+        self._unhook()
+        stack = contextlib.ExitStack()
+        stack.enter_context(adapter_names_hooks(self.base, names))
+        self._hooks, self._hooked = stack, names
+
+    def _unhook(self) -> None:
+        if self._hooks is not None:
+            self._hooks.close()
+        self._hooks, self._hooked = None, ()
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        *args: Any,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        blend = self.blend
+        if blend is None or blend.single:
+            unet = self.base if blend is None or blend.slices else self.models[blend.models[0]]
+            return unet(
+                sample, timestep, encoder_hidden_states, *args,
+                added_cond_kwargs=added_cond_kwargs, return_dict=return_dict, **kwargs,
+            )
+
+        batch = sample.shape[0]  # B: images x (uncond, cond) halves
+        cond = blend.conditioning or [None] * (len(blend.slices) + len(blend.models))
+
+        def member_cond(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+            ehs, added = encoder_hidden_states, added_cond_kwargs
+            if cond[i] is not None:
+                ehs = cond[i].get("encoder_hidden_states", ehs)
+                if added is not None and "text_embeds" in cond[i]:
+                    added = {**added, "text_embeds": cond[i]["text_embeds"]}
+            return ehs, added
+
+        eps: list[torch.Tensor] = []  # k x (B, C, H, W)
+        m = len(blend.slices)
+        if m:
+            if m > 1:
+                self._hook(tuple(name for name in blend.slices for _ in range(batch)))
+            members = [member_cond(i) for i in range(m)]
+            overridden = any(c is not None for c in cond[:m])
+            ehs = torch.cat([e for e, _ in members]) if overridden else _repeat(encoder_hidden_states, m)
+            added = None
+            if added_cond_kwargs is not None:
+                added = {key: torch.cat([a[key] for _, a in members]) for key in added_cond_kwargs}
+            out = self.base(
+                _repeat(sample, m), _repeat(timestep, m), ehs, *args,
+                added_cond_kwargs=added, return_dict=False, **kwargs,
+            )[0]  # (m*B, C, H, W)
+            eps.extend(out.chunk(m))
+        for j, name in enumerate(blend.models):
+            ehs, added = member_cond(m + j)
+            eps.append(
+                self.models[name](
+                    sample, timestep, ehs, *args, added_cond_kwargs=added, return_dict=False, **kwargs
+                )[0]
+            )
+        weights = blend.weights_at(timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep), sample)
+        mixed = (torch.stack(eps) * weights).sum(0)  # (k, B, C, H, W) -> (B, C, H, W)
+        if not return_dict:
+            return (mixed,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=mixed)

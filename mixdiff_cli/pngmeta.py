@@ -1,0 +1,157 @@
+"""PNG metadata: an A1111-style `parameters` text chunk (read by existing tools) and a `mixdiff` JSON
+chunk with the whole route, enough to reproduce the image (`mixdiff generate --from IMAGE.png`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import MixdiffError
+from .fsutil import atomic_path
+
+PARAMETERS_KEY = "parameters"
+RECORD_KEY = "mixdiff"
+RECORD_FORMAT = "mixdiff/1"
+SAMPLER_LABELS = {"ddim": "DDIM", "euler": "Euler", "euler-a": "Euler a", "dpm++": "DPM++ 2M"}
+# A1111 modules/infotext_utils.py: `key: value` pairs, values optionally JSON-quoted
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+class MetadataError(MixdiffError):
+    """An image without (valid) mixdiff metadata."""
+
+
+def quote(value: Any) -> str:
+    """A1111's quoting: values holding commas, colons or newlines become JSON strings."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text and '"' not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def _fmt_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def a1111_parameters(record: dict[str, Any]) -> str:
+    """The `parameters` text A1111, ComfyUI readers and civitai parse."""
+    lines = [record.get("prompt") or ""]
+    if record.get("negative"):
+        lines.append(f"Negative prompt: {record['negative']}")
+    fields: list[tuple[str, Any]] = [
+        ("Steps", record["steps"]),
+        ("Sampler", SAMPLER_LABELS.get(record["scheduler"], record["scheduler"])),
+        ("CFG scale", _fmt_number(record["guidance"])),
+        ("Seed", record["seed"]),
+        ("Size", f"{record['width']}x{record['height']}"),
+    ]
+    base = record.get("base") or {}
+    if base.get("sha256"):
+        fields.append(("Model hash", base["sha256"][:10]))
+    if base.get("source"):
+        fields.append(("Model", Path(str(base["source"]).rstrip("/")).name))
+    loras = [e for e in record.get("experts", []) if e.get("kind") == "lora"]
+    if loras:
+        fields.append(("Lora hashes", ", ".join(f"{e['name']}: {(e.get('sha256') or '')[:10]}" for e in loras)))
+    if record.get("experts"):
+        fields.append(("Mixdiff experts", ", ".join(f"{e['name']}: {e['weight']:.4g}" for e in record["experts"])))
+        fields.append(("Mixdiff blend", record.get("blend")))
+    version = (record.get("versions") or {}).get("mixdiff")
+    if version:
+        fields.append(("Version", f"mixdiff {version}"))
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def parse_a1111(text: str) -> dict[str, Any]:
+    """Inverse of `a1111_parameters` (and of A1111's own infotext): prompt, negative, and the fields."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if len(_PARAM_RE.findall(lines[-1])) >= 3 else ""
+    body = lines[:-1] if last else lines
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    params = {key.strip(): _unquote(value.strip()) for key, value in _PARAM_RE.findall(last)}
+    return {"prompt": "\n".join(prompt), "negative": "\n".join(negative), **params}
+
+
+def save_png(image: Any, path: str | Path, record: dict[str, Any] | None = None) -> Path:
+    """Write `image` as PNG with both chunks, atomically. `record` defaults to `image.info["mixdiff"]`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    record = record if record is not None else image.info.get(RECORD_KEY)
+    info = PngInfo()
+    if record is not None:
+        info.add_text(PARAMETERS_KEY, a1111_parameters(record))
+        info.add_text(RECORD_KEY, json.dumps(record, ensure_ascii=False, sort_keys=True))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+@dataclass
+class PngMeta:
+    parameters: str | None
+    record: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parameters": self.parameters, "mixdiff": self.record}
+
+
+def read_png(path: str | Path) -> PngMeta:
+    """Both metadata chunks of a PNG (either may be None)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            text = dict(getattr(im, "text", None) or im.info)
+    except FileNotFoundError:
+        raise MetadataError(f"{path} does not exist", "pass a PNG written by 'mixdiff generate'") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise MetadataError(f"{path} is not a readable image ({exc})", "pass a PNG written by 'mixdiff generate'") from None
+    record = None
+    if RECORD_KEY in text:
+        try:
+            record = json.loads(text[RECORD_KEY])
+        except json.JSONDecodeError:
+            raise MetadataError(f"{path}: the mixdiff metadata chunk is not valid JSON", "the file was edited or truncated") from None
+    params = text.get(PARAMETERS_KEY)
+    return PngMeta(parameters=str(params) if params is not None else None, record=record)
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The `mixdiff` record of a PNG, or a clear error."""
+    meta = read_png(path)
+    if meta.record is None:
+        what = "only A1111 parameters" if meta.parameters else "no generation metadata"
+        raise MetadataError(f"{path} has {what}, no mixdiff record", "pass a PNG written by 'mixdiff generate'")
+    if meta.record.get("format") != RECORD_FORMAT:
+        raise MetadataError(f"{path}: unknown mixdiff record format {meta.record.get('format')!r}", "upgrade mixdiff")
+    return meta.record
+
+
+def replay(record: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, float]], str | None]:
+    """(Request fields, chosen experts with weights, blend mode) that reproduce a record."""
+    request = {key: record[key] for key in ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler")}
+    chosen = [(e["name"], float(e["weight"])) for e in record.get("experts", [])]
+    label = record.get("blend")
+    blend = "merge" if label in ("merge", "merge+noise") else "noise" if label == "noise" else None
+    return request, chosen, blend
