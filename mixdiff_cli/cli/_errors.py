@@ -23,16 +23,18 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MixdiffWarning)
-            try:
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", MixdiffWarning)
                 return _run(fn, *args, **kwargs)
-            finally:
-                for warning in caught:
-                    if issubclass(warning.category, MixdiffWarning):
-                        out.warn(str(warning.message))
-                    else:
-                        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        finally:
+            # replayed after the block: inside it, showwarning appends to `caught` (an endless loop)
+            for warning in caught:
+                if issubclass(warning.category, MixdiffWarning):
+                    out.warn(str(warning.message))
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
     return wrapper
 

@@ -1,7 +1,201 @@
-"""Placeholder: this command group is being written."""
+"""`mixdiff evaluate routing|experts|samples`: reports (report.json, report.md, PNG figures) on a catalog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
+from ._common import CatalogOpt, DeviceOpt, DtypeOpt, JsonOpt, StepsOpt
+from ._errors import command
+from ._output import out
+
+if TYPE_CHECKING:
+    from ..evaluate import Report
+
+evaluate_app = typer.Typer(
+    help="Measure the router, the experts' specialisation and the mixture's samples. Each command writes "
+    "report.json, report.md and PNG figures into --out and exits 1 when a --min-accuracy / --max-loss-ratio gate fails.",
+    no_args_is_help=True,
+)
+
+ExpertsOpt = Annotated[Optional[list[str]], typer.Option("--expert", "-e", help="Only this expert (repeatable; default: all).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="Experts per prompt.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Softmax temperature of the router (lower is sharper).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Report folder: report.json, report.md and figures.")]
+
+
+def _finish(report: Report, out_dir: Path, rows: list[dict[str, Any]], columns: list[str], title: str, lines: list[str]) -> None:
+    """Write the report, render its summary (or the JSON report), then enforce its gates."""
+    from ..evaluate import write_report
+
+    written = write_report(report, out_dir)
+    if out.json:
+        out.data(report.data)
+    elif out.mode == "quiet":
+        out.result(str(written["report.md"]))
+    else:
+        out.table(rows, columns, title=title)
+        for line in lines:
+            out.info(line)
+        for gate in report.data.get("gates", []):
+            out.info(f"gate {gate['name']}: {'[green]pass[/green]' if gate['passed'] else '[red]FAIL[/red]'} ({gate['detail']})")
+        figures = ", ".join(sorted(report.figures))
+        out.info(f"wrote {out_dir}/: report.md, report.json, {figures}" + (f" and {len(report.images)} samples" if report.images else ""))
+    report.check()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def routing(
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help='Labelled prompts: .jsonl lines {"prompt": ..., "expert": ...} or .csv with the header prompt,expert.', show_default=False)],
+    catalog: CatalogOpt = None,
+    out_dir: OutOpt = Path("eval/routing"),
+    top_k: TopKOpt = 2,
+    threshold: Annotated[float, typer.Option("--threshold", help="Confidence split for calibration, and the router's threshold (experts below it are not chosen).")] = 0.5,
+    temperature: TemperatureOpt = 1.0,
+    encoder: Annotated[Optional[str], typer.Option("--encoder", help="Prompt encoder: base, minilm or words (default: the router checkpoint's).")] = None,
+    bins: Annotated[int, typer.Option("--bins", min=1, help="Confidence bins of the reliability table.")] = 5,
+    min_accuracy: Annotated[Optional[float], typer.Option("--min-accuracy", help="Exit 1 when top-1 accuracy is below this (0-1).")] = None,
+    device: DeviceOpt = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Routing accuracy on labelled prompts: top-1/top-k, precision/recall, confusion, usage, calibration.
+
+    Example: mixdiff evaluate routing --prompts heldout.jsonl --min-accuracy 0.8 -o eval/routing
+    """
+    from ..catalog import find_catalog, load_catalog
+    from ..evaluate import evaluate_routing, quiet_frameworks
+
+    if json_mode:
+        out.configure(json_mode=True)
+    with quiet_frameworks():
+        report = evaluate_routing(
+            load_catalog(find_catalog(catalog)), prompts, top_k=top_k, threshold=threshold, temperature=temperature,
+            encoder=encoder, bins=bins, device=device, min_accuracy=min_accuracy,
+        )
+    m = report.data["metrics"]
+    rows = [
+        {"expert": e, "support": p["support"], "routed": p["predicted"], "precision": _num(p["precision"]),
+         "recall": _num(p["recall"]), "f1": _num(p["f1"]), "top-1 share": _pct(m["usage"]["top1"][e])}
+        for e, p in m["per_expert"].items()
+    ]
+    cal = m["calibration"]
+    lines = [
+        f"[bold]top-1 {_pct(m['top1_accuracy'])}[/bold], top-{m['top_k']} {_pct(m['topk_accuracy'])} on {m['n']} prompts; "
+        f"balance {m['usage']['balance']:.2f} (1 = even use)",
+        f"calibration: {cal['confident']['n']} prompts with p >= {cal['threshold']:g} ({_pct(cal['confident']['accuracy'])} right), "
+        f"{cal['below_threshold']} below ({_pct(cal['unconfident']['accuracy'])} right); ECE {cal['ece']:.3f}",
+    ]
+    _finish(report, out_dir, rows, ["expert", "support", "routed", "precision", "recall", "f1", "top-1 share"], "routing", lines)
+
+
+def experts(
+    data: Annotated[list[str], typer.Option("--data", "-d", help="NAME=DIR: a held-out captioned image folder (repeatable). Name it after the expert it belongs to.", show_default=False)],
+    catalog: CatalogOpt = None,
+    expert: ExpertsOpt = None,
+    out_dir: OutOpt = Path("eval/experts"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="UNet batch (does not change the numbers).")] = 16,
+    evals: Annotated[Optional[int], typer.Option("--evals", min=1, help="(image, timestep) pairs per domain (default 64, as fine-tune's validation).")] = None,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Use at most this many images per domain.")] = None,
+    max_loss_ratio: Annotated[Optional[float], typer.Option("--max-loss-ratio", help="Exit 1 unless every expert's loss on its own domain is at most this times the base's.")] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+    json_mode: JsonOpt = False,
+) -> None:
+    """Held-out denoising loss of the base and each expert on each domain: does each expert specialise?
+
+    The noise and timesteps are fine-tune's fixed validation draws, so the matrix is the same run to run.
+
+    Example: mixdiff evaluate experts --data stripes=heldout/stripes --data shapes=heldout/shapes --max-loss-ratio 0.95
+    """
+    from ..catalog import find_catalog, load_catalog
+    from ..evaluate import BASE_LABEL, evaluate_experts, parse_data_specs, quiet_frameworks
+
+    if json_mode:
+        out.configure(json_mode=True)
+    domains = parse_data_specs(data)
+    with quiet_frameworks():
+        report = evaluate_experts(
+            load_catalog(find_catalog(catalog)), domains, experts=expert, batch_size=batch_size, evals=evals,
+            max_images=max_images, device=device, dtype=dtype, max_loss_ratio=max_loss_ratio,
+        )
+    base, losses = report.data["losses"][BASE_LABEL], report.data["losses"]["experts"]
+    m = report.data["metrics"]
+    rows = [{"model": BASE_LABEL, **{d: f"{base[d]:.4f}" for d in domains}, "best domain": "", "specialised": ""}]
+    for e, row in losses.items():
+        p = m["per_expert"][e]
+        rows.append({"model": e, **{d: f"{row[d]:.4f} (x{m['ratios'][e][d]:.3f})" for d in domains}, "best domain": p["best_domain"],
+                     "specialised": "-" if p["specialised"] is None else ("yes" if p["specialised"] else "no")})
+    s = m["summary"]
+    lines = [f"{s['specialised']}/{s['with_own_domain']} experts do best (relative to the base) on their own domain, "
+             f"{s['own_best_on_domain']}/{s['with_own_domain']} beat every other expert there; worst own-domain loss ratio "
+             f"{_num(s['worst_own_ratio'])}"]
+    _finish(report, out_dir, rows, ["model", *domains, "best domain", "specialised"], "held-out denoising loss (x ratio to base)", lines)
+
+
+def samples(
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file (.txt, .jsonl, .csv, .yaml, as for generate).", show_default=False)],
+    catalog: CatalogOpt = None,
+    expert: ExpertsOpt = None,
+    out_dir: OutOpt = Path("eval/samples"),
+    seed: Annotated[int, typer.Option("--seed", help="Prompt i uses seed SEED+i in every column (unless the file sets one).")] = 0,
+    steps: StepsOpt = 20,
+    guidance: Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")] = 7.5,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="ddim, euler, euler-a or dpm++.")] = "ddim",
+    width: Annotated[Optional[int], typer.Option("--width", "-W", help="Image width (default: the base's).")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", "-H", help="Image height (default: the base's).")] = None,
+    routed: Annotated[bool, typer.Option("--routed/--no-routed", help="Include the routed-mixture column.")] = True,
+    top_k: TopKOpt = 2,
+    threshold: Annotated[float, typer.Option("--threshold", help="Router threshold for the routed column.")] = 0.0,
+    temperature: TemperatureOpt = 1.0,
+    blend: Annotated[Optional[Literal["noise", "merge"]], typer.Option("--blend", help="How the routed experts mix: noise or merge.")] = None,
+    clip: Annotated[Optional[Path], typer.Option("--clip", help="A local CLIP model folder: adds CLIP scores (never downloads).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Contact sheet: each prompt with the routed mixture, the base and each single expert, at fixed seeds.
+
+    Optional CLIP score with a local CLIP model folder (--clip).
+
+    Example: mixdiff evaluate samples --prompts prompts.txt --steps 25 --clip ./models/clip-vit-b32
+    """
+    from ..catalog import find_catalog, load_catalog
+    from ..evaluate import evaluate_samples, quiet_frameworks
+
+    if json_mode:
+        out.configure(json_mode=True)
+    with quiet_frameworks():
+        report = evaluate_samples(
+            load_catalog(find_catalog(catalog)), prompts, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
+            width=width, height=height, experts=expert, routed=routed, top_k=top_k, threshold=threshold,
+            temperature=temperature, blend=blend, clip=clip, device=device, dtype=dtype,
+        )
+    summary = report.data["summary"]
+    rows = []
+    for c in summary["columns"]:
+        row = {"column": c, "changed vs base": "-" if c not in summary["delta_from_base"] else f"{summary['delta_from_base'][c]:.3f}"}
+        if "clip_score" in summary:
+            row["CLIP score"] = f"{summary['clip_score'][c]:.2f}"
+        rows.append(row)
+    columns = ["column", "changed vs base"] + (["CLIP score"] if "clip_score" in summary else [])
+    n = len(report.data["samples"])
+    _finish(report, out_dir, rows, columns, f"{n} prompts x {len(summary['columns'])} columns", [])
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    command(evaluate_app, "routing")(routing)
+    command(evaluate_app, "experts")(experts)
+    command(evaluate_app, "samples")(samples)
+    app.add_typer(evaluate_app, name="evaluate")
+
+
+__all__ = ["register"]
