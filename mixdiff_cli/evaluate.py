@@ -15,12 +15,11 @@ in, a dict out. Heavy frameworks are imported inside the functions that run mode
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -351,36 +350,6 @@ def gates(metrics: Mapping[str, Any], *, min_accuracy: float | None = None, max_
             detail, passed = f"every expert's own-domain loss ratio <= {max_loss_ratio:g} (worst {worst:.3f})", True
         result.append({"name": "max_loss_ratio", "limit": max_loss_ratio, "value": worst, "passed": passed, "detail": detail})
     return result
-
-
-@contextlib.contextmanager
-def quiet_frameworks() -> Iterator[None]:
-    """No loading bars, torchvision notices or "no LoRA keys for the text encoder" warnings from
-    diffusers/transformers while a report runs (a report's own output is the summary); restored after.
-    MIXDIFF_DEBUG=1 keeps them."""
-    import os
-
-    if os.environ.get("MIXDIFF_DEBUG", "") not in ("", "0", "false"):
-        yield
-        return
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    levels = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(levels[0])
-        tlog.set_verbosity(levels[1])
-        if bars[0]:
-            dlog.enable_progress_bar()
-        if bars[1]:
-            tlog.enable_progress_bar()
 
 
 # --- reports --------------------------------------------------------------------------------------

