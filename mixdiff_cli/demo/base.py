@@ -1,0 +1,543 @@
+"""Train the demo's small Stable-Diffusion-format base from scratch: a VAE, then text encoder + UNet.
+
+Every stage checkpoints to `workdir/ckpt/<stage>/step-NNNNNNN/` (safetensors weights, optimizer
+tensors in safetensors, the rest in JSON; nothing is pickled) and a rerun continues from the latest
+one. Randomness is drawn per step from `(seed, step)`, so a resumed run repeats the batches an
+uninterrupted one would have seen. The result is a folder that plain
+`diffusers.StableDiffusionPipeline.from_pretrained(folder)` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mixdiff_cli.demo import data as demo_data
+from mixdiff_cli.errors import MixdiffError
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BaseConfig:
+    """Sizes and schedule of the demo base (defaults: the real build, ~1.5 h on 2 CPU cores)."""
+
+    seed: int = 0
+    # VAE: factor 4 (64x64 RGB -> 4x16x16), ~0.7M params (NOTES).
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 4
+    vae_steps: int = 1000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    vae_check_images: int = 32  # per domain, checked after a VAE round trip
+    # Text encoder: CLIP, hidden 64, 2 layers, 16 tokens (NOTES: ~0.1M params + vocabulary).
+    text_hidden: int = 64
+    text_layers: int = 2
+    max_length: int = 16
+    # UNet: ~3M params, cross-attention at 16x16 and 8x8 (and the 4x4 middle block).
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_heads: tuple[int, ...] = (2, 4, 8)
+    text_time_embedding: bool = True  # pooled text added to the timestep embedding (diffusers "text")
+    unet_steps: int = 10000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    warmup: int = 200
+    caption_dropout: float = 0.1  # for classifier-free guidance
+    min_snr_gamma: float = 5.0  # Min-SNR weighting, Hang et al. (2023); 0 turns it off
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    eval_every: int = 1000  # 0: never; a short adherence check on the EMA weights
+    eval_images: int = 16  # per domain
+    log_every: int = 50
+    # Noise schedule of the DDPM paper (linear 1e-4..0.02): at 16x16 latents it leaves less signal
+    # at t=T than SD's scaled_linear, so the first sampling steps are spent on layout and colour.
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> BaseConfig:
+        """A few steps of everything, for tests."""
+        return cls(seed=seed, vae_steps=4, vae_batch=8, vae_check_images=2, unet_steps=4, unet_batch=8, warmup=2,
+                   checkpoint_every=2, eval_every=0, log_every=1)
+
+    @classmethod
+    def from_json(cls, d: dict) -> BaseConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def device():
+    """CUDA when available, else CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_folders(folders: Sequence[str | Path]) -> tuple[np.ndarray, list[str]]:
+    """Images (N, 64, 64, 3) uint8 and captions of kohya folders (`NNNN.png` + `NNNN.txt`)."""
+    from PIL import Image
+
+    images, captions = [], []
+    for folder in folders:
+        for png in sorted(Path(folder).glob("*.png")):
+            with Image.open(png) as im:
+                images.append(np.asarray(im.convert("RGB").resize((demo_data.SIZE, demo_data.SIZE))))
+            txt = png.with_suffix(".txt")
+            captions.append(txt.read_text(encoding="utf-8").strip() if txt.exists() else "")
+    if not images:
+        raise MixdiffError(f"no .png images in {', '.join(map(str, folders))}", "run stage 1 of scripts/build_demo first")
+    return np.stack(images), captions
+
+
+def _to_tensor(images: np.ndarray, dev):
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, never pickle.
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
+    tensors, meta = {}, {"state": {}, "param_groups": sd["param_groups"]}
+    for idx, st in sd["state"].items():
+        meta["state"][str(idx)] = {}
+        for k, v in st.items():
+            if hasattr(v, "detach"):
+                tensors[f"{idx}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["state"][str(idx)][k] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for key, t in tensors.items():
+        idx, k = key.split("/", 1)
+        state.setdefault(int(idx), {})[k] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict, optimizer, meta: dict, keep: int = 2) -> Path:
+    """Write `root/step-NNNNNNN/` atomically (a temporary folder renamed), keeping the last `keep`."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final = root / f".tmp-{step:07d}", root / f"step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **meta}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete `step-*` folder under `root`, if any."""
+    done = [p for p in sorted(root.glob("step-*")) if (p / "state.json").exists()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, optimizer) -> tuple[dict, dict]:
+    """Weights (name -> tensor) and JSON state of a checkpoint; restores `optimizer` in place."""
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    return load_file(str(path / "weights.safetensors")), state
+
+
+def _prefixed(prefix: str, sd: dict) -> dict:
+    return {f"{prefix}.{k}": v for k, v in sd.items()}
+
+
+def _unprefixed(prefix: str, sd: dict) -> dict:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of `peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def make_vae(cfg: BaseConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=8, sample_size=demo_data.SIZE,
+    )
+
+
+def make_text_encoder(cfg: BaseConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=cfg.max_length,
+        projection_dim=cfg.text_hidden, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def make_unet(cfg: BaseConfig):
+    from diffusers import UNet2DConditionModel
+
+    factor = 2 ** (len(cfg.vae_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=demo_data.SIZE // factor, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=cfg.unet_channels, layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_heads,
+        addition_embed_type="text" if cfg.text_time_embedding else None, addition_embed_type_num_heads=4,
+    )
+
+
+def make_scheduler(cfg: BaseConfig, kind: str = "ddim"):
+    """DDPM for training; DDIM (trailing spacing, starts at t=T) is what the exported pipeline samples with."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+                  beta_end=cfg.beta_end, prediction_type="epsilon", clip_sample=False)
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    return DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+
+
+def load_tokenizer(folder: str | Path, max_length: int = 16):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+
+
+def _tokenize(tokenizer, captions: Sequence[str]):
+    return tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: VAE
+
+
+def train_vae(folders: Sequence[str | Path], workdir: str | Path, cfg: BaseConfig, log: Log = print) -> Path:
+    """Train the VAE (MSE + small KL), resuming from `workdir/ckpt/vae`; save it to `workdir/vae`."""
+    import torch
+
+    workdir = Path(workdir)
+    out, ckpt_root = workdir / "vae", workdir / "ckpt" / "vae"
+    dev = device()
+    images, _ = load_folders(folders)
+    vae = make_vae(cfg).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    step = 0
+    if (ck := latest_checkpoint(ckpt_root)) is not None:
+        weights, state = load_checkpoint(ck, opt)
+        vae.load_state_dict(weights)
+        step = state["step"]
+        log(f"vae: resuming at step {step} from {ck}")
+    log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, {len(images)} images, device {dev}")
+    t0, run_loss = time.time(), []
+    vae.train()
+    while step < cfg.vae_steps:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g).numpy()
+        x = _to_tensor(images[idx], dev)  # (B, 3, 64, 64)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, min(cfg.warmup, cfg.vae_steps // 10 + 1))
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
+        rec = vae.decode(z).sample
+        loss = torch.nn.functional.mse_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run_loss.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.vae_steps:
+            sps = (time.time() - t0) / len(run_loss)
+            log(f"vae step {step}/{cfg.vae_steps} loss {np.mean(run_loss):.4f} {sps:.2f} s/step")
+            t0, run_loss = time.time(), []
+        if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
+            save_checkpoint(ckpt_root, step, vae.state_dict(), opt, {"config": asdict(cfg)})
+    vae.eval()
+    metrics = vae_metrics(vae, images, cfg)
+    vae.register_to_config(scaling_factor=metrics["scaling_factor"])
+    log("vae: " + json.dumps(metrics))
+    tmp = workdir / ".vae-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(str(tmp))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def vae_metrics(vae, images: np.ndarray, cfg: BaseConfig) -> dict:
+    """Recon MSE (on [-1, 1], mean latents), latent std -> scaling factor, checker accuracy after a round trip."""
+    import torch
+
+    dev = next(vae.parameters()).device
+    rng = np.random.default_rng(cfg.seed)
+    idx = rng.choice(len(images), size=min(1024, len(images)), replace=False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(_to_tensor(images[idx[i:i + 256]], dev)).latent_dist.mean
+                           for i in range(0, len(idx), 256)])
+        x = _to_tensor(images[idx[:256]], dev)
+        mse = torch.nn.functional.mse_loss(vae.decode(means[: len(x)]).sample, x).item()
+    out = {"recon_mse": mse, "latent_mean": means.mean().item(), "latent_std": means.std().item(),
+           "scaling_factor": 1.0 / max(means.std().item(), 1e-6)}
+    for domain in demo_data.DOMAINS:  # fresh images, not the training set
+        samples = demo_data.generate(domain, cfg.vae_check_images, seed=10_000 + cfg.seed)
+        with torch.no_grad():
+            x = _to_tensor(np.stack([np.asarray(s.image) for s in samples]), dev)
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out[f"roundtrip_{domain}"] = demo_data.accuracy(domain, _to_pil(rec), [s.attrs for s in samples])["all"]
+    return out
+
+
+def _to_pil(x) -> list:
+    from PIL import Image
+
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def encode_latents(vae_dir: str | Path, folders: Sequence[str | Path], out_file: str | Path) -> Path:
+    """Mean latents (N, 4, 16, 16) of every image, unscaled, with captions, in one safetensors file."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    dev = device()
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(dev).eval()
+    images, captions = load_folders(folders)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(_to_tensor(images[i:i + 256], dev)).latent_dist.mean.cpu()
+                         for i in range(0, len(images), 256)])
+    out_file = Path(out_file)
+    tmp = out_file.with_suffix(".tmp")
+    save_file({"latents": lat.contiguous()}, str(tmp), metadata={"captions": json.dumps(captions)})
+    os.replace(tmp, out_file)
+    return out_file
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: text encoder + UNet
+
+
+def train_unet(workdir: str | Path, cfg: BaseConfig, log: Log = print, stop_at: int | None = None) -> Path:
+    """Train text encoder and UNet jointly on `workdir/latents.safetensors`, with EMA; resumable.
+
+    `stop_at` ends this call early at that step (checkpointed; a later call continues). Returns the
+    newest checkpoint folder; `export_pipeline` turns it into a pipeline.
+    """
+    import torch
+    from safetensors import safe_open
+
+    workdir = Path(workdir)
+    ckpt_root = workdir / "ckpt" / "unet"
+    dev = device()
+    with safe_open(str(workdir / "latents.safetensors"), "pt") as f:
+        latents = f.get_tensor("latents")
+        captions = json.loads(f.metadata()["captions"])
+    scale = json.loads((workdir / "vae" / "config.json").read_text())["scaling_factor"]
+    latents = (latents * scale).to(dev)  # (N, 4, 16, 16), std ~1
+    tokenizer = load_tokenizer(workdir / "tokenizer", cfg.max_length)
+    ids = _tokenize(tokenizer, captions).to(dev)  # (N, 16)
+    empty = _tokenize(tokenizer, [""]).to(dev)  # (1, 16)
+
+    torch.manual_seed(cfg.seed)
+    text_encoder, unet = make_text_encoder(cfg, tokenizer).to(dev), make_unet(cfg).to(dev)
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    ema = {**_prefixed("text_encoder", text_encoder.state_dict()), **_prefixed("unet", unet.state_dict())}
+    ema = {k: v.detach().clone().float() for k, v in ema.items()}
+    step = 0
+    if (ck := latest_checkpoint(ckpt_root)) is not None:
+        weights, state = load_checkpoint(ck, opt)
+        text_encoder.load_state_dict(_unprefixed("text_encoder", weights))
+        unet.load_state_dict(_unprefixed("unet", weights))
+        ema = {k[4:]: v.to(dev) for k, v in weights.items() if k.startswith("ema.")}
+        step = state["step"]
+        log(f"unet: resuming at step {step} from {ck}")
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_text = sum(p.numel() for p in text_encoder.parameters())
+    log(f"unet: {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.2f}M, {len(latents)} latents, device {dev}")
+
+    sched = make_scheduler(cfg, "ddpm")
+    alphas_cumprod = sched.alphas_cumprod.to(dev)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
+    live = {**_prefixed("text_encoder", dict(text_encoder.named_parameters())), **_prefixed("unet", dict(unet.named_parameters()))}
+    t0, run_loss = time.time(), []
+    text_encoder.train()
+    unet.train()
+    end = min(cfg.unet_steps, stop_at or cfg.unet_steps)
+    while step < end:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(latents), (cfg.unet_batch,), generator=g).to(dev)
+        x0 = latents[idx]
+        tok = ids[idx].clone()
+        drop = (torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout).to(dev)
+        tok[drop] = empty
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g).to(dev)
+        noisy = sched.add_noise(x0, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+        cond = text_encoder(tok)[0]  # (B, 16, hidden)
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (weight[t] * per_sample).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in live.items():
+                ema[k].lerp_(p.detach(), 1 - decay)
+        run_loss.append(per_sample.mean().item())
+        if step % cfg.log_every == 0 or step == cfg.unet_steps:
+            sps = (time.time() - t0) / len(run_loss)
+            eta = (cfg.unet_steps - step) * sps / 60
+            log(f"unet step {step}/{cfg.unet_steps} mse {np.mean(run_loss):.4f} {sps:.2f} s/step, ~{eta:.0f} min left")
+            t0, run_loss = time.time(), []
+        last = step == end
+        if step % cfg.checkpoint_every == 0 or last:
+            tensors = {**_prefixed("text_encoder", text_encoder.state_dict()), **_prefixed("unet", unet.state_dict()),
+                       **_prefixed("ema", ema)}
+            ck = save_checkpoint(ckpt_root, step, tensors, opt, {"config": asdict(cfg)})
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.unet_steps):
+            te = time.time()
+            pipe = _pipeline_from_ema(ema, cfg, workdir, tokenizer)
+            acc = evaluate(pipe, n_per_domain=cfg.eval_images, seed=cfg.seed, steps=20)
+            log(f"unet eval step {step}: " + json.dumps(_round(acc)) + f" ({time.time() - te:.0f} s)")
+            t0 = time.time()
+    return latest_checkpoint(ckpt_root)
+
+
+def _round(x):
+    return {k: _round(v) for k, v in x.items()} if isinstance(x, dict) else round(x, 3)
+
+
+def _pipeline_from_ema(ema: dict, cfg: BaseConfig, workdir: Path, tokenizer):
+    """A pipeline on the EMA weights (float32, fresh modules)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    text_encoder, unet = make_text_encoder(cfg, tokenizer), make_unet(cfg)
+    text_encoder.load_state_dict({k: v.cpu() for k, v in _unprefixed("text_encoder", ema).items()})
+    unet.load_state_dict({k: v.cpu() for k, v in _unprefixed("unet", ema).items()})
+    vae = AutoencoderKL.from_pretrained(str(workdir / "vae"))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=make_scheduler(cfg), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device())
+
+
+def export_pipeline(workdir: str | Path, out: str | Path, cfg: BaseConfig | None = None, fp16: bool = True) -> Path:
+    """Save the EMA weights of the newest UNet checkpoint as a diffusers pipeline folder at `out`."""
+    from safetensors.torch import load_file, save_file
+
+    workdir, out = Path(workdir), Path(out)
+    ck = latest_checkpoint(workdir / "ckpt" / "unet")
+    if ck is None:
+        raise MixdiffError(f"no UNet checkpoint under {workdir / 'ckpt' / 'unet'}", "run stage 3 of scripts/build_demo first")
+    state = json.loads((ck / "state.json").read_text())
+    cfg = cfg or BaseConfig.from_json(state["config"])
+    tokenizer = load_tokenizer(workdir / "tokenizer", cfg.max_length)
+    ema = {k[4:]: v for k, v in load_file(str(ck / "weights.safetensors")).items() if k.startswith("ema.")}
+    pipe = _pipeline_from_ema(ema, cfg, workdir, tokenizer).to("cpu")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp))
+    if fp16:  # UNet and VAE weights in half precision; diffusers loads them as float32 unless told otherwise
+        for file in (tmp / "unet" / "diffusion_pytorch_model.safetensors", tmp / "vae" / "diffusion_pytorch_model.safetensors"):
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(file)).items()},
+                      str(file), metadata={"format": "pt"})
+    (tmp / "mixdiff_base.json").write_text(json.dumps({"step": state["step"], "config": asdict(cfg)}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def check_export(workdir: str | Path, exported: str | Path, n_per_domain: int = 32, log: Log = print) -> dict:
+    """Adherence of the exported (fp16-stored) pipeline, and how far its images are from the float32 EMA's."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    workdir = Path(workdir)
+    ck = latest_checkpoint(workdir / "ckpt" / "unet")
+    cfg = BaseConfig.from_json(json.loads((ck / "state.json").read_text())["config"])
+    ema = {k[4:]: v for k, v in load_file(str(ck / "weights.safetensors")).items() if k.startswith("ema.")}
+    fp32 = _pipeline_from_ema(ema, cfg, workdir, load_tokenizer(workdir / "tokenizer", cfg.max_length))
+    stored = StableDiffusionPipeline.from_pretrained(str(exported)).to(device())
+    stored.set_progress_bar_config(disable=True)
+    prompts = [s.caption for d in demo_data.DOMAINS for s in demo_data.generate(d, 4, seed=30_000)]
+    kw = dict(num_inference_steps=20, guidance_scale=5.0, output_type="np")
+    a = fp32(prompts, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], **kw).images
+    b = stored(prompts, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], **kw).images
+    out = {"fp16_vs_fp32_max_abs": float(np.abs(a - b).max()), "fp16_vs_fp32_mean_abs": float(np.abs(a - b).mean()),
+           "train_wording": _round(evaluate(stored, n_per_domain, seed=1)),
+           "heldout_wording": _round(evaluate(stored, n_per_domain, seed=1, split="heldout"))}
+    (Path(exported) / "eval.json").write_text(json.dumps(out, indent=1))
+    log("base export check: " + json.dumps(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(pipe, n_per_domain: int = 16, seed: int = 0, steps: int = 20, guidance: float = 5.0,
+             split: demo_data.Split = "train", domains: Sequence[str] = demo_data.DOMAINS,
+             batch: int = 16) -> dict[str, dict[str, float]]:
+    """Prompt adherence: generate from captions of fresh samples and check each attribute."""
+    import torch
+
+    out = {}
+    for domain in domains:
+        samples = demo_data.generate(domain, n_per_domain, seed=20_000 + seed, split=split)
+        images = []
+        for i in range(0, len(samples), batch):
+            chunk = samples[i:i + batch]
+            gens = [torch.Generator().manual_seed(seed * 1000 + i + j) for j in range(len(chunk))]
+            images += pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                           generator=gens, output_type="pil").images
+        out[domain] = demo_data.accuracy(domain, images, [s.attrs for s in samples])
+    out["mean_all"] = {"all": float(np.mean([out[d]["all"] for d in domains]))}
+    return out
