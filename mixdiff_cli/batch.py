@@ -1,0 +1,655 @@
+"""Batch generation from a prompt file: items grouped by route (each expert set activated once per
+run), batched, written atomically, recorded in `manifest.jsonl`, resumable, and split between
+processes under `torchrun` / `accelerate launch`.
+
+    result = run_batch("experts.yaml", "prompts.txt", "out/", batch_size=4, seed=1)
+    result.written, result.skipped, result.failed, result.manifest
+
+Layout of `out/`: one `<id>.png` per item (A1111 `parameters` + `mixdiff` chunks) and `manifest.jsonl`,
+one line per image: id, index, line, prompt, negative, seed, steps, guidance, width, height,
+scheduler, route, blend, path, sha256, seconds, base_seed, rank. Under several processes each rank
+appends to `manifest.part<rank>.jsonl` and rank 0 merges the parts into `manifest.jsonl` at the end
+(or the next run does, when a run was stopped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .catalog import Catalog, load_catalog
+from .errors import MixdiffError, UsageError
+from .prompts import MAX_SEED, PromptFileError, PromptItem, parse_prompts
+
+if TYPE_CHECKING:
+    from .engine import Engine, Request
+    from .router import Route, Router
+
+MANIFEST = "manifest.jsonl"
+PART_GLOB = "manifest.part*.jsonl"
+# What an image depends on: a manifest line whose values differ from the item's is not "done".
+PARAM_KEYS = ("prompt", "negative", "seed", "steps", "scheduler", "route", "blend")
+DEFAULTED_KEYS = ("guidance", "width", "height")  # None in a request: the engine's default, recorded as used
+
+
+class BatchError(MixdiffError):
+    """A batch that cannot start or continue (output folder, manifest)."""
+
+
+class ManifestError(BatchError):
+    """A manifest.jsonl that cannot be read."""
+
+
+@dataclass
+class BatchResult:
+    """What a batch run did. `exit_code`: 0 all written, 1 some failed, 128+N stopped by signal N."""
+
+    out_dir: Path
+    manifest: Path
+    total: int = 0  # items in the prompt file (malformed ones included)
+    written: int = 0
+    skipped: int = 0  # already in the manifest with a verified file (--resume)
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)  # one line per failed item
+    interrupted: int | None = None  # the signal that stopped the run
+    seconds: float = 0.0
+    base_seed: int | None = None
+    processes: int = 1
+    groups: int = 0  # route groups this process ran
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted is not None:
+            return 128 + self.interrupted
+        return 1 if self.failed else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "manifest": str(self.manifest), "total": self.total,
+            "written": self.written, "skipped": self.skipped, "failed": self.failed, "errors": self.errors,
+            "interrupted": self.interrupted, "seconds": round(self.seconds, 3), "base_seed": self.base_seed,
+            "processes": self.processes, "exit_code": self.exit_code,
+        }
+
+
+@dataclass
+class _Work:
+    """One item ready to run: its request and its route (with what the image metadata records of it)."""
+
+    item: PromptItem
+    request: Request
+    route: Route
+    info: Any  # engine.RouteInfo
+
+    @property
+    def key(self) -> tuple:
+        return self.route.key
+
+
+# --- manifest -------------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """The records of one manifest file. A torn last line (a killed writer) is ignored."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise ValueError("not a record")
+        except ValueError:
+            if number == len(lines):  # no newline after it: the write was cut short
+                continue
+            raise ManifestError(f"{path}:{number} is not a manifest record", "delete that line (its image is regenerated on --resume)") from None
+        records.append(record)
+    return records
+
+
+def manifest_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """id -> latest record over manifest.jsonl and the per-process parts (later lines win)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for path in [out_dir / MANIFEST, *sorted(out_dir.glob(PART_GLOB))]:
+        for record in read_manifest(path):
+            latest[record["id"]] = record
+    return latest
+
+
+def merge_manifest(out_dir: str | Path) -> Path:
+    """Fold the per-process parts into manifest.jsonl (one line per id, in item order), atomically."""
+    from .fsutil import atomic_write
+
+    out_dir = Path(out_dir)
+    parts = sorted(out_dir.glob(PART_GLOB))
+    main = out_dir / MANIFEST
+    records = manifest_records(out_dir)
+    lines = read_manifest(main)
+    if parts or len(lines) != len(records) or (main.is_file() and not main.read_bytes().endswith(b"\n")):
+        ordered = sorted(records.values(), key=lambda r: (r.get("index", 0), r["id"]))
+        atomic_write(main, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+        for part in parts:
+            part.unlink(missing_ok=True)
+    return main
+
+
+class _Appender:
+    """Appends one JSON line per record with flush + fsync, after cutting off a torn last line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as fh:
+                    fh.truncate(data.rfind(b"\n") + 1)
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(out_dir: Path, record: dict[str, Any]) -> bool:
+    path = out_dir / str(record.get("path", ""))
+    try:
+        return path.is_file() and file_sha256(path) == record.get("sha256")
+    except OSError:
+        return False
+
+
+# --- signals --------------------------------------------------------------------------------------
+
+
+class _Stop:
+    signum: int | None = None
+
+
+class _Interrupted(Exception):
+    """Raised from the engine's step callback to abandon the batch being sampled."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(enabled: bool = True) -> Iterator[_Stop]:
+    """SIGINT/SIGTERM set a flag the run checks between images and denoising steps; a second signal
+    interrupts at once. Only in the main thread (elsewhere signals cannot be handled)."""
+    stop = _Stop()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# --- batch invariance -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def batch_invariant(*models: Any) -> Iterator[None]:
+    """Make each image independent of which other images share its batch (used on CPU).
+
+    CPU kernels give a sample different last bits depending on its batch: BLAS takes gemv for one row
+    and gemm for several (the time-embedding and `time_emb_proj` linears see (B, C)), oneDNN picks
+    convolution algorithms by batch size and memory format, and GroupNorm splits its reductions by
+    batch x groups. For the duration, 2-D `nn.Linear` inputs run row by row and `nn.Conv2d` /
+    `nn.GroupNorm` (also the (B, C, HW) GroupNorm inside attention) sample by sample on contiguous
+    inputs; attention and token-wise linears stay batched (their rows are already independent). A VAE
+    (anything with `enable_slicing`) decodes one image at a time instead, which is cheaper.
+    """
+    import torch
+    from torch import nn
+
+    patched: list[nn.Module] = []
+    sliced: list[Any] = []
+
+    def per_sample(forward: Callable[..., torch.Tensor], dims: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+        def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if x.dim() not in dims:
+                return forward(x, *args, **kwargs)
+            # (B, ...) -> B calls on (1, ...), each contiguous: a batch of one often arrives channels-last
+            return torch.cat([forward(x[i : i + 1].contiguous(), *args, **kwargs) for i in range(x.shape[0])])
+
+        return run
+
+    try:
+        for model in models:
+            if model is None:
+                continue
+            if hasattr(model, "enable_slicing") and hasattr(model, "use_slicing"):
+                if not model.use_slicing:
+                    model.enable_slicing()
+                    sliced.append(model)
+                continue
+            for module in model.modules():
+                dims = (2,) if isinstance(module, nn.Linear) else (3, 4, 5) if isinstance(module, (nn.Conv2d, nn.GroupNorm)) else ()
+                if dims and "forward" not in module.__dict__:
+                    module.forward = per_sample(module.forward, dims)
+                    patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+        for model in sliced:
+            model.disable_slicing()
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def _explicit_route(pairs: Sequence[tuple[str, float]]) -> Route:
+    """A route fixed by --expert overrides, without a router (weights renormalised like the router's)."""
+    from .router import Route
+
+    total = sum(w for _, w in pairs) or 1.0
+    chosen = [(n, round(w / total, 4)) for n, w in pairs]
+    return Route(chosen=chosen, probs={}, reasons={n: "override" for n, _ in pairs}, options={"overrides": [f"{n}:{w:g}" for n, w in pairs]})
+
+
+def _check_options(batch_size: int, steps: int, guidance: float | None, width: int | None, height: int | None, scheduler: str, seed: int | None) -> None:
+    from .prompts import SCHEDULERS
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}", "pass --steps 1 or more")
+    if guidance is not None and guidance < 0:
+        raise UsageError(f"--guidance must be at least 0, got {guidance}", "e.g. --guidance 7.5")
+    for name, size in (("width", width), ("height", height)):
+        if size is not None and (size <= 0 or size % 8):
+            raise UsageError(f"--{name} {size} is not a positive multiple of 8", f"pass e.g. --{name} 512")
+    if scheduler not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed {seed} is out of range", f"use 0 to {MAX_SEED}")
+
+
+def _check_routing(cat: Catalog, top_k: int, temperature: float, threshold: float) -> None:
+    n = len(cat.experts)
+    if n and not 1 <= top_k <= n:
+        raise UsageError(f"--top-k {top_k} is out of range: the catalog has {n} experts", f"pass --top-k between 1 and {n}")
+    if not temperature > 0:
+        raise UsageError(f"--temperature {temperature} must be positive", "try 1.0 (lower is sharper)")
+    if not 0 <= threshold < 1:
+        raise UsageError(f"--threshold {threshold} must be in [0, 1)", "0 never abstains")
+
+
+def _prepare_out(out_dir: Path) -> bool:
+    """Create the output folder and prove it is writable, before any model loads. True if created."""
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mixdiff-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BatchError(f"cannot write to --out {out_dir}: {exc.strerror or exc}", "pass a writable output folder") from None
+    return created
+
+
+def _distributed_state(device: str | None) -> Any:
+    """accelerate's PartialState when launched with several processes (torchrun / accelerate launch)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = (device or "").startswith("cpu") or (device is None and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)  # a plain PartialState() under torchrun on CPU reports one process
+
+
+def _split_work(todo: list[_Work], state: Any) -> list[_Work]:
+    """This process's share: the work ordered by route group, cut in contiguous equal spans, so each
+    process activates only the few expert sets its span crosses."""
+    if state is None or state.num_processes == 1:
+        return todo
+    with state.split_between_processes(todo) as mine:
+        return list(mine)
+
+
+def _groups(work: list[_Work]) -> list[list[_Work]]:
+    """Items under the same route (experts and weights), in item order; groups sharing an expert set
+    are adjacent (sorted by expert names), so a set stays loaded across its groups."""
+    out: dict[tuple, list[_Work]] = {}
+    for w in work:
+        out.setdefault(w.key, []).append(w)
+    return sorted(out.values(), key=lambda g: (sorted(n for n, _ in g[0].route.chosen), g[0].key))
+
+
+def _matches(record: dict[str, Any], w: _Work, blend: str | None) -> bool:
+    want = _params(w, blend)
+    if any(record.get(k) != want[k] for k in PARAM_KEYS):
+        return False
+    return all(getattr(w.request, k) is None or record.get(k) == getattr(w.request, k) for k in DEFAULTED_KEYS)
+
+
+def _params(w: _Work, blend: str | None) -> dict[str, Any]:
+    r = w.request
+    return {
+        "prompt": r.prompt, "negative": r.negative, "seed": r.seed, "steps": r.steps, "scheduler": r.scheduler, "route": [[n, float(wt)] for n, wt in w.route.chosen], "blend": blend,
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def run_batch(
+    catalog: Catalog | str | Path,
+    prompts_file: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 4,
+    seed: int | None = None,
+    resume: bool = False,
+    keep_going: bool = False,
+    negative: str | None = None,
+    steps: int = 30,
+    guidance: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    scheduler: str = "ddim",
+    experts: Sequence[str | tuple[str, float]] | None = None,
+    top_k: int = 1,
+    temperature: float = 1.0,
+    threshold: float = 0.0,
+    encoder: str | None = None,
+    on_stale: str = "error",
+    blend: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_loaded: int = 4,
+    engine: Engine | None = None,
+    router: Router | None = None,
+    handle_signals: bool = True,
+    on_image: Callable[[dict[str, Any], int, int], None] | None = None,
+) -> BatchResult:
+    """Generate every item of `prompts_file` into `out_dir`; see the module docstring.
+
+    Per-item values in the file override the run's defaults (`negative` ... `scheduler`; guidance,
+    width and height None = the base pipeline's). `experts` (NAME or NAME:WEIGHT) fix the route of items
+    that name none; otherwise the router decides with `top_k`/`temperature`/`threshold`. Seeds: the
+    item's own, else `seed + index` (`seed` drawn once when None, or taken from the manifest on resume),
+    so images do not depend on batch size, order or process count. Bad items raise `PromptFileError`
+    naming their line before anything is written, or with `keep_going` are counted as failed.
+    `on_image(record, done, total)` is called after each image is written.
+    """
+    from .engine import parse_expert_spec
+
+    started = time.perf_counter()
+    cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
+    out_dir = Path(out_dir)
+    _check_options(batch_size, steps, guidance, width, height, scheduler, seed)
+    _check_routing(cat, top_k, temperature, threshold)
+    run_experts = [parse_expert_spec(e) if isinstance(e, str) else (e[0], float(e[1])) for e in (experts or [])]
+    for name, _ in run_experts:
+        cat.expert(name)  # an unknown --expert fails before anything else
+    parsed = parse_prompts(prompts_file)
+    items, errors = _valid_items(cat, parsed, run_experts)
+    if errors and not keep_going:
+        raise errors[0]
+    defaults = {"negative": negative, "steps": steps, "guidance": guidance, "width": width, "height": height, "scheduler": scheduler}
+
+    created = _prepare_out(out_dir)
+    try:
+        state = _distributed_state(device)
+        done = manifest_records(out_dir)
+        if done and not resume:
+            raise BatchError(
+                f"{out_dir} already holds a batch ({len(done)} images in {MANIFEST})",
+                "pass --resume to continue it, or choose another --out",
+            )
+        seed = _base_seed(seed, done, state)
+        if engine is None:
+            if device is None and state is not None:  # this process's accelerator (cuda:LOCAL_RANK) or the CPU
+                device = "cpu" if state.device.type == "cpu" else str(state.device)
+            engine = _make_engine(cat, device, dtype, max_loaded)
+        work = _plan(cat, items, run_experts, defaults, seed, engine, router, encoder, on_stale, top_k, temperature, threshold)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # leave nothing behind when the run never started (only if still empty)
+        raise
+
+    todo = [w for w in work if not _already_done(out_dir, done.get(w.item.id), w, blend)]
+    ordered = [w for g in _groups(todo) for w in g]  # by route; the same order on every process
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    if rank == 0:  # temporary files of images a killed run was writing (fsutil.atomic_path names)
+        for w in todo:
+            for stale in out_dir.glob(f".{w.item.id}.png.*"):
+                stale.unlink(missing_ok=True)
+    if state is not None:
+        state.wait_for_everyone()  # everyone has read the manifest before anyone appends to it
+
+    result = BatchResult(
+        out_dir=out_dir, manifest=out_dir / MANIFEST, total=len(parsed.items) + len(parsed.errors),
+        skipped=len(work) - len(todo), failed=len(errors), errors=[str(e) for e in errors], base_seed=seed,
+        processes=world,
+    )
+    mine = _groups(_split_work(ordered, state))
+    result.groups = len(mine)
+    part = MANIFEST if state is None else f"manifest.part{rank}.jsonl"
+    _execute(engine, mine, out_dir / part, result, batch_size, blend, seed, rank, keep_going, handle_signals, parsed.path, on_image)
+    result.seconds = time.perf_counter() - started
+    if result.interrupted is not None:
+        return result  # any per-process parts stay; the next --resume merges them
+    if state is not None:
+        _gather(state, result, len(errors))
+        if state.is_main_process:
+            merge_manifest(out_dir)
+        state.wait_for_everyone()  # every process returns after the merged manifest exists
+    else:
+        merge_manifest(out_dir)
+    return result
+
+
+def _valid_items(cat: Catalog, parsed: Any, run_experts: list[tuple[str, float]]) -> tuple[list[PromptItem], list[PromptFileError]]:
+    """The parsed items whose experts exist, and one error per bad item (in line order)."""
+    errors: list[PromptFileError] = list(parsed.errors)
+    items: list[PromptItem] = []
+    for item in parsed.items:
+        unknown = [n for n, _ in item.experts if n not in cat.names]
+        if unknown:
+            known = ", ".join(cat.names) or "none"
+            errors.append(PromptFileError(
+                f"{parsed.path}:{item.line}: unknown expert {unknown[0]!r}",
+                f"known experts: {known}; or pass --keep-going to skip it", line=item.line,
+            ))
+        else:
+            items.append(item)
+    errors.sort(key=lambda e: e.line or 0)
+    return items, errors
+
+
+def _base_seed(seed: int | None, done: dict[str, dict[str, Any]], state: Any) -> int:
+    """The run's seed: given, else the one a resumed manifest recorded, else drawn (rank 0's draw)."""
+    if seed is not None:
+        return seed
+    recorded = next((r["base_seed"] for r in done.values() if isinstance(r.get("base_seed"), int)), None)
+    if recorded is not None:
+        return recorded
+    seed = random.randint(0, MAX_SEED)
+    if state is not None:
+        from accelerate.utils import broadcast_object_list
+
+        seed = broadcast_object_list([seed])[0]
+    return seed
+
+
+def _plan(cat: Catalog, items: list[PromptItem], run_experts: list[tuple[str, float]], defaults: dict[str, Any],
+          seed: int, engine: Engine, router: Router | None, encoder: str | None, on_stale: str,
+          top_k: int, temperature: float, threshold: float) -> list[_Work]:
+    """Each item's request and route: its --expert overrides, else the router (one encoder pass for all)."""
+    from .engine import Request, RouteInfo
+
+    routes: dict[int, Any] = {}
+    need_router = [it for it in items if not (it.experts or run_experts)]
+    if need_router and cat.experts:
+        if router is None:
+            from .router import load_router
+
+            router = load_router(cat, encoder, pipe=engine.pipe, device=str(engine.device), on_stale=on_stale)  # type: ignore[arg-type]
+        vecs = router.embed([it.prompt for it in need_router])
+        for it, vec in zip(need_router, vecs):
+            route = router.decide(vec, it.prompt, top_k=top_k, temperature=temperature, threshold=threshold)
+            routes[it.index] = (route, RouteInfo(source="router", decision=route.to_dict()))
+    work = []
+    for it in items:
+        if it.index not in routes:  # overrides, or a catalog without experts (the bare base)
+            route = _explicit_route(list(it.experts or run_experts))
+            routes[it.index] = (route, RouteInfo(source="explicit", decision=route.to_dict()))
+        request = Request(
+            prompt=it.prompt,
+            negative=it.negative if it.negative is not None else defaults["negative"],
+            seed=it.seed if it.seed is not None else (seed + it.index) % (MAX_SEED + 1),
+            steps=it.steps or defaults["steps"],
+            guidance=it.guidance if it.guidance is not None else defaults["guidance"],
+            width=it.width or defaults["width"],
+            height=it.height or defaults["height"],
+            scheduler=it.scheduler or defaults["scheduler"],
+        )
+        work.append(_Work(it, request, *routes[it.index]))
+    return work
+
+
+def _already_done(out_dir: Path, record: dict[str, Any] | None, w: _Work, blend: str | None) -> bool:
+    """In the manifest with the same settings, and its file verifies (sha256)."""
+    return record is not None and _matches(record, w, blend) and _verified(out_dir, record)
+
+
+def _execute(engine: Engine, groups: list[list[_Work]], manifest_path: Path, result: BatchResult, batch_size: int,
+             blend: str | None, base_seed: int, rank: int, keep_going: bool, handle_signals: bool, source: Path,
+             on_image: Callable[[dict[str, Any], int, int], None] | None) -> None:
+    """Sample each route group in batches, write every image and its manifest line; stop cleanly on a signal."""
+    invariant = engine.device.type == "cpu" and not getattr(engine, "compile", False)
+    writer = _Appender(manifest_path)
+    try:
+        with stop_on_signals(handle_signals) as stop:
+            for group in groups:
+                for start in range(0, len(group), batch_size):
+                    if stop.signum is not None:
+                        break
+                    chunk = group[start : start + batch_size]
+                    try:
+                        images, seconds = _sample(engine, chunk, blend, stop, invariant)
+                    except _Interrupted:
+                        break
+                    except MixdiffError as exc:
+                        if not keep_going:
+                            raise
+                        result.failed += len(chunk)
+                        result.errors += [f"{source}:{w.item.line}: {exc}" for w in chunk]
+                        continue
+                    for w, image in zip(chunk, images):  # images already made are written even after a signal
+                        record = _write(manifest_path.parent, w, image, seconds / len(chunk), blend, base_seed, rank)
+                        writer.write(record)
+                        result.written += 1
+                        if on_image is not None:
+                            on_image(record, result.written + result.skipped, result.total)
+            result.interrupted = stop.signum
+    finally:
+        writer.close()
+
+
+def _gather(state: Any, result: BatchResult, n_parse_errors: int) -> None:
+    """Every process's counts and errors, summed into `result` (on every process)."""
+    from accelerate.utils import gather_object
+
+    state.wait_for_everyone()
+    mine = (result.written, result.failed - n_parse_errors, result.errors[n_parse_errors:])
+    counts = gather_object([mine])
+    result.written = sum(c[0] for c in counts)
+    result.failed = n_parse_errors + sum(c[1] for c in counts)
+    result.errors = result.errors[:n_parse_errors] + [e for c in counts for e in c[2]]
+
+
+def _make_engine(cat: Catalog, device: str | None, dtype: str | None, max_loaded: int) -> Engine:
+    from .engine import Engine
+
+    return Engine(cat, device=device, dtype=dtype, max_loaded=max_loaded)
+
+
+def invariant_models(engine: Engine) -> list[Any]:
+    """The modules `batch_invariant` must cover for an engine: base UNet, mixture, text encoders, VAE."""
+    pipe = engine.pipe
+    return [engine.unet, engine.mixture, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None),
+            getattr(pipe, "text_encoder_2", None)]
+
+
+def _sample(engine: Engine, chunk: list[_Work], blend: str | None, stop: _Stop, invariant: bool) -> tuple[list[Any], float]:
+    """Images for one chunk (one route); abandons the chunk at the next step once a signal arrived."""
+
+    def progress(step: int, total: int) -> None:
+        if stop.signum is not None:
+            raise _Interrupted
+
+    t0 = time.perf_counter()
+    engine.ensure_loaded([name for name, _ in chunk[0].route.chosen])  # before patching: new LoRA layers get covered
+    with batch_invariant(*invariant_models(engine)) if invariant else contextlib.nullcontext():
+        images = engine.generate(
+            [w.request for w in chunk], chunk[0].route, blend, route_info=chunk[0].info, progress=progress
+        )
+    return images, time.perf_counter() - t0
+
+
+def _write(out_dir: Path, w: _Work, image: Any, seconds: float, blend: str | None, base_seed: int, rank: int) -> dict[str, Any]:
+    """Write one image atomically and return its manifest record."""
+    from .pngmeta import save_png
+
+    name = f"{w.item.id}.png"
+    meta = image.info.get("mixdiff")
+    if meta is not None:  # the engine records one route per call; each image keeps its own decision
+        meta = {**meta, "route": {**meta.get("route", {}), "source": w.info.source, "decision": w.info.decision}}
+    path = save_png(image, out_dir / name, meta)
+    return {
+        "id": w.item.id,
+        "index": w.item.index,
+        "line": w.item.line,
+        **_params(w, blend),
+        "guidance": (meta or {}).get("guidance", w.request.guidance),
+        "width": image.width,
+        "height": image.height,
+        "path": name,
+        "sha256": file_sha256(path),
+        "seconds": round(seconds, 4),
+        "base_seed": base_seed,
+        "rank": rank,
+    }

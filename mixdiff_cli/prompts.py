@@ -1,0 +1,411 @@
+"""Prompt files for batch generation: `.txt` (one prompt per line, inline overrides), `.jsonl`, `.csv`
+(header row) and `.yaml`. Every item keeps the line it came from, for errors, and a stable id.
+
+    a red fox in the snow --n blurry, dark --seed 7 --steps 20 --w 64 --h 64 --expert watercolor:0.7
+
+Import-light: no torch here.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MixdiffError
+
+SUFFIXES = (".txt", ".jsonl", ".csv", ".yaml", ".yml")
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++")  # = engine.SCHEDULERS (kept here: engine is heavier)
+MAX_SEED = 2**32 - 1  # = engine.MAX_SEED
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+# field -> accepted spellings (record keys in jsonl/csv/yaml; `--option` in txt lines)
+ALIASES: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt",),
+    "negative": ("negative", "negative_prompt", "n", "neg"),
+    "seed": ("seed",),
+    "steps": ("steps",),
+    "guidance": ("guidance", "cfg", "guidance_scale"),
+    "width": ("width", "w"),
+    "height": ("height", "h"),
+    "scheduler": ("scheduler", "sampler"),
+    "experts": ("experts", "expert"),
+    "id": ("id",),
+}
+_FIELD = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
+_TXT_OPTIONS = {alias: name for alias, name in _FIELD.items() if name not in ("prompt", "id")}
+# `--name` or `--name=` at the start of the line or after whitespace
+_OPTION_RE = re.compile(r"(?:(?<=\s)|^)--([A-Za-z][\w-]*)(?:=|(?=\s)|$)")
+
+
+class PromptFileError(MixdiffError):
+    """A prompt file, or one line of it, that cannot be read."""
+
+    def __init__(self, message: str, hint: str | None = None, *, line: int | None = None):
+        super().__init__(message, hint)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One image to make, as written in the file: None means "use the run's default"."""
+
+    index: int  # position among the file's items (0-based, malformed items counted): seeds = base + index
+    line: int  # 1-based line where the item starts
+    prompt: str
+    negative: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    experts: tuple[tuple[str, float], ...] = ()  # per-item expert overrides (name, weight)
+    user_id: str | None = None  # an explicit `id` from the file
+
+    @property
+    def id(self) -> str:
+        """Stable across runs: the explicit id, else index and a hash of the item's content."""
+        if self.user_id:
+            return self.user_id
+        content = json.dumps(
+            [self.index, self.prompt, self.negative, self.seed, self.steps, self.guidance, self.width, self.height,
+             self.scheduler, [list(e) for e in self.experts]],
+            ensure_ascii=False,
+        )
+        return f"{self.index:05d}-{hashlib.sha256(content.encode()).hexdigest()[:8]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "index": self.index, "line": self.line, "prompt": self.prompt, "negative": self.negative,
+            "seed": self.seed, "steps": self.steps, "guidance": self.guidance, "width": self.width,
+            "height": self.height, "scheduler": self.scheduler, "experts": [list(e) for e in self.experts],
+        }
+
+
+@dataclass
+class PromptFile:
+    """A parsed prompt file: the good items and one error per malformed item (in file order)."""
+
+    path: Path
+    items: list[PromptItem] = field(default_factory=list)
+    errors: list[PromptFileError] = field(default_factory=list)
+
+    def raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+# --- values ---------------------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A bad value inside one item: turned into a PromptFileError with the file and line."""
+
+    def __init__(self, what: str, hint: str):
+        super().__init__(what)
+        self.what, self.hint = what, hint
+
+
+def _int(key: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise _Bad(f"{key} must be an integer, got {value!r}", f"write e.g. {key} 20") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Bad(f"{key} must be an integer, got {value!r}", f"write e.g. {key} 20")
+    if value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise _Bad(f"{key} must be {span}, got {value}", f"fix the {key} value")
+    return value
+
+
+def _float(key: str, value: Any, low: float) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _Bad(f"{key} must be a number, got {value!r}", f"write e.g. {key} 7.5") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise _Bad(f"{key} must be a number, got {value!r}", f"write e.g. {key} 7.5")
+    if value < low:
+        raise _Bad(f"{key} must be at least {low}, got {value}", f"fix the {key} value")
+    return float(value)
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"{key} must be text, got {value!r}", f"quote the {key}")
+    return value
+
+
+def _size(key: str, value: Any) -> int:
+    size = _int(key, value, 8)
+    if size % 8:
+        raise _Bad(f"{key} must be a multiple of 8, got {size}", f"use e.g. {size // 8 * 8 or 8}")
+    return size
+
+
+def _expert(spec: Any) -> tuple[str, float]:
+    """`NAME`, `NAME:WEIGHT` or `NAME=WEIGHT` (or [name, weight]) -> (name, weight)."""
+    name, weight = None, 1.0
+    if isinstance(spec, (list, tuple)) and len(spec) == 2:
+        name, weight = spec
+    elif isinstance(spec, str):
+        match = re.fullmatch(r"\s*([^:=\s]+)\s*(?:[:=]\s*(\S+))?\s*", spec)
+        if match:
+            name, weight = match.group(1), match.group(2) or 1.0
+    if not isinstance(name, str) or not name.strip():
+        raise _Bad(f"expert must be NAME or NAME:WEIGHT, got {spec!r}", "write e.g. --expert watercolor:0.7")
+    weight = _float(f"expert {name} weight", weight, 0.0)
+    if weight <= 0:
+        raise _Bad(f"expert {name} has weight {weight}", "weights must be positive; drop the expert instead")
+    return name.strip(), weight
+
+
+def _split_specs(text: str) -> list[str]:
+    """`a:0.7, b` or `a:0.7 b` -> ["a:0.7", "b"] (commas win, so `a: 0.7, b` works too)."""
+    parts = text.split(",") if "," in text else text.split()
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _experts(value: Any) -> tuple[tuple[str, float], ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, dict):  # {name: weight}
+        specs: list[Any] = [[k, v] for k, v in value.items()]
+    elif isinstance(value, str):
+        specs = _split_specs(value)
+    elif isinstance(value, list):
+        specs = value
+    else:
+        raise _Bad(f"experts must be a name, a list or a mapping, got {value!r}", 'write e.g. "experts": ["watercolor:0.7"]')
+    out = [_expert(s) for s in specs]
+    names = [n for n, _ in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise _Bad(f"expert {dup} is given twice", "name each expert once")
+    return tuple(out)
+
+
+_CHECK = {
+    "prompt": _text,
+    "negative": _text,
+    "seed": lambda k, v: _int(k, v, 0, MAX_SEED),
+    "steps": lambda k, v: _int(k, v, 1, 10_000),
+    "guidance": lambda k, v: _float(k, v, 0.0),
+    "width": _size,
+    "height": _size,
+    "scheduler": lambda k, v: _scheduler(k, v),
+    "id": lambda k, v: _id(k, v),
+}
+
+
+def _scheduler(key: str, value: Any) -> str:
+    value = _text(key, value).strip()
+    if value not in SCHEDULERS:
+        raise _Bad(f"unknown scheduler {value!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    return value
+
+
+def _id(key: str, value: Any) -> str:
+    value = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise _Bad(f"id {value!r} is not a usable file name", "use letters, digits, '.', '_' or '-' (at most 128)")
+    return value
+
+
+def make_item(index: int, line: int, record: dict[str, Any], *, spelled: str = "key") -> PromptItem:
+    """Validate one record (field -> raw value) into an item. Raises _Bad."""
+    fields_: dict[str, Any] = {}
+    for key, value in record.items():
+        name = _FIELD.get(key.strip().lower() if isinstance(key, str) else key)
+        if name is None:
+            known = ", ".join(sorted(_TXT_OPTIONS if spelled == "option" else _FIELD))
+            shown = f"--{key}" if spelled == "option" else f"'{key}'"
+            raise _Bad(f"unknown {spelled} {shown}", f"known: {known}")
+        if name in fields_:
+            raise _Bad(f"{name} is given twice", "keep one of them")
+        if value is None or (isinstance(value, str) and value.strip() == "" and name != "prompt"):
+            continue  # an empty cell: use the default
+        fields_[name] = _experts(value) if name == "experts" else _CHECK[name](name, value)
+    prompt = (fields_.pop("prompt", None) or "").strip()
+    if not prompt:
+        raise _Bad("no prompt", "write the prompt first (txt) or give a 'prompt' value")
+    user_id = fields_.pop("id", None)
+    return PromptItem(index=index, line=line, prompt=prompt, user_id=user_id, **fields_)
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+
+def _strip_quotes(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
+def parse_txt_line(text: str) -> dict[str, Any]:
+    """`PROMPT --opt VALUE ...` -> raw record. `--expert` may repeat; other options may not."""
+    marks = list(_OPTION_RE.finditer(text))
+    record: dict[str, Any] = {"prompt": text[: marks[0].start()] if marks else text}
+    for i, mark in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        key, value = mark.group(1), _strip_quotes(text[mark.end():end])
+        name = _TXT_OPTIONS.get(key.lower())
+        if name is None:
+            raise _Bad(f"unknown option --{key}", "known: " + ", ".join(f"--{k}" for k in sorted(_TXT_OPTIONS)))
+        if not value:
+            raise _Bad(f"--{key} needs a value", f"write e.g. --{key} VALUE")
+        if name == "experts":
+            record.setdefault("experts", []).extend(_split_specs(value))
+            continue
+        if name in ("seed", "steps", "guidance", "width", "height", "scheduler") and len(value.split()) > 1:
+            raise _Bad(f"--{key} takes one value, got {value!r}", "put the prompt text before the first --option")
+        if name in record:
+            raise _Bad(f"--{key} is given twice", "keep one of them")
+        record[name] = value
+    return record
+
+
+def _records_txt(text: str) -> Iterator[tuple[int, Any]]:
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            yield number, line
+
+
+def _records_jsonl(text: str) -> Iterator[tuple[int, Any]]:
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, _Bad(f"not valid JSON ({exc.msg} at column {exc.colno})", 'write one object per line, e.g. {"prompt": "a red fox"}')
+
+
+def _records_csv(text: str) -> Iterator[tuple[int, Any]]:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    header = [h.strip() for h in header]
+    if "prompt" not in [h.lower() for h in header]:
+        yield 1, _Bad(f"the header row has no 'prompt' column (got {', '.join(header) or 'nothing'})", "start the file with a header row such as: prompt,seed,steps")
+        return
+    start = reader.line_num + 1
+    for row in reader:
+        number, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            yield number, _Bad(f"{len(row)} cells for {len(header)} columns", "quote cells that contain commas")
+            continue
+        yield number, dict(zip(header, row))
+
+
+def _records_yaml(text: str) -> Iterator[tuple[int, Any]]:
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        yield (mark.line + 1 if mark else 1), _Bad(f"YAML syntax error: {problem}", "fix the file (indentation, quotes, colons)")
+        return
+    if root is None:
+        return
+    nodes = root.value if isinstance(root, yaml.SequenceNode) else None
+    if isinstance(root, yaml.MappingNode):  # {prompts: [...]}
+        for key, value in root.value:
+            if key.value == "prompts" and isinstance(value, yaml.SequenceNode):
+                nodes = value.value
+            else:
+                yield key.start_mark.line + 1, _Bad(f"unknown key '{key.value}'", "write a list of prompts, or 'prompts:' followed by one")
+                return
+    if nodes is None:
+        yield root.start_mark.line + 1, _Bad("expected a list of prompts", "write '- a red fox' or '- {prompt: a red fox, seed: 1}' items")
+        return
+    for node in nodes:
+        loader = yaml.SafeLoader("")
+        try:
+            value = loader.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            value = _Bad(f"bad value: {exc}", "fix the item")
+        finally:
+            loader.dispose()
+        yield node.start_mark.line + 1, value
+
+
+def _read_text(path: Path) -> str:
+    if str(path) == "-":
+        return sys.stdin.read()
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise PromptFileError(f"prompt file {path} does not exist", "check the path passed to --prompts") from None
+    except IsADirectoryError:
+        raise PromptFileError(f"prompt file {path} is a folder", "pass a .txt, .jsonl, .csv or .yaml file") from None
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"prompt file {path} is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+
+
+def parse_prompts(path: str | Path, text: str | None = None) -> PromptFile:
+    """Read every item of a prompt file, collecting one error per malformed item (with its line)."""
+    path = Path(path)
+    suffix = ".txt" if str(path) == "-" else path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise PromptFileError(f"unsupported prompt file type {suffix or '(none)'!r} for {path}", "use .txt, .jsonl, .csv or .yaml")
+    text = _read_text(path) if text is None else text
+    records = {
+        ".txt": lambda: _records_txt(text),
+        ".jsonl": lambda: _records_jsonl(text),
+        ".csv": lambda: _records_csv(text),
+        ".yaml": lambda: _records_yaml(text),
+        ".yml": lambda: _records_yaml(text),
+    }[suffix]()
+    result = PromptFile(path)
+    seen_ids: dict[str, int] = {}
+    for index, (line, raw) in enumerate(records):
+        try:
+            if isinstance(raw, _Bad):
+                raise raw
+            if suffix == ".txt":
+                item = make_item(index, line, parse_txt_line(raw), spelled="option")
+            elif isinstance(raw, str):
+                item = make_item(index, line, {"prompt": raw})
+            elif isinstance(raw, dict):
+                item = make_item(index, line, raw)
+            else:
+                raise _Bad(f"expected a prompt or an object, got {type(raw).__name__}", 'write e.g. {"prompt": "a red fox"}')
+            if item.id in seen_ids:
+                raise _Bad(f"id {item.id!r} is already used on line {seen_ids[item.id]}", "give every item its own id")
+            seen_ids[item.id] = line
+            result.items.append(item)
+        except _Bad as bad:
+            result.errors.append(PromptFileError(f"{path}:{line}: {bad.what}", f"{bad.hint}; or pass --keep-going to skip it", line=line))
+    if not result.items and not result.errors:
+        raise PromptFileError(f"prompt file {path} holds no prompts", "write one prompt per line ('#' starts a comment)")
+    return result
+
+
+def load_prompts(path: str | Path) -> list[PromptItem]:
+    """The items of a prompt file; the first malformed item raises PromptFileError (with its line)."""
+    parsed = parse_prompts(path)
+    parsed.raise_first()
+    return parsed.items
