@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -315,14 +314,10 @@ def _check_routing(cat: Catalog, top_k: int, temperature: float, threshold: floa
 
 def _prepare_out(out_dir: Path) -> bool:
     """Create the output folder and prove it is writable, before any model loads. True if created."""
+    from .engine import writable_dir
+
     created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".mixdiff-probe-", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise BatchError(f"cannot write to --out {out_dir}: {exc.strerror or exc}", "pass a writable output folder") from None
+    writable_dir(out_dir)
     return created
 
 

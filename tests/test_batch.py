@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mixdiff_cli.batch import BatchError, batch_invariant, read_manifest, run_batch
+from mixdiff_cli.engine import OutputError
 from mixdiff_cli.prompts import PromptFileError
 
 COLORS = {"reds": "red", "blues": "blue", "greens": "green"}
@@ -278,7 +279,7 @@ def test_unwritable_out_is_a_clear_error(batch_catalog, tmp_path):
     prompts = write_prompts(tmp_path / "p.txt", prompt_lines(2))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(BatchError, match="cannot write to --out") as info:
+    with pytest.raises(OutputError, match="cannot write to --out") as info:
         run_batch(batch_catalog, prompts, blocker / "out", steps=STEPS, device="cpu")
     assert "writable" in info.value.hint
     assert blocker.read_text() == "x"
