@@ -179,3 +179,22 @@ def test_training_resumes_from_its_last_checkpoint(quick_build, tmp_path):
     assert any("resuming at step 4" in line for line in lines), lines
     assert ck.name == "step-0000006"
     assert [p.name for p in sorted((copy / "ckpt" / "unet").glob("step-*"))] == ["step-0000004", "step-0000006"]
+
+
+def test_snapshot_restores_a_build_on_a_fresh_workdir(quick_build, tmp_path):
+    work, _, _ = quick_build
+    script = [sys.executable, str(REPO / "scripts" / "build_demo"), "--quick", "--threads", "1"]
+    snap = tmp_path / "snap"
+    made = subprocess.run([*script, "--workdir", str(work), "--snapshot", str(snap)], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert not list(snap.rglob("optimizer.safetensors"))
+    assert sum(p.stat().st_size for p in snap.rglob("*") if p.is_file()) < 0.5 * sum(
+        p.stat().st_size for p in (work / "ckpt").rglob("*") if p.is_file()
+    ) + 3e6
+    fresh = tmp_path / "fresh"
+    run = subprocess.run([*script, "--workdir", str(fresh), "--stages", "1-3", "--restore", str(snap)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "restored" in run.stdout and "resuming at step 4" in run.stdout
+    assert "params" not in run.stdout.split("stage 2 vae: start")[1].split("stage 3")[0]  # VAE kept, not retrained
+    assert (fresh / "tokenizer" / "vocab.json").read_bytes() == (work / "tokenizer" / "vocab.json").read_bytes()
+    assert (fresh / "base" / "model_index.json").is_file()

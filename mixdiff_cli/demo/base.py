@@ -163,8 +163,21 @@ def load_checkpoint(path: Path, optimizer) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
-    return load_file(str(path / "weights.safetensors")), state
+    if (path / "optimizer.safetensors").exists():  # a snapshot (see snapshot_checkpoint) has none: fresh moments
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    return {k: v.float() for k, v in load_file(str(path / "weights.safetensors")).items()}, state
+
+
+def snapshot_checkpoint(path: Path, out: Path) -> Path:
+    """A compact copy of a checkpoint to carry a build across machines: fp16 weights, no optimizer state."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() for k, v in load_file(str(path / "weights.safetensors")).items()}, str(out / "weights.safetensors"))
+    state = json.loads((path / "state.json").read_text())
+    state["optimizer"] = None
+    (out / "state.json").write_text(json.dumps(state, indent=1))
+    return out
 
 
 def _prefixed(prefix: str, sd: dict) -> dict:
