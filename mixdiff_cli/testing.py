@@ -418,12 +418,19 @@ def make_full_model(
 def build_tiny_catalog(folder: str | Path, seed: int = 0) -> Path:
     """A ready catalog over the tiny SD model with three LoRA experts (the stand-in default before the
     demo model exists, and a playground). Built through the public catalog API; idempotent."""
-    from .experts import add_expert, init_catalog
+    from .quiet import quiet_frameworks
 
     folder = Path(folder)
     catalog = folder / "experts.yaml"
     if catalog.is_file():
         return catalog
+    with quiet_frameworks():
+        return _build_tiny_catalog(folder, catalog, seed)
+
+
+def _build_tiny_catalog(folder: Path, catalog: Path, seed: int) -> Path:
+    from .experts import add_expert, init_catalog
+
     base = build_tiny_sd(folder / "base", seed=seed) if not (folder / "base" / "model_index.json").is_file() else folder / "base"
     experts = {
         "shapes": (["a red circle on a blue background", "a green square", "a yellow triangle shape"], ["shape"]),

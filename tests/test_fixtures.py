@@ -201,3 +201,16 @@ def test_cached_builds_once_and_never_leaves_half_a_fixture(tmp_path):
     (tmp_path / "stale" / "junk").write_text("x")
     rebuilt = testing.cached(tmp_path, "stale", build)
     assert sorted(p.name for p in rebuilt.iterdir()) == [".complete", "weights.txt"]
+
+
+def test_tiny_catalog_for_make_demo_is_valid_and_idempotent(tmp_path):
+    from mixdiff_cli.catalog import load_catalog
+    from mixdiff_cli.experts import verify_experts
+    from mixdiff_cli.testing import build_tiny_catalog
+
+    path = build_tiny_catalog(tmp_path / "tiny")
+    cat = load_catalog(path)
+    assert cat.names == ["shapes", "watercolor", "pixel"] and cat.base.arch == "sd1"
+    assert {r.status for r in verify_experts(cat)} == {"ok"}
+    before = path.read_bytes()
+    assert build_tiny_catalog(tmp_path / "tiny") == path and path.read_bytes() == before
