@@ -15,7 +15,6 @@ appends to `manifest.part<rank>.jsonl` and rank 0 merges the parts into `manifes
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .catalog import Catalog, load_catalog
 from .errors import MixdiffError, UsageError
+from .formats import sha256_file as file_sha256
 from .prompts import MAX_SEED, PromptFileError, PromptItem, parse_prompts
 
 if TYPE_CHECKING:
@@ -168,14 +168,6 @@ class _Appender:
 
     def close(self) -> None:
         self.fh.close()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verified(out_dir: Path, record: dict[str, Any]) -> bool:

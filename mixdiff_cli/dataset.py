@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from .errors import MixdiffError
+from .formats import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +56,7 @@ class Dataset:
         digest = hashlib.sha256()
         for rec in self.records:
             digest.update(_relative(rec.path, self.root).encode() + b"\0" + rec.caption.encode() + b"\0")
-            digest.update(_file_sha256(rec.path).encode() + b"\n")
+            digest.update(sha256_file(rec.path).encode() + b"\n")
         return digest.hexdigest()
 
 
@@ -64,14 +65,6 @@ def _relative(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _names(paths: Sequence[Path], root: Path, limit: int = 5) -> str:

@@ -9,7 +9,6 @@ and a `MixtureUNet` installed as the pipeline's denoiser for each run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import random
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from . import __version__, sources
 from .catalog import Catalog, Expert, load_catalog
 from .errors import MixdiffError, UsageError
+from .formats import sha256_file as file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -145,14 +145,6 @@ def parse_expert_spec(spec: str) -> tuple[str, float]:
     if value <= 0:
         raise UsageError(f"bad --expert {spec!r}: weight must be positive", "drop the expert instead of giving it weight 0")
     return name, value
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -33,6 +33,7 @@ import numpy as np
 
 from .catalog import Catalog, Expert, load_catalog
 from .errors import ExpertNotFound, MixdiffError, UsageError
+from .formats import sha256_file
 from .quiet import quiet_frameworks
 
 if TYPE_CHECKING:
@@ -634,14 +635,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return ckpt
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _ident(catalog: Catalog) -> list[dict[str, str | None]]:
     return [{"name": e.name, "sha256": e.sha256} for e in catalog.experts]
 
@@ -758,7 +751,7 @@ def load_router(
         return router
     enc = get_encoder(cat, ckpt.encoder, pipe=pipe, device=device)
     return Router(
-        ckpt.names, ckpt.gate, enc, kind="trained", triggers=_triggers(cat), checkpoint=path, checkpoint_sha256=_sha256(path)
+        ckpt.names, ckpt.gate, enc, kind="trained", triggers=_triggers(cat), checkpoint=path, checkpoint_sha256=sha256_file(path)
     )
 
 

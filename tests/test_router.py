@@ -244,7 +244,7 @@ def test_checkpoint_metadata_and_trained_routing(tmp_path):
     assert ckpt.training["epochs"] == 30
     router = R.load_router(path)
     assert [r.chosen[0][0] for r in router.route(["a cute dog", "a purple triangle", "a car on a bridge"])] == list(EXPERTS)
-    assert router.info()["sha256"] == R._sha256(tmp_path / "router.safetensors")
+    assert router.info()["sha256"] == R.sha256_file(tmp_path / "router.safetensors")
 
 
 def test_unreadable_checkpoints_are_clear_errors_and_never_unpickled(tmp_path):
