@@ -625,46 +625,70 @@ class _Domain:
     skipped: int
 
 
-def _heldout(engine: Any, text: Any, domain: _Domain, evals: int) -> Any:
-    """Fixed (image, noise, timestep) triples of a domain: fine-tune's validation set, built the same way."""
-    from diffusers import DDPMScheduler
+class HeldoutLoss:
+    """The held-out denoising loss of any blend of experts on one set of captioned images.
 
-    from .finetune import FineTuneConfig, _build_cache, _make_valset
+    The (image, noise, timestep) triples are fine-tune's validation set, built the same way and from the
+    same fixed seed, so the numbers are the same run to run and comparable with fine-tune's report.
+    `rows[i]` is the record that triple i comes from (records repeat when `evals` > len(records)).
+    """
 
-    size = engine.unet.config.sample_size
-    resolution = int((size if isinstance(size, int) else size[0]) * engine.pipe.vae_scale_factor)
-    cfg = FineTuneConfig(train_text_encoder=True)  # keep token ids: text is encoded per model (LoRAs on the encoder)
-    cache = _build_cache(engine.pipe, text, domain.records, cfg, resolution, 0, engine.device)
-    T = DDPMScheduler.from_config(engine.pipe.scheduler.config).config.num_train_timesteps
-    return _make_valset(cache.latents, cache.ids, cache.time_ids, T, evals)
+    def __init__(self, engine: Any, records: Sequence[Any], evals: int):
+        from diffusers import DDPMScheduler
 
+        from .finetune import FineTuneConfig, _build_cache, _make_valset, _Text
 
-def _heldout_loss(engine: Any, text: Any, scheduler: Any, val: Any, blend: Any, batch_size: int) -> tuple[float, list[float]]:
-    """Mean denoising MSE over the fixed triples, through the mixture module; per-triple losses are
-    summed in float64 in a fixed order so that the batch size changes nothing but float32 rounding."""
-    import torch
-    import torch.nn.functional as F
+        self.engine = engine
+        self.text = _Text(engine.pipe, "sdxl" if getattr(engine.pipe, "text_encoder_2", None) is not None else "sd")
+        self.scheduler = DDPMScheduler.from_config(engine.pipe.scheduler.config)
+        size = engine.unet.config.sample_size
+        self.resolution = int((size if isinstance(size, int) else size[0]) * engine.pipe.vae_scale_factor)
+        cfg = FineTuneConfig(train_text_encoder=True)  # keep token ids: text is encoded per model (LoRAs on the encoder)
+        cache = _build_cache(engine.pipe, self.text, list(records), cfg, self.resolution, 0, engine.device)
+        self.val = _make_valset(cache.latents, cache.ids, cache.time_ids, self.scheduler.config.num_train_timesteps, evals)
+        self.rows: list[int] = self.val.rows.tolist()
 
-    from .finetune import _target
+    def __len__(self) -> int:
+        return len(self.rows)
 
-    unet = engine.mixture
-    dtype = engine.unet.dtype
-    per: list[float] = []
-    with torch.no_grad(), unet.routed(blend):
-        hidden, pooled = text.encode(val.ids)  # (n, T, D), (n, P) SDXL
-        for i in range(0, val.latents.shape[0], batch_size):
-            rows = val.rows[i : i + batch_size]
-            latents, noise, t = val.latents[i : i + batch_size], val.noise[i : i + batch_size], val.timesteps[i : i + batch_size]
-            h = hidden.index_select(0, rows.to(hidden.device)).to(dtype)
-            added = None
-            if pooled is not None:
-                added = {"text_embeds": pooled.index_select(0, rows.to(pooled.device)).to(dtype),
-                         "time_ids": val.time_ids.index_select(0, rows).to(dtype)}
-            noisy = scheduler.add_noise(latents, noise, t)
-            pred = unet(noisy.to(dtype), t, h, added_cond_kwargs=added, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), _target(scheduler, latents, noise, t).float(), reduction="none")
-            per.extend(loss.mean(dim=tuple(range(1, loss.ndim))).double().cpu().tolist())
-    return math.fsum(per) / len(per), per
+    def losses(self, experts: Sequence[str] = (), batch_size: int = 16) -> list[float]:
+        """Per-triple MSE with `experts` (equal weights; none: the bare base) active through the mixture
+        module. Summed by callers in float64 in a fixed order, so the batch size changes nothing but
+        float32 rounding."""
+        import torch
+        import torch.nn.functional as F
+
+        from .engine import Member
+        from .finetune import _target
+        from .mixture import Blend
+
+        engine, val = self.engine, self.val
+        cat = engine.catalog
+        members = [Member(cat.expert(n), 1.0) for n in experts]
+        engine.ensure_loaded([m.name for m in members])
+        slices, models, weights = engine.plan(members, "noise")[:3]
+        blend = Blend(slices=slices, models=models, weights=weights)
+        unet, dtype = engine.mixture, engine.unet.dtype
+        per: list[float] = []
+        with torch.no_grad(), unet.routed(blend):
+            hidden, pooled = self.text.encode(val.ids)  # (n, T, D), (n, P) SDXL
+            for i in range(0, val.latents.shape[0], batch_size):
+                rows = val.rows[i : i + batch_size]
+                latents, noise, t = val.latents[i : i + batch_size], val.noise[i : i + batch_size], val.timesteps[i : i + batch_size]
+                h = hidden.index_select(0, rows.to(hidden.device)).to(dtype)
+                added = None
+                if pooled is not None:
+                    added = {"text_embeds": pooled.index_select(0, rows.to(pooled.device)).to(dtype),
+                             "time_ids": val.time_ids.index_select(0, rows).to(dtype)}
+                noisy = self.scheduler.add_noise(latents, noise, t)
+                pred = unet(noisy.to(dtype), t, h, added_cond_kwargs=added, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), _target(self.scheduler, latents, noise, t).float(), reduction="none")
+                per.extend(loss.mean(dim=tuple(range(1, loss.ndim))).double().cpu().tolist())
+        return per
+
+    def loss(self, experts: Sequence[str] = (), batch_size: int = 16) -> float:
+        per = self.losses(experts, batch_size)
+        return math.fsum(per) / len(per)
 
 
 def evaluate_experts(
@@ -717,32 +741,21 @@ def evaluate_experts(
         ds.records = records
         domains.append(_Domain(name, Path(folder), records, ds.hash(), len(ds.skipped)))
 
-    from diffusers import DDPMScheduler
-
-    from .engine import Engine, Member
-    from .finetune import _Text
-    from .mixture import Blend
+    from .engine import Engine
 
     engine = Engine(cat, device=device, dtype=dtype, max_loaded=1)
-    text = _Text(engine.pipe, "sdxl" if getattr(engine.pipe, "text_encoder_2", None) is not None else "sd")
-    scheduler = DDPMScheduler.from_config(engine.pipe.scheduler.config)
-    heldout = {d.name: _heldout(engine, text, d, evals) for d in domains}
-
+    heldout = {d.name: HeldoutLoss(engine, d.records, evals) for d in domains}
     losses: dict[str, dict[str, float]] = {}
     for model in [None, *names]:
-        members = [] if model is None else [Member(cat.expert(model), 1.0)]
-        engine.ensure_loaded([m.name for m in members])
-        slices, models, weights = engine.plan(members, "merge")[:3]  # one member: nothing to fuse
-        blend = Blend(slices=slices, models=models, weights=weights)
-        row = {d.name: _heldout_loss(engine, text, scheduler, heldout[d.name], blend, batch_size)[0] for d in domains}
-        losses[BASE_LABEL if model is None else model] = row
+        experts = [] if model is None else [model]
+        losses[BASE_LABEL if model is None else model] = {d.name: heldout[d.name].loss(experts, batch_size) for d in domains}
     base = losses.pop(BASE_LABEL)
     metrics = loss_matrix_metrics(base, losses)
     settings = {"data": {d.name: str(d.folder) for d in domains}, "experts": names, "evals": evals, "batch_size": batch_size,
                 "max_images": max_images, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-                "resolution": int(heldout[domains[0].name].latents.shape[-1] * engine.pipe.vae_scale_factor)}
+                "resolution": heldout[domains[0].name].resolution}
     report = _header("experts", cat, settings, {"heldout_noise": VAL_SEED, "latents": "vae posterior mean"})
-    report["domains"] = {d.name: {"folder": str(d.folder), "images": len(d.records), "evals": int(heldout[d.name].latents.shape[0]),
+    report["domains"] = {d.name: {"folder": str(d.folder), "images": len(d.records), "evals": len(heldout[d.name]),
                                   "dataset_hash": d.dataset_hash, "skipped": d.skipped} for d in domains}
     report["losses"] = {BASE_LABEL: base, "experts": losses}
     report["metrics"] = metrics
