@@ -26,6 +26,10 @@ KINDS = ("lora", "model")
 FORMATS = ("diffusers", "peft", "kohya", "diffusers-model", "single-file")
 ARCHS = ("sd1", "sd2", "sdxl")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# What `Catalog.hash` covers; router checkpoints record it (1: the base's source string and [name, sha256]).
+IDENTITY_VERSION = 2
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+SAMPLE_WINDOWS, SAMPLE_BYTES = 16, 64 * 1024  # a base fingerprint reads at most 1 MiB per weight file
 HEADER = "# mixdiff expert catalog (schema: README.md, 'The catalog'). Edit with `mixdiff` commands or by hand.\n"
 
 
@@ -67,6 +71,12 @@ class Expert:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def identity(self) -> dict[str, str | None]:
+        """What the expert is, wherever its file lies: name, kind, arch and file hash (without a hash, a hub
+        source `hf://org/repo/file@revision` names the content; a local path does not)."""
+        hub = self.source if self.sha256 is None and self.source.startswith("hf://") else None
+        return {"name": self.name, "kind": self.kind, "arch": self.arch, "sha256": self.sha256, "hub": hub}
 
 
 @dataclass
@@ -131,13 +141,60 @@ class Catalog:
             "experts": [e.to_dict() for e in self.experts],
         }
 
+    def base_identity(self) -> dict[str, str | None] | None:
+        """What the base is, wherever it lies: its arch and content, the recorded sha256, else the hub source,
+        else a fingerprint of the local weights (None when they are not there)."""
+        if self.base is None:
+            return None
+        if self.base.sha256:
+            content = f"sha256:{self.base.sha256}"
+        elif self.base.source.startswith("hf://"):
+            content = self.base.source
+        else:
+            sample = weights_fingerprint(self.resolve(self.base.source))
+            content = sample and f"sample:{sample}"
+        return {"arch": self.base.arch, "content": content}
+
     def hash(self) -> str:
-        """Identity of what the router sees: base, expert names in order and their file hashes."""
-        ident = {
-            "base": self.base.source if self.base else None,
-            "experts": [[e.name, e.sha256] for e in self.experts],
-        }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        """Identity of what the router sees: the base's and each expert's identity, in order. No paths: a
+        catalog elsewhere that points at the same files hashes the same."""
+        return identity_hash(self.base_identity(), [e.identity() for e in self.experts])
+
+
+def identity_hash(base: dict[str, str | None] | None, experts: list[dict[str, str | None]]) -> str:
+    """sha256 of a base identity and expert identities (`Catalog.base_identity`, `Expert.identity`)."""
+    ident = {"identity": IDENTITY_VERSION, "base": base, "experts": experts}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def weights_fingerprint(path: Path) -> str | None:
+    """A content fingerprint of a model file or folder that reads at most 1 MiB per weight file: each
+    file's path inside the folder, its size and 16 evenly spaced 64 KiB windows (the whole file when
+    smaller), sampled as imohash does (github.com/kalafut/imohash). None when there are no weights."""
+    if path.is_file():
+        files = [(path, "")]
+    elif path.is_dir():
+        found = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        files = [(p, rel) for rel, p in found if not rel.startswith(".") and "/." not in rel]  # not .cache/ etc.
+    else:
+        return None
+    if not files:
+        return None
+    h = hashlib.sha256()
+    try:
+        for file, rel in files:
+            size = file.stat().st_size
+            h.update(f"{rel}\0{size}\0".encode())
+            with open(file, "rb") as fh:
+                if size <= SAMPLE_WINDOWS * SAMPLE_BYTES:
+                    h.update(fh.read())
+                    continue
+                for i in range(SAMPLE_WINDOWS):
+                    fh.seek(i * (size - SAMPLE_BYTES) // (SAMPLE_WINDOWS - 1))
+                    h.update(fh.read(SAMPLE_BYTES))
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 # --- strict loading -------------------------------------------------------------------------------

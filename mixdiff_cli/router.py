@@ -18,10 +18,12 @@ Checkpoints and the prototype cache are safetensors files (never pickle) written
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from .catalog import Catalog, Expert, load_catalog
+from .catalog import IDENTITY_VERSION, Catalog, Expert, identity_hash, load_catalog
 from .errors import ExpertNotFound, MixdiffError, UsageError
 from .formats import sha256_file
 from .quiet import quiet_frameworks
@@ -551,13 +553,15 @@ class Checkpoint:
     """A router file: the gate's tensors plus what it was made for."""
 
     gate: Gate
-    experts: list[dict[str, str | None]]  # [{"name", "sha256", "row": "trained" | "prototype"}] in gate row order
+    experts: list[dict[str, str | None]]  # [{**Expert.identity(), "row": "trained" | "prototype"}] in gate row order
     encoder: str
     catalog_hash: str
-    base: str | None
+    base: dict[str, str | None] | str | None  # Catalog.base_identity() (identity 1: the base's source string)
     kind: Literal["prototypes", "trained"] = "trained"
     training: dict[str, Any] = field(default_factory=dict)
     key: str | None = None  # prototype cache key
+    identity: int = IDENTITY_VERSION  # how catalog_hash was computed (catalog.IDENTITY_VERSION)
+    path: Path | None = None  # where it was read from (not stored)
 
     @property
     def names(self) -> list[str]:
@@ -572,6 +576,7 @@ class Checkpoint:
             "mixdiff.experts": json.dumps(self.experts),
             "mixdiff.encoder": self.encoder,
             "mixdiff.catalog_hash": self.catalog_hash,
+            "mixdiff.identity": str(self.identity),
             "mixdiff.base": json.dumps(self.base),
             "mixdiff.hidden": str(self.gate.hidden),
             "mixdiff.input_dim": str(self.gate.dim),
@@ -623,6 +628,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             kind=meta.get("mixdiff.kind", "trained"),  # type: ignore[arg-type]
             training=json.loads(meta.get("mixdiff.training", "{}")),
             key=meta.get("mixdiff.cache_key"),
+            identity=int(meta.get("mixdiff.identity", "1")),
+            path=path,
         )
     except (KeyError, ValueError, TypeError):
         raise bad from None
@@ -636,26 +643,81 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _ident(catalog: Catalog) -> list[dict[str, str | None]]:
-    return [{"name": e.name, "sha256": e.sha256} for e in catalog.experts]
+    return [e.identity() for e in catalog.experts]
 
 
-def _base_source(catalog: Catalog) -> str | None:
-    return catalog.base.source if catalog.base else None
+def _recorded(row: dict[str, str | None]) -> dict[str, str | None]:
+    """A checkpoint's expert entry without its row kind: the expert's identity when it was made."""
+    return {k: v for k, v in row.items() if k != "row"}
+
+
+def _legacy_hash(base: str | None, experts: list[dict[str, str | None]]) -> str:
+    """Identity 1: the base's source string and [name, sha256] per expert."""
+    ident = {"base": base, "experts": [[x["name"], x.get("sha256")] for x in experts]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _legacy_base_fits(ckpt: Checkpoint, catalog: Catalog) -> bool:
+    """An identity-1 checkpoint's base (a source string, relative to the catalog that trained it, which
+    kept the router beside itself) is read relative to the checkpoint's folder."""
+    was, base = ckpt.base, catalog.base
+    if was is None or base is None:
+        return was is None and base is None
+    if not isinstance(was, str):
+        return False
+    if was.startswith("hf://") or base.source.startswith("hf://"):
+        return was == base.source
+    path = Path(was).expanduser()
+    if not path.is_absolute():
+        if ckpt.path is None:
+            return False
+        path = ckpt.path.parent / path
+    return os.path.realpath(path) == os.path.realpath(catalog.resolve(base.source))
+
+
+def _fits(ckpt: Checkpoint, catalog: Catalog, experts: list[dict[str, str | None]] | None = None) -> bool:
+    """Whether `ckpt` was made for `catalog` (with `experts`, identities, in place of its own)."""
+    experts = _ident(catalog) if experts is None else experts
+    if ckpt.identity == IDENTITY_VERSION:
+        return ckpt.catalog_hash == identity_hash(catalog.base_identity(), experts)
+    if ckpt.identity == 1:
+        base = ckpt.base if isinstance(ckpt.base, str) else None
+        return ckpt.catalog_hash == _legacy_hash(base, experts) and _legacy_base_fits(ckpt, catalog)
+    return False
+
+
+def _show_base(ident: dict[str, str | None] | str | None) -> str:
+    if not isinstance(ident, dict):
+        return repr(ident)
+    content = ident.get("content") or "weights not found"
+    scheme, sep, digest = content.partition(":")
+    if sep and scheme in ("sha256", "sample"):
+        content = f"{scheme} {digest[:10]}"
+    return f"{ident.get('arch') or 'arch unknown'}, {content}"
 
 
 def _stale_reason(ckpt: Checkpoint, catalog: Catalog) -> str | None:
     """Why `ckpt` does not fit `catalog` (None when it fits)."""
-    if ckpt.catalog_hash == catalog.hash():
+    if _fits(ckpt, catalog):
         return None
-    if ckpt.base != _base_source(catalog):
-        return f"it was made for base {ckpt.base!r}, the catalog's base is {_base_source(catalog)!r}"
+    if ckpt.identity not in (1, IDENTITY_VERSION):
+        return f"it was made by a newer mixdiff (catalog identity {ckpt.identity})"
+    if ckpt.identity == 1 and not _legacy_base_fits(ckpt, catalog):
+        return f"it was made for base {ckpt.base!r}, the catalog's base is {catalog.base.source if catalog.base else None!r}"
+    if ckpt.identity == IDENTITY_VERSION and ckpt.base != (base := catalog.base_identity()):
+        return f"it was made for another base ({_show_base(ckpt.base)}), the catalog's base is {_show_base(base)}"
     have, want = ckpt.names, catalog.names
     if have != want:
         missing, extra = [n for n in want if n not in have], [n for n in have if n not in want]
         parts = ([f"it lacks {', '.join(missing)}"] if missing else []) + ([f"it has {', '.join(extra)} no longer in the catalog"] if extra else [])
         return "; ".join(parts) or "its experts are in another order"
     changed = [e.name for e, c in zip(catalog.experts, ckpt.experts) if e.sha256 != c.get("sha256")]
-    return f"the files of {', '.join(changed)} changed" if changed else "the catalog changed"
+    if changed:
+        return f"the files of {', '.join(changed)} changed"
+    if ckpt.identity == 1:
+        return "the catalog changed"
+    changed = [e.name for e, c in zip(catalog.experts, ckpt.experts) if e.identity() != _recorded(c)]
+    return f"the kind, arch or source of {', '.join(changed)} changed" if changed else "the catalog changed"
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -685,7 +747,6 @@ def _cache_key(catalog: Catalog, encoder: str) -> str:
     ident = {
         "v": FORMAT_VERSION,
         "catalog": catalog.hash(),
-        "base_sha256": catalog.base.sha256 if catalog.base else None,
         "encoder": encoder,
         "texts": [[e.name, expert_texts(e)] for e in catalog.experts],
     }
@@ -705,7 +766,7 @@ def prototype_router(catalog: Catalog, encoder: Encoder) -> Router:
         gate = prototype_gate(_embed_experts(encoder, catalog.experts))
         ckpt = Checkpoint(
             gate=gate, experts=[{**x, "row": "prototype"} for x in _ident(catalog)], encoder=encoder.id,
-            catalog_hash=catalog.hash(), base=_base_source(catalog), kind="prototypes", key=key,
+            catalog_hash=catalog.hash(), base=catalog.base_identity(), kind="prototypes", key=key,
         )
         try:
             save_checkpoint(ckpt, path)
@@ -982,10 +1043,10 @@ def train_router(
                 "balance": config.balance, "n_train": len(train), "n_val": len(val), "top1": top1, f"top{k}": topk}
     ckpt = Checkpoint(
         gate=gate, experts=[{**x, "row": "trained"} for x in _ident(cat)], encoder=enc.id,
-        catalog_hash=cat.hash(), base=_base_source(cat), training=training,
+        catalog_hash=cat.hash(), base=cat.base_identity(), training=training,
     )
     with edit_catalog(cat.path) as live:
-        if live.hash() != cat.hash():
+        if live.hash() != ckpt.catalog_hash:
             raise StaleRouter("the catalog's experts changed while the router trained", "run 'mixdiff router train' again")
         save_checkpoint(ckpt, out_path)
         live.router = live.relative_source(out_path)
@@ -1006,13 +1067,12 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _hash_with(catalog: Catalog, experts: list[dict[str, str | None]]) -> str:
-    """What `catalog.hash()` would be with `experts` ([{name, sha256}]) in place of its own."""
-    ghost = Catalog(
-        path=catalog.path, base=catalog.base,
-        experts=[Expert(name=str(x["name"]), kind="lora", source="", format="diffusers", sha256=x.get("sha256")) for x in experts],
-    )
-    return ghost.hash()
+def _restamp(ckpt: Checkpoint, catalog: Catalog) -> None:
+    """Record `catalog` (whose experts are the gate's rows, in order) as what `ckpt` was made for, in the
+    current identity; each expert keeps its row kind, new ones are prototypes."""
+    rows = {x["name"]: x.get("row", "trained") for x in ckpt.experts}
+    ckpt.experts = [{**x, "row": rows.get(x["name"], "prototype")} for x in _ident(catalog)]
+    ckpt.catalog_hash, ckpt.base, ckpt.identity = catalog.hash(), catalog.base_identity(), IDENTITY_VERSION
 
 
 def extend_router(catalog: Catalog, expert_name: str, *, pipe: Any = None) -> Path | None:
@@ -1034,9 +1094,9 @@ def extend_router(catalog: Catalog, expert_name: str, *, pipe: Any = None) -> Pa
             return path  # already there
         expert = cat.expert(expert_name)
         before = [x for x in _ident(cat) if x["name"] != expert_name]
-        if ckpt.catalog_hash != _hash_with(cat, before):
-            ckpt.catalog_hash = ""  # compare item by item for the message
-            problem = _stale_reason(ckpt, Catalog(path=cat.path, base=cat.base, experts=[e for e in cat.experts if e.name != expert_name]))
+        if not _fits(ckpt, cat, before):
+            was = dataclasses.replace(ckpt, catalog_hash="")  # compare item by item for the message
+            problem = _stale_reason(was, Catalog(path=cat.path, base=cat.base, experts=[e for e in cat.experts if e.name != expert_name]))
             raise StaleRouter(
                 f"router checkpoint {cat.router} was already out of date before {expert_name!r} was added: {problem}",
                 "run 'mixdiff router train'",
@@ -1056,8 +1116,7 @@ def extend_router(catalog: Catalog, expert_name: str, *, pipe: Any = None) -> Pa
         gate.bias = torch.cat([gate.bias[:at], bias[None], gate.bias[at:]])
         if gate.own_cos is not None:
             gate.own_cos = torch.cat([gate.own_cos[:at], own[None], gate.own_cos[at:]])
-        ckpt.experts.insert(at, {"name": expert.name, "sha256": expert.sha256, "row": "prototype"})
-        ckpt.catalog_hash = cat.hash()
+        _restamp(ckpt, cat)
         return save_checkpoint(ckpt, path)
 
 
@@ -1077,9 +1136,9 @@ def drop_router_row(catalog: Catalog, expert_name: str) -> Path | None:
         at = ckpt.names.index(expert_name)
         rest = [x for x in ckpt.experts if x["name"] != expert_name]
         before = _ident(cat)
-        before.insert(at, ckpt.experts[at])
-        if ckpt.catalog_hash != _hash_with(cat, before):
-            was = Checkpoint(gate=ckpt.gate, experts=rest, encoder=ckpt.encoder, catalog_hash="", base=ckpt.base)
+        before.insert(at, _recorded(ckpt.experts[at]))
+        if not _fits(ckpt, cat, before):
+            was = dataclasses.replace(ckpt, experts=rest, catalog_hash="")
             raise StaleRouter(
                 f"router checkpoint {cat.router} was already out of date before {expert_name!r} was removed: "
                 f"{_stale_reason(was, cat)}",
@@ -1091,5 +1150,5 @@ def drop_router_row(catalog: Catalog, expert_name: str) -> Path | None:
         if ckpt.gate.own_cos is not None:
             ckpt.gate.own_cos = ckpt.gate.own_cos.index_select(0, keep)
         del ckpt.experts[at]
-        ckpt.catalog_hash = cat.hash()
+        _restamp(ckpt, cat)
         return save_checkpoint(ckpt, path)

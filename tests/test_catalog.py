@@ -154,3 +154,84 @@ def test_relative_sources_resolve_against_catalog(tmp_path):
     assert cat.resolve("experts/x.safetensors") == tmp_path / "sub" / "experts" / "x.safetensors"
     assert cat.relative_source(tmp_path / "sub" / "a" / "b.safetensors") == "a/b.safetensors"
     assert cat.relative_source(tmp_path / "elsewhere.safetensors") == str(tmp_path / "elsewhere.safetensors")
+
+
+# --- identity: what the router sees, wherever the files lie ----------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_base(folder: Path, seed: int = 0) -> Path:
+    """A base folder with weight files of random bytes (the fingerprint reads bytes, not tensors)."""
+    import random
+
+    rng = random.Random(seed)
+    for rel, size in (("unet/diffusion_pytorch_model.safetensors", 3 << 20), ("text_encoder/model.safetensors", 4096)):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(rng.randbytes(size))
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+def test_hash_covers_what_the_experts_and_base_are_not_where_they_lie(tmp_path):
+    fake_base(tmp_path / "a" / "base")
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    here = load_catalog(write(tmp_path / "a" / "experts.yaml", GOOD.replace("models/base", "base")))
+    there = load_catalog(write(tmp_path / "b" / "c" / "experts.yaml", GOOD.replace("models/base", str(tmp_path / "a" / "base"))))
+    there.experts[0].source = "/elsewhere/watercolor.safetensors"
+    assert here.base_identity()["content"].startswith("sample:") and here.hash() == there.hash()
+    for change in (  # not what the router sees: same hash
+        lambda c: c.experts[0].prompts.append("a watercolor fox"),
+        lambda c: setattr(c.experts[0], "default_weight", 0.5),
+        lambda c: setattr(c.experts[0], "description", "soft washes"),
+    ):
+        change(there)
+        assert there.hash() == here.hash()
+    fake_base(tmp_path / "other", seed=1)
+    for change in (  # what an expert or the base is: another hash
+        lambda c: setattr(c.experts[0], "name", "aquarelle"),
+        lambda c: setattr(c.experts[0], "sha256", "cd" * 32),
+        lambda c: setattr(c.experts[0], "kind", "model"),
+        lambda c: setattr(c.experts[0], "arch", "sdxl"),
+        lambda c: c.experts.append(Expert(name="ink", kind="lora", source="ink.safetensors", format="diffusers", sha256="ef" * 32)),
+        lambda c: setattr(c.base, "arch", "sd2"),
+        lambda c: setattr(c.base, "sha256", "12" * 32),
+        lambda c: setattr(c.base, "source", str(tmp_path / "other")),
+        lambda c: setattr(c.base, "source", str(tmp_path / "missing")),
+    ):
+        changed = load_catalog(here.path)
+        change(changed)
+        assert changed.hash() != here.hash()
+    # the same base folder with one weight file rewritten in place (same size) is another base
+    before = here.hash()
+    weights = tmp_path / "a" / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(bytes(weights.stat().st_size))
+    assert here.hash() != before
+
+
+def test_root_catalog_is_the_packaged_demo_seen_from_the_repository_root():
+    from mixdiff_cli.router import router_status
+
+    root, packaged = load_catalog(REPO / "experts.yaml"), load_catalog(catmod.packaged_catalog_path())
+    assert root.names == packaged.names == ["shapes", "stripes", "landscapes", "glyphs"]
+    for mine, theirs in zip(root.experts, packaged.experts):
+        assert mine.sha256 and mine.sha256 == theirs.sha256
+        assert {**mine.to_dict(), "source": None} == {**theirs.to_dict(), "source": None}
+        assert root.resolve(mine.source).resolve() == packaged.resolve(theirs.source).resolve()
+        assert root.resolve(mine.source).is_file()
+    assert root.resolve(root.base.source).resolve() == packaged.resolve(packaged.base.source).resolve()
+    assert root.router_path().resolve() == packaged.router_path().resolve()
+    assert root.hash() == packaged.hash()
+    for cat in (root, packaged):
+        status = router_status(cat)
+        assert status["kind"] == "trained" and status["matches_catalog"] is True, status.get("problem")
+
+
+def test_the_root_catalog_is_found_from_the_repository_only_without_the_test_catalog(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(CatalogNotFound, match="MIXDIFF_CATALOG"):  # conftest's (missing) catalog wins: tests never see it
+        find_catalog()
+    monkeypatch.delenv("MIXDIFF_CATALOG")
+    assert find_catalog() == REPO / "experts.yaml"
+    monkeypatch.chdir(REPO / "mixdiff_cli")
+    assert find_catalog() == REPO / "experts.yaml"

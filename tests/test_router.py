@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
+import os
 import pickle
+import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -234,6 +239,129 @@ def test_checkpoint_of_another_encoder_is_stale(tmp_path):
     path = trained(tmp_path)
     with pytest.raises(R.StaleRouter, match="trained on the 'words' encoder"):
         R.load_router(path, encoder="base")
+
+
+def fake_base(folder: Path, seed: int = 0) -> Path:
+    """A base folder with weight files of random bytes (the base's fingerprint reads bytes, not tensors)."""
+    rng = random.Random(seed)
+    for rel, size in (("unet/diffusion_pytorch_model.safetensors", 3 << 20), ("text_encoder/model.safetensors", 4096)):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(rng.randbytes(size))
+    return folder
+
+
+def trained_at(folder: Path) -> Path:
+    """A trained words router beside a catalog whose base is `folder/base` (relative)."""
+    fake_base(folder / "base")
+    path = write_catalog(folder, base="base")
+    R.train_router(path, config=R.TrainConfig(encoder="words", epochs=30, val_split=0))
+    return path
+
+
+def rewritten_copy(path: Path, folder: Path) -> Path:
+    """The catalog at `path` written into `folder`, every source (and the router) pointing, relatively, at the same files."""
+    cat = load_catalog(path)
+    rel = lambda source: os.path.relpath(cat.resolve(source), folder)  # noqa: E731
+    copy = Catalog(path=folder / "experts.yaml", base=cat.base, router=rel(cat.router), experts=cat.experts)
+    copy.base.source = rel(cat.base.source)
+    for e in copy.experts:
+        e.source = rel(e.source)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_catalog(copy)
+    return copy.path
+
+
+def test_a_copy_pointing_at_the_same_files_reads_the_router_as_fresh(tmp_path):
+    path = trained_at(tmp_path / "a")
+    copy = rewritten_copy(path, tmp_path / "elsewhere" / "deeper")
+    assert load_catalog(copy).router == "../../a/router.safetensors" and load_catalog(copy).base.source == "../../a/base"
+    assert load_catalog(copy).hash() == load_catalog(path).hash()
+    router = R.load_router(copy)
+    assert router.kind == "trained" and router.route(["a cute dog"])[0].chosen == [("animals", 1.0)]
+    assert R.router_status(load_catalog(copy))["matches_catalog"] is True
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")  # the whole folder moved: the same catalog too
+    assert R.load_router(tmp_path / "moved" / "experts.yaml").kind == "trained"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda cat, tmp: setattr(cat.base, "source", str(fake_base(tmp / "other", seed=1))),
+        lambda cat, tmp: setattr(cat.base, "arch", "sd2"),
+        lambda cat, tmp: setattr(cat.base, "sha256", "ab" * 32),
+        lambda cat, tmp: setattr(cat.base, "source", str(tmp / "missing")),
+    ],
+    ids=["other-weights", "other-arch", "recorded-sha256", "missing"],
+)
+def test_another_base_reads_as_stale(tmp_path, change):
+    path = trained_at(tmp_path / "a")
+    copy = rewritten_copy(path, tmp_path / "b")
+    with edit_catalog(copy) as cat:
+        change(cat, tmp_path)
+    with pytest.raises(R.StaleRouter, match=r"made for another base \(sd1, sample [0-9a-f]{10}\), the catalog's base is"):
+        R.load_router(copy)
+
+
+def test_base_weights_replaced_in_place_read_as_stale(tmp_path):
+    path = trained_at(tmp_path)
+    fake_base(tmp_path / "base", seed=2)  # same files, same sizes, other bytes
+    shown = json.loads(invoke("router", "show", "--catalog", str(path), "--json").stdout)
+    assert shown["matches_catalog"] is False and "made for another base" in shown["problem"]
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda cat: cat.experts.append(Expert(name="ink", kind="lora", source="i", format="diffusers", sha256="i")), "it lacks ink"),
+        (lambda cat: cat.experts.pop(), "it has city no longer in the catalog"),
+        (lambda cat: setattr(cat.experts[2], "name", "town"), "it lacks town; it has city no longer in the catalog"),
+        (lambda cat: setattr(cat.experts[2], "sha256", "retrained"), "the files of city changed"),
+        (lambda cat: setattr(cat.experts[2], "kind", "model"), "the kind, arch or source of city changed"),
+        (lambda cat: cat.experts.reverse(), "its experts are in another order"),
+    ],
+    ids=["added", "removed", "renamed", "file-replaced", "kind", "reordered"],
+)
+def test_what_the_experts_are_still_reads_as_stale_in_a_copy(tmp_path, change, words):
+    copy = rewritten_copy(trained_at(tmp_path / "a"), tmp_path / "b")
+    with edit_catalog(copy) as cat:
+        change(cat)
+    with pytest.raises(R.StaleRouter, match=words):
+        R.load_router(copy)
+
+
+def test_a_checkpoint_from_before_identity_2_fits_where_it_lies_and_is_upgraded_when_grown(tmp_path):
+    """Identity 1 (the committed demo router's): the base as its source string, [name, sha256] per expert."""
+    from safetensors.torch import save_file
+
+    path = trained_at(tmp_path / "a")
+    ckpt_path = tmp_path / "a" / "router.safetensors"
+    ckpt = R.read_checkpoint(ckpt_path)
+    old = [{"name": x["name"], "sha256": x["sha256"], "row": "trained"} for x in ckpt.experts]
+    old_hash = hashlib.sha256(json.dumps({"base": "base", "experts": [[x["name"], x["sha256"]] for x in old]}, sort_keys=True).encode()).hexdigest()
+    meta = dataclasses.replace(ckpt, experts=old, base="base", catalog_hash=old_hash).metadata()
+    del meta["mixdiff.identity"]
+    save_file(ckpt.gate.tensors(), str(ckpt_path), metadata=meta)
+    assert R.read_checkpoint(ckpt_path).identity == 1
+
+    assert R.load_router(path).kind == "trained"
+    copy = rewritten_copy(path, tmp_path / "elsewhere")  # its base "base" is read beside the checkpoint
+    assert R.load_router(copy).kind == "trained"
+    with edit_catalog(copy) as cat:
+        cat.base.source = str(fake_base(tmp_path / "other", seed=1))
+    with pytest.raises(R.StaleRouter, match="made for base 'base'"):
+        R.load_router(copy)
+    with edit_catalog(rewritten_copy(path, tmp_path / "third")) as cat:
+        cat.experts[0].sha256 = "retrained"
+    with pytest.raises(R.StaleRouter, match="the files of animals changed"):
+        R.load_router(cat.path)
+
+    with edit_catalog(path) as cat:
+        cat.experts.append(Expert(name="ink", kind="lora", source="i", format="diffusers", sha256="i", prompts=["black ink drawing"]))
+    R.extend_router(load_catalog(path), "ink")
+    grown = R.read_checkpoint(ckpt_path)
+    assert grown.identity == 2 and grown.catalog_hash == load_catalog(path).hash() and isinstance(grown.base, dict)
+    assert [x["row"] for x in grown.experts] == ["trained"] * 3 + ["prototype"]
+    assert R.load_router(path).names == [*EXPERTS, "ink"]
 
 
 def test_checkpoint_metadata_and_trained_routing(tmp_path):
