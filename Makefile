@@ -15,13 +15,10 @@ install: $(STAMP)
 
 DEMO_PROMPT ?= a red circle on a blue background
 
-# Renders one image from the embedded default (experts.yaml at the root, shipped in the package as
-# mixdiff_cli/data/demo). Until the demo is built (scripts/build_demo), it uses the tiny test model.
+# Renders one image from the embedded default: experts.yaml at the root, the demo shipped in the package
+# as mixdiff_cli/data/demo (rebuild it with scripts/build_demo). Prints the image's path.
 demo: $(STAMP)
-	@if [ -f mixdiff_cli/data/demo/experts.yaml ]; then cat=mixdiff_cli/data/demo/experts.yaml; else \
-	  echo "note: the embedded demo is not built yet; using the tiny test model (scripts/build_demo builds it)" >&2; \
-	  cat=$$($(BIN)/python -c "from mixdiff_cli.testing import build_tiny_catalog; print(build_tiny_catalog('build/tiny'))"); fi; \
-	HF_HUB_OFFLINE=1 $(BIN)/mixdiff generate "$(DEMO_PROMPT)" --catalog $$cat --seed 0 --out build/demo-out
+	HF_HUB_OFFLINE=1 $(BIN)/mixdiff generate "$(DEMO_PROMPT)" --catalog experts.yaml --seed 0 --out build/demo-out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -89,6 +89,18 @@ def test_heldout_wording_is_never_used_in_training():
     assert not {p["prompt"] for p in prompts} & every_train
 
 
+def test_rephrased_wording_is_new_sentences_over_training_words():
+    words = lambda texts: {w for t in texts for w in t.replace(":", " ").split()}  # noqa: E731
+    for domain in data.DOMAINS:
+        train, rephrased = data.all_captions(domain, "train"), data.all_captions(domain, "rephrased")
+        assert len(rephrased) >= 60 and not train & rephrased
+        assert rephrased < data.all_captions(domain, "heldout")  # the held-out set minus its unseen synonyms
+        unseen = words(data.all_captions(domain, "heldout")) - words(rephrased) - words(train)
+        assert unseen and not unseen & words(rephrased)  # e.g. "crimson" only in "heldout"
+        drawn = {s.caption for s in data.generate(domain, 100, seed=1, split="rephrased")}
+        assert drawn <= rephrased
+
+
 def test_tokenizer_has_one_token_per_word_and_captions_fit(tmp_path):
     from transformers import CLIPTokenizer
 

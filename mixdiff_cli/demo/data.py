@@ -3,8 +3,10 @@
 Every image is drawn from a few attributes the generator knows (`Sample.attrs`); `measure` reads
 those attributes back from any 64x64 RGB image (a generated one too) and `check` compares them.
 Captions are drawn from wording that is split in two: "train" templates and synonyms, used to
-train the base and the experts, and "heldout" templates and synonyms that no training caption
-uses, for evaluating a router on prompts it cannot match by string.
+train the base and the experts, and held-out templates and synonyms that no training caption uses,
+for evaluating on prompts that cannot be matched by string. Splits: "train"; "rephrased" (held-out
+templates, i.e. new sentence forms and word orders, over the training vocabulary); "heldout"
+(held-out templates, and for each slot an unseen synonym half of the time).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from PIL import Image, ImageDraw
 
 from mixdiff_cli.errors import UsageError
 
-Split = Literal["train", "heldout"]
+Split = Literal["train", "rephrased", "heldout"]
+SPLITS: tuple[str, ...] = ("train", "rephrased", "heldout")
 SIZE = 64  # every demo image is SIZE x SIZE RGB
 _SS = 4  # supersampling factor for anti-aliased drawing
 
@@ -214,18 +217,19 @@ wild wind window winter with without woman wood world yellow you young
 def _slot_words(domain: str, split: Split) -> dict[str, dict[str, list[str]]]:
     """Synonyms per slot and value that captions of `split` may use."""
     slots = _WORDING[domain]["slots"]
-    pick = (lambda tr, ho: tr) if split == "train" else (lambda tr, ho: tr + ho)
+    pick = (lambda tr, ho: tr + ho) if split == "heldout" else (lambda tr, ho: tr)
     return {slot: {v: pick(*words) for v, words in values.items()} for slot, values in slots.items()}
 
 
 def caption(domain: str, attrs: dict[str, str], rng: np.random.Generator, split: Split = "train") -> str:
     """A caption of `attrs` in the wording of `split`, drawn with `rng`.
 
-    Held-out captions use a held-out template always and a held-out synonym for each slot half of
-    the time, so most of them still name the domain with a word the base was trained on.
+    "rephrased" and "heldout" captions use a held-out template always; "heldout" ones also a held-out
+    synonym for each slot half of the time, so most of them still name the domain with a known word.
     """
     wording = _WORDING[domain]
-    template = wording[split][rng.integers(len(wording[split]))]
+    templates = wording["train" if split == "train" else "heldout"]
+    template = templates[rng.integers(len(templates))]
     if domain == "stripes" and rng.random() < 0.5:  # the two colours in either order
         attrs = {**attrs, "colour_a": attrs["colour_b"], "colour_b": attrs["colour_a"]}
     fill = {}
@@ -241,7 +245,7 @@ def all_captions(domain: str, split: Split) -> set[str]:
     """Every caption `caption` can produce for `domain` in the wording of `split`."""
     slots = _slot_words(domain, split)
     out: set[str] = set()
-    for template in _WORDING[domain][split]:
+    for template in _WORDING[domain]["train" if split == "train" else "heldout"]:
         used = [s for s in slots if "{" + s + "}" in template]
         choices = [[w for ws in slots[s].values() for w in ws] for s in used]
         for words in product(*choices):
@@ -386,7 +390,7 @@ def generate(domain: str, n: int, seed: int = 0, split: Split = "train") -> list
     """`n` captioned images of `domain`, deterministic in `seed`; `split` picks the wording only."""
     _check_domain(domain)
     rng_attrs, rng_draw = _rng(domain, seed, 2), _rng(domain, seed, 3)
-    rng_text = _rng(domain, seed, 4 if split == "train" else 5)
+    rng_text = _rng(domain, seed, {"train": 4, "heldout": 5, "rephrased": 9}[split])
     out = []
     for _ in range(n):
         attrs = sample_attrs(domain, rng_attrs)
@@ -398,7 +402,7 @@ def labeled_prompts(split: Split = "heldout", n_per_domain: int = 50, seed: int 
     """Distinct prompts labelled with their domain, `[{"prompt": ..., "expert": domain}]`, for routers."""
     out = []
     for domain in DOMAINS:
-        rng_attrs, rng_text = _rng(domain, seed, 6), _rng(domain, seed, 7 if split == "train" else 8)
+        rng_attrs, rng_text = _rng(domain, seed, 6), _rng(domain, seed, {"train": 7, "heldout": 8, "rephrased": 10}[split])
         seen: set[str] = set()
         for _ in range(50 * n_per_domain):
             if len(seen) == n_per_domain:
