@@ -45,7 +45,7 @@ def generate(
     catalog: CatalogOpt = None,
     json_mode: JsonOpt = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Reproduce a PNG made by mixdiff (its recorded prompt, seed, experts, ...); other options override.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: one prompt per line (or JSONL); see 'mixdiff_cli.batch'.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (a prompt per line, inline --seed/--steps/--expert overrides), .jsonl, .csv (header row) or .yaml (README: 'Batch prompt files').")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="With --prompts: skip images already in the output's manifest.")] = False,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="With --prompts: skip failing items instead of stopping.")] = False,
 ) -> None:
