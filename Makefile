@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-DEMO_PROMPT ?= a red circle on a white background
+DEMO_PROMPT ?= a landscape at daytime with the sun above green grass
 
 # Renders one image from the embedded default: experts.yaml at the root, the demo shipped in the package
 # as mixdiff_cli/data/demo (rebuild it with scripts/build_demo). Prints the image's path.
