@@ -84,6 +84,7 @@ class Base:
     source: str  # local diffusers folder, single-file checkpoint, or hf://org/repo@revision
     arch: str | None = None
     sha256: str | None = None
+    guidance: float | None = None  # default guidance scale for this base (None: the pipeline's, 7.5 SD / 5.0 SDXL)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -209,7 +210,7 @@ def _spec(cls: type) -> dict[str, str | tuple[str, ...]]:
             "alpha": _NUM, "arch": ARCHS, "description": _STR, "prompts": _STRLIST, "trigger": _STRLIST,
             "default_weight": _NUM, "tags": _STRLIST, "added": _STR,
         },
-        Base: {"source": _STR, "arch": ARCHS, "sha256": _STR},
+        Base: {"source": _STR, "arch": ARCHS, "sha256": _STR, "guidance": _NUM},
     }
     return specs[cls]
 

@@ -50,7 +50,7 @@ class Request:
     negative: str | None = None
     seed: int | None = None  # None: drawn at random, recorded in the image metadata
     steps: int = 30
-    guidance: float | None = None  # None: the pipeline's default (7.5 SD 1.x, 5.0 SDXL)
+    guidance: float | None = None  # None: the catalog base's `guidance`, else the pipeline's default (7.5 SD 1.x, 5.0 SDXL)
     width: int | None = None  # None: the base's native size
     height: int | None = None
     scheduler: SchedulerName = "ddim"
@@ -433,9 +433,12 @@ class Engine:
         size = size if isinstance(size, int) else size[0]
         return int(size * self.pipe.vae_scale_factor)
 
-    def _default_guidance(self) -> float:
+    def default_guidance(self) -> float:
+        """The catalog base's `guidance`, else the pipeline's own default."""
         import inspect
 
+        if self.catalog.base is not None and self.catalog.base.guidance is not None:
+            return float(self.catalog.base.guidance)
         return inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default
 
     def _normalise(self, requests: Iterable[Request]) -> list[Request]:
@@ -449,7 +452,7 @@ class Engine:
             if width % 8 or height % 8 or width <= 0 or height <= 0:
                 raise UsageError(f"size {width}x{height} is not a positive multiple of 8", "pass --width/--height divisible by 8")
             seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
-            guidance = float(req.guidance if req.guidance is not None else self._default_guidance())
+            guidance = float(req.guidance if req.guidance is not None else self.default_guidance())
             out.append(Request(req.prompt, req.negative, seed, req.steps, guidance, width, height, req.scheduler))
         return out
 

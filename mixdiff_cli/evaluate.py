@@ -881,7 +881,7 @@ def evaluate_samples(
     *,
     seed: int = 0,
     steps: int = 20,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     scheduler: str = "ddim",
     width: int | None = None,
     height: int | None = None,
@@ -920,6 +920,7 @@ def evaluate_samples(
     routed = routed and bool(cat.experts)
 
     engine = Engine(cat, device=device, dtype=dtype)
+    guidance = engine.default_guidance() if guidance is None else guidance
     requests = [
         Request(it.prompt, negative=it.negative, seed=it.seed if it.seed is not None else seed + it.index,
                 steps=it.steps or steps, guidance=guidance if it.guidance is None else it.guidance,

@@ -23,6 +23,7 @@ version: 1
 base:
   source: models/base
   arch: sd1
+  guidance: 3
 router: null
 experts:
   - name: watercolor
@@ -45,6 +46,7 @@ def test_roundtrip_keeps_every_field(tmp_path):
     assert (exp.rank, exp.alpha, exp.default_weight, exp.trigger) == (8, 4.0, 0.8, ["wtrclr"])
     assert exp.short_hash == "ab" * 5
     assert exp.added == "2026-11-26T10:00:00+00:00"
+    assert cat.base.guidance == 3.0
     save_catalog(cat)
     again = load_catalog(cat.path)
     assert again.to_dict() == cat.to_dict()
@@ -54,12 +56,13 @@ def test_roundtrip_keeps_every_field(tmp_path):
 @pytest.mark.parametrize(
     "edit, line, words",
     [
-        (("    rank: 8\n", "    rank: 8\n    colour: red\n"), 13, ["unknown key 'colour'", "Allowed keys"]),
-        (("    rank: 8\n", "    rank: eight\n"), 12, ["rank must be an integer"]),
-        (("    kind: lora\n", "    kind: checkpoint\n"), 8, ["kind is 'checkpoint'", "lora, model"]),
-        (("    prompts: [\"a watercolor harbour\"]\n", "    prompts: a harbour\n"), 14, ["prompts must be a list of strings"]),
-        (("router: null\n", "router: null\nmodels: []\n"), 6, ["unknown key 'models'"]),
-        (("  - name: watercolor\n", "  - name: Water Color\n"), 7, ["invalid expert name"]),
+        (("    rank: 8\n", "    rank: 8\n    colour: red\n"), 14, ["unknown key 'colour'", "Allowed keys"]),
+        (("    rank: 8\n", "    rank: eight\n"), 13, ["rank must be an integer"]),
+        (("  guidance: 3\n", "  guidance: high\n"), 5, ["guidance must be a number"]),
+        (("    kind: lora\n", "    kind: checkpoint\n"), 9, ["kind is 'checkpoint'", "lora, model"]),
+        (("    prompts: [\"a watercolor harbour\"]\n", "    prompts: a harbour\n"), 15, ["prompts must be a list of strings"]),
+        (("router: null\n", "router: null\nmodels: []\n"), 7, ["unknown key 'models'"]),
+        (("  - name: watercolor\n", "  - name: Water Color\n"), 8, ["invalid expert name"]),
         (("    format: kohya\n", "    format: kohya\n   bad: [\n"), None, ["YAML syntax error"]),
     ],
 )

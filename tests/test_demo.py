@@ -73,6 +73,7 @@ def test_routed_expert_draws_what_the_prompt_names(engine, routes, domain, promp
     images = engine.generate(requests, routes[domain])
     base = engine.generate(requests, [])
     assert images[0].size == (data.SIZE, data.SIZE)
+    assert images[0].info["mixdiff"]["guidance"] == engine.catalog.base.guidance == 3.0  # the catalog's default, not SD's 7.5
     assert [e["name"] for e in images[0].info["mixdiff"]["experts"]] == [domain]
     # The expert is really applied: the bare base differs at the same seed (an unused adapter gives exactly 0).
     assert min(np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(images, base)) > 0.5

@@ -150,7 +150,7 @@ def samples(
     out_dir: OutOpt = Path("eval/samples"),
     seed: Annotated[int, typer.Option("--seed", help="Prompt i uses seed SEED+i in every column (unless the file sets one).")] = 0,
     steps: StepsOpt = 20,
-    guidance: Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")] = 7.5,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", help="Classifier-free guidance scale (default: the catalog base's 'guidance', else the pipeline's).")] = None,
     scheduler: Annotated[str, typer.Option("--scheduler", help="ddim, euler, euler-a or dpm++.")] = "ddim",
     width: Annotated[Optional[int], typer.Option("--width", "-W", help="Image width (default: the base's).")] = None,
     height: Annotated[Optional[int], typer.Option("--height", "-H", help="Image height (default: the base's).")] = None,

@@ -25,7 +25,7 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt.", show_default=False)] = None,
     negative: Annotated[Optional[str], typer.Option("--negative", "-n", help="Negative prompt.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Denoising steps (default 30).")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", min=0.0, help="Classifier-free guidance scale (default: the pipeline's, 7.5 SD / 5.0 SDXL).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", min=0.0, help="Classifier-free guidance scale (default: the catalog base's 'guidance', else the pipeline's: 7.5 SD / 5.0 SDXL).")] = None,
     seed: SeedOpt = None,
     width: Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels, a multiple of 8 (default: the base's native size).")] = None,
     height: Annotated[Optional[int], typer.Option("--height", "-H", help="Height in pixels, a multiple of 8.")] = None,
