@@ -7,12 +7,11 @@ Target (demo issue): at most 10 s per image on this machine's CPU.
 
 from __future__ import annotations
 
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _timing import timed  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = 3
@@ -29,15 +28,6 @@ image.save(sys.argv[4])
 """
 
 
-def timed(cmd: list[str]) -> float:
-    samples = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from mixdiff_cli.catalog import load_catalog, packaged_catalog_path
@@ -46,10 +36,10 @@ def main() -> None:
     cat = load_catalog(cat_path)
     mixdiff = str(Path(sys.executable).with_name("mixdiff"))
     with tempfile.TemporaryDirectory() as tmp:
-        ours = timed([mixdiff, "--quiet", "generate", PROMPT, "--catalog", str(cat_path), "--seed", "0", "--out", tmp])
+        ours = timed([mixdiff, "--quiet", "generate", PROMPT, "--catalog", str(cat_path), "--seed", "0", "--out", tmp], RUNS)
         plain = timed([sys.executable, "-c", PLAIN, str(cat.resolve(cat.base.source)),
                        str(cat.resolve(cat.expert("landscapes").source)), PROMPT, str(Path(tmp) / "plain.png"),
-                       str(cat.base.guidance or 7.5)])
+                       str(cat.base.guidance or 7.5)], RUNS)
     print(f"mixdiff generate (demo, defaults, fresh process): {ours:.2f} s per image (median of {RUNS}; target <= 10 s)")
     print(f"plain diffusers script, same model and expert  : {plain:.2f} s per image")
     print(f"ratio mixdiff / plain diffusers: {ours / plain:.3f}")
