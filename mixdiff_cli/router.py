@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -556,7 +555,7 @@ class Checkpoint:
     experts: list[dict[str, str | None]]  # [{**Expert.identity(), "row": "trained" | "prototype"}] in gate row order
     encoder: str
     catalog_hash: str
-    base: dict[str, str | None] | str | None  # Catalog.base_identity() (identity 1: the base's source string)
+    base: dict[str, str | None] | None  # Catalog.base_identity()
     kind: Literal["prototypes", "trained"] = "trained"
     training: dict[str, Any] = field(default_factory=dict)
     key: str | None = None  # prototype cache key
@@ -651,42 +650,13 @@ def _recorded(row: dict[str, str | None]) -> dict[str, str | None]:
     return {k: v for k, v in row.items() if k != "row"}
 
 
-def _legacy_hash(base: str | None, experts: list[dict[str, str | None]]) -> str:
-    """Identity 1: the base's source string and [name, sha256] per expert."""
-    ident = {"base": base, "experts": [[x["name"], x.get("sha256")] for x in experts]}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-def _legacy_base_fits(ckpt: Checkpoint, catalog: Catalog) -> bool:
-    """An identity-1 checkpoint's base (a source string, relative to the catalog that trained it, which
-    kept the router beside itself) is read relative to the checkpoint's folder."""
-    was, base = ckpt.base, catalog.base
-    if was is None or base is None:
-        return was is None and base is None
-    if not isinstance(was, str):
-        return False
-    if was.startswith("hf://") or base.source.startswith("hf://"):
-        return was == base.source
-    path = Path(was).expanduser()
-    if not path.is_absolute():
-        if ckpt.path is None:
-            return False
-        path = ckpt.path.parent / path
-    return os.path.realpath(path) == os.path.realpath(catalog.resolve(base.source))
-
-
 def _fits(ckpt: Checkpoint, catalog: Catalog, experts: list[dict[str, str | None]] | None = None) -> bool:
     """Whether `ckpt` was made for `catalog` (with `experts`, identities, in place of its own)."""
     experts = _ident(catalog) if experts is None else experts
-    if ckpt.identity == IDENTITY_VERSION:
-        return ckpt.catalog_hash == identity_hash(catalog.base_identity(), experts)
-    if ckpt.identity == 1:
-        base = ckpt.base if isinstance(ckpt.base, str) else None
-        return ckpt.catalog_hash == _legacy_hash(base, experts) and _legacy_base_fits(ckpt, catalog)
-    return False
+    return ckpt.identity == IDENTITY_VERSION and ckpt.catalog_hash == identity_hash(catalog.base_identity(), experts)
 
 
-def _show_base(ident: dict[str, str | None] | str | None) -> str:
+def _show_base(ident: dict[str, str | None] | None) -> str:
     if not isinstance(ident, dict):
         return repr(ident)
     content = ident.get("content") or "weights not found"
@@ -700,11 +670,9 @@ def _stale_reason(ckpt: Checkpoint, catalog: Catalog) -> str | None:
     """Why `ckpt` does not fit `catalog` (None when it fits)."""
     if _fits(ckpt, catalog):
         return None
-    if ckpt.identity not in (1, IDENTITY_VERSION):
-        return f"it was made by a newer mixdiff (catalog identity {ckpt.identity})"
-    if ckpt.identity == 1 and not _legacy_base_fits(ckpt, catalog):
-        return f"it was made for base {ckpt.base!r}, the catalog's base is {catalog.base.source if catalog.base else None!r}"
-    if ckpt.identity == IDENTITY_VERSION and ckpt.base != (base := catalog.base_identity()):
+    if ckpt.identity != IDENTITY_VERSION:
+        return f"it records catalog identity {ckpt.identity}; this mixdiff writes identity {IDENTITY_VERSION}"
+    if ckpt.base != (base := catalog.base_identity()):
         return f"it was made for another base ({_show_base(ckpt.base)}), the catalog's base is {_show_base(base)}"
     have, want = ckpt.names, catalog.names
     if have != want:
@@ -714,8 +682,6 @@ def _stale_reason(ckpt: Checkpoint, catalog: Catalog) -> str | None:
     changed = [e.name for e, c in zip(catalog.experts, ckpt.experts) if e.sha256 != c.get("sha256")]
     if changed:
         return f"the files of {', '.join(changed)} changed"
-    if ckpt.identity == 1:
-        return "the catalog changed"
     changed = [e.name for e, c in zip(catalog.experts, ckpt.experts) if e.identity() != _recorded(c)]
     return f"the kind, arch or source of {', '.join(changed)} changed" if changed else "the catalog changed"
 
