@@ -89,6 +89,9 @@ class FineTuneConfig:
     mixed_precision: MixedPrecision = "no"
     snr_gamma: float | None = None  # min-SNR weighting; 5.0 is the paper's value
     noise_offset: float = 0.0
+    # fraction of training captions replaced by "" (kohya's caption_dropout_rate): the expert also learns its
+    # domain unconditionally, which is the branch classifier-free guidance subtracts at sampling time
+    caption_dropout: float = 0.0
     seed: int | None = None  # None: drawn at random and recorded
     # data
     resolution: int | None = None  # None: the base's native size
@@ -139,6 +142,8 @@ class FineTuneConfig:
             raise bad(f"snr-gamma {self.snr_gamma} must be positive", "pass 5.0 (the paper's value) or leave it out")
         if self.noise_offset < 0:
             raise bad("noise-offset must not be negative", "pass e.g. 0.05, or 0 for none")
+        if not 0 <= self.caption_dropout < 1:
+            raise bad(f"caption-dropout {self.caption_dropout} must be in [0, 1)", "pass e.g. 0.1, or 0 for none")
         if not 0 <= self.validation_split < 1:
             raise bad(f"validation split {self.validation_split} must be in [0, 1)", "pass e.g. 0.1 for 10%")
         if self.crop not in ("center", "random"):
@@ -434,6 +439,7 @@ class _Batch:
     pooled: "torch.Tensor | None"
     time_ids: "torch.Tensor | None"
     ids: list["torch.Tensor"]  # token ids when the text encoder trains
+    drop: "torch.Tensor | None" = None  # (B,) bool: captions replaced by "" (caption dropout)
 
 
 class _Stream:
@@ -471,6 +477,7 @@ class _Stream:
             noise += cfg.noise_offset * torch.randn((G, latent_shape[0], 1, 1), generator=gen)
         flip = torch.rand(G, generator=gen) < 0.5 if cfg.random_flip else torch.zeros(G, dtype=torch.bool)
         crop_u = torch.rand((G, 2), generator=gen) if cfg.crop == "random" else None
+        drop = torch.rand(G, generator=gen) < cfg.caption_dropout if cfg.caption_dropout else None  # drawn last: p = 0 changes nothing
         local = slice(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size)
         idx_list = self.indices(k)[local]
         idx = torch.tensor(idx_list, device=self.device)
@@ -496,6 +503,7 @@ class _Stream:
             pooled=None if c.pooled is None else c.pooled.index_select(0, idx),
             time_ids=time_ids,
             ids=[t.index_select(0, idx.cpu()) for t in c.ids] if c.hidden is None else [],
+            drop=None if drop is None else drop[local].to(self.device),
         )
 
     def _random_crops(self, idx: list[int], flips: list[bool], u: "torch.Tensor"):
@@ -960,6 +968,11 @@ class _Trainer:
         side = plan.resolution // info.vae_scale
         self.latent_shape = (pipe.vae.config.latent_channels, side, side)
         self.stream = _Stream(cache, len(plan.train), cfg, seed, T, global_batch, accelerator.process_index, dev, pipe.vae, plan.resolution)
+        self.empty_ids = self.text.tokenize([""])  # what a dropped caption becomes
+        self.empty = None
+        if cfg.caption_dropout and cache.hidden is not None:  # cached embeddings: the frozen encoder's "" once
+            with torch.no_grad():
+                self.empty = self.text.encode(self.empty_ids)
         self.valset = None
         if plan.val:
             val_cfg = FineTuneConfig(**{**cfg.to_dict(), "crop": "center", "random_flip": False, "train_text_encoder": True, "latents": "mean"})
@@ -1016,7 +1029,13 @@ class _Trainer:
         for micro in range(cfg.grad_accum):
             b = self.stream.batch(step * cfg.grad_accum + micro, self.latent_shape)
             with acc.accumulate(*self.wrapped):
+                if b.drop is not None and b.hidden is None:  # the encoder trains: it sees "" for dropped captions
+                    b.ids = [torch.where(b.drop[:, None].cpu(), e, t) for e, t in zip(self.empty_ids, b.ids)]
                 hidden, pooled = (b.hidden, b.pooled) if b.hidden is not None else self.text.encode(b.ids, encoders_w)
+                if b.drop is not None and self.empty is not None:
+                    keep = ~b.drop
+                    hidden = torch.where(keep[:, None, None], hidden, self.empty[0].to(hidden))
+                    pooled = None if pooled is None else torch.where(keep[:, None], pooled, self.empty[1].to(pooled))
                 losses = _per_sample_loss(unet_w, self.noise_scheduler, b.latents, b.noise, b.timesteps, hidden, pooled, b.time_ids)
                 if cfg.snr_gamma is not None:
                     losses = losses * _snr_weights(self.noise_scheduler, b.timesteps, cfg.snr_gamma)

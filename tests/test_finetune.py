@@ -151,7 +151,8 @@ def test_scan_errors(tmp_path, setup, message):
 
 def test_config_validation():
     for bad in (dict(rank=0), dict(alpha=-1.0), dict(steps=5, epochs=1.0), dict(lr=0.0), dict(lr_scheduler="wobbly"),
-                dict(validation_split=1.0), dict(batch_size=0), dict(target="to q")):
+                dict(validation_split=1.0), dict(batch_size=0), dict(target="to q"), dict(caption_dropout=1.0),
+                dict(caption_dropout=-0.1)):
         with pytest.raises(InvalidConfig):
             FineTuneConfig(**bad).validate()
     assert FineTuneConfig(target="attn-ff").target_modules()[-1] == "ff.net.2"
@@ -277,10 +278,33 @@ def test_lora_learns_its_domain_and_not_an_unrelated_one(tmp_path, calibrated_sd
     assert on_stripes.improvement < on_squares.improvement - 0.025  # measured 0.44
     assert on_stripes.lora > on_squares.lora * 1.05
 
+# --- caption dropout --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["cached-embeddings", "text-encoder-trains"])
+def test_dropped_captions_never_reach_the_model(tmp_path, tiny_sd, train_text_encoder):
+    """Same images, different captions: with every caption dropped the LoRAs are identical; without, not."""
+
+    def train(word: str, p: float) -> dict:
+        folder = tmp_path / f"{word}-{p}"
+        folder.mkdir()
+        for i in range(4):
+            _image(folder / f"{i}.png", colour=(60 * i, 30, 200 - 40 * i))
+            (folder / f"{i}.txt").write_text(f"a {word} square number {i}")
+        cfg = FineTuneConfig(**FAST, steps=2, caption_dropout=p, train_text_encoder=train_text_encoder, validation_split=0)
+        out = fine_tune(None, folder, "x", cfg, base=tiny_sd, register=False, output=folder / "x.safetensors", output_dir=folder / "run")
+        return tensors(out.lora_path)
+
+    # p = 0.999: each of the 4 captions drawn survives with probability 0.001 (seeded: the same draws in both runs)
+    assert max_diff(train("red", 0.999), train("blue", 0.999)) == 0.0
+    assert max_diff(train("red", 0.0), train("blue", 0.0)) > 1e-6
+
+
 # --- exact resume -----------------------------------------------------------------------------------
 
 
-RESUME = dict(FAST, steps=8, checkpoint_every=3, keep=2, grad_accum=2, random_flip=True, lr_scheduler="cosine", warmup=2, noise_offset=0.05)
+RESUME = dict(FAST, steps=8, checkpoint_every=3, keep=2, grad_accum=2, random_flip=True, lr_scheduler="cosine", warmup=2, noise_offset=0.05,
+              caption_dropout=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +342,7 @@ def test_killed_cli_run_resumes_to_the_same_weights(tmp_path, tiny_sd, small, un
     args = ["fine-tune", str(small), "--name", "k", "--base", str(tiny_sd), "--no-register", "--output", str(tmp_path / "k.safetensors"),
             "--output-dir", str(tmp_path / "run"), "--rank", "4", "--resolution", "32", "--batch-size", "2", "--seed", "3",
             "--lr", "1e-3", "--steps", "8", "--checkpoint-every", "3", "--keep", "2", "--grad-accum", "2", "--random-flip",
-            "--lr-scheduler", "cosine", "--warmup", "2", "--noise-offset", "0.05"]
+            "--lr-scheduler", "cosine", "--warmup", "2", "--noise-offset", "0.05", "--caption-dropout", "0.3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mixdiff_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = tmp_path / "run" / "checkpoint-000003"

@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
         mixed_precision: Annotated[Literal["no", "fp16", "bf16"], typer.Option(help="fp16 needs CUDA.")] = "no",
         snr_gamma: Annotated[Optional[float], typer.Option(help="Min-SNR loss weighting (5.0 is usual).")] = None,
         noise_offset: Annotated[float, typer.Option(help="Offset noise strength (e.g. 0.05).")] = 0.0,
+        caption_dropout: Annotated[float, typer.Option(help="Fraction of captions trained as \"\" (e.g. 0.1), so the expert also learns its domain unconditionally.")] = 0.0,
         seed: SeedOpt = None,
         validation_split: Annotated[float, typer.Option(help="Fraction of images held out for the validation loss.")] = 0.1,
         validation_prompt: Annotated[Optional[list[str]], typer.Option("--validation-prompt", help="Render this prompt at each checkpoint (repeatable).")] = None,
@@ -76,7 +77,7 @@ def register(app: typer.Typer) -> None:
             rank=rank, alpha=alpha, target=target, train_text_encoder=train_text_encoder, steps=steps, epochs=epochs, lr=lr,
             lr_scheduler=lr_scheduler, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
             gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, snr_gamma=snr_gamma,
-            noise_offset=noise_offset, seed=seed, resolution=resolution, crop=crop, random_flip=random_flip,
+            noise_offset=noise_offset, caption_dropout=caption_dropout, seed=seed, resolution=resolution, crop=crop, random_flip=random_flip,
             trigger=list(trigger or []), validation_split=validation_split, validation_prompts=list(validation_prompt or []),
             checkpoint_every=checkpoint_every, keep=keep,
         )
