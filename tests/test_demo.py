@@ -21,9 +21,9 @@ STEPS = 12  # DDIM; the demo's default 64x64 size and guidance
 SEEDS = range(8)  # one batch per column
 
 # (domain, a prompt in the training wording, the attributes it names, the attribute the expert draws
-# better than the bare base). Measured at STEPS on CPU in one batch of SEEDS (2026-11-26 build):
-# shapes background 8/8 vs base 1/8, stripes pattern 8/8 vs 2/8, landscapes ground 8/8 vs 1/8.
-# The glyphs expert is weak (glyph 1/8, colour 2/8 vs base 0/8), so only its route is asserted.
+# better than the bare base). Measured at STEPS and the catalog's guidance (3.0) on CPU in one batch of
+# SEEDS (2026-11-26 build): shapes background 8/8 vs base 4/8, stripes pattern 8/8 vs 3/8, landscapes
+# ground 8/8 vs 1/8. The glyphs expert only draws the glyph 4/8 vs the base's 3/8, so only its route is asserted.
 CASES = [
     ("shapes", "a yellow triangle on a gray background", {"shape": "triangle", "colour": "yellow", "background": "gray"}, "background"),
     ("stripes", "horizontal stripes in red and blue", {"pattern": "horizontal", "colour_a": "blue", "colour_b": "red"}, "pattern"),
@@ -81,4 +81,4 @@ def test_routed_expert_draws_what_the_prompt_names(engine, routes, domain, promp
         return
     right = sum(data.check(domain, im, attrs)[better] for im in images)
     right_base = sum(data.check(domain, im, attrs)[better] for im in base)
-    assert right >= 7 and right - right_base >= 4, (better, right, right_base, [data.measure(domain, im) for im in images])
+    assert right >= 7 and right - right_base >= 3, (better, right, right_base, [data.measure(domain, im) for im in images])
