@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from PIL import Image, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
 
 Box = tuple[int, int, int, int]
 Colormap = Literal["viridis", "blues", "diverging"]
@@ -108,6 +108,20 @@ def _vertical_label(text: str, size: int = FONT_SIZE, max_len: int = 160) -> Ima
     return strip.rotate(90, expand=True)
 
 
+def _canvas(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw, dict[str, Box]]:
+    """A blank figure of at least the title's width, with the title drawn top-left; its layout so far."""
+    from PIL import Image, ImageDraw
+
+    width = max(width, PAD + text_size(title)[0] + PAD if title else 0)
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    layout: dict[str, Box] = {}
+    if title:
+        draw.text((PAD, PAD), title, fill=INK, font=font())
+        layout["title"] = (PAD, PAD, PAD + text_size(title)[0], PAD + _line_height())
+    return img, draw, layout
+
+
 def heatmap(
     values: Sequence[Sequence[float | None]],
     rows: Sequence[str],
@@ -125,8 +139,6 @@ def heatmap(
     """A labelled matrix: one cell per (row, column), coloured by `shade` (in [0, 1]; default: `values`
     min-max scaled) and captioned by `text` (default: `values` to 3 decimals; may hold two lines).
     `highlight` cells get a thick outline. Column labels are vertical when they do not fit across."""
-    from PIL import Image, ImageDraw
-
     n, m = len(rows), len(cols)
     if any(len(r) != m for r in values) or len(values) != n:
         raise ValueError(f"values must be {n} rows of {m} columns")
@@ -152,16 +164,9 @@ def heatmap(
 
     left = PAD + row_title_w + row_w + PAD
     top = PAD + title_h + col_title_h + col_h + 4
-    width = max(left + m * cw + PAD, PAD + text_size(title)[0] + PAD if title else 0)
-    height = top + n * ch + PAD
-    img = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    layout: dict[str, Box] = {}
+    img, draw, layout = _canvas(left + m * cw + PAD, top + n * ch + PAD, title)
     f = font()
 
-    if title:
-        draw.text((PAD, PAD), title, fill=INK, font=f)
-        layout["title"] = (PAD, PAD, PAD + text_size(title)[0], PAD + lh)
     if col_title:
         y = PAD + title_h
         draw.text((left, y), fit(col_title, m * cw), fill=INK, font=f)
@@ -220,7 +225,6 @@ def bars(
 ) -> Image.Image:
     """Horizontal bars (values in [0, 1]) with labels on the left and `text` on the right; an optional
     dashed `reference` line (e.g. the uniform share 1/k)."""
-    from PIL import Image, ImageDraw
 
     if len(values) != len(labels):
         raise ValueError("one label per value")
@@ -231,15 +235,8 @@ def bars(
     text_w = max([text_size(t)[0] for t in text] + [10])
     title_h = lh + PAD if title else 0
     left = PAD + label_w + PAD
-    width = max(left + bar_width + PAD + text_w + PAD, PAD + text_size(title)[0] + PAD if title else 0)
-    height = PAD + title_h + len(values) * bh + PAD
-    img = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(img)
+    img, draw, layout = _canvas(left + bar_width + PAD + text_w + PAD, PAD + title_h + len(values) * bh + PAD, title)
     f = font()
-    layout: dict[str, Box] = {}
-    if title:
-        draw.text((PAD, PAD), title, fill=INK, font=f)
-        layout["title"] = (PAD, PAD, PAD + text_size(title)[0], PAD + lh)
     top = PAD + title_h
     for i, (v, lab, t) in enumerate(zip(values, labels, text)):
         y = top + i * bh
@@ -273,7 +270,7 @@ def contact_sheet(
     """A labelled grid: `images[i][j]` under column header `cols[j]`, beside row label `rows[i]` (word-
     wrapped), with an optional caption line under each image. Images are scaled to `cell` pixels
     (default: their own size, kept between 128 and 256; small ones are enlarged without smoothing)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     n, m = len(rows), len(cols)
     if len(images) != n or any(len(r) != m for r in images):
@@ -290,15 +287,8 @@ def contact_sheet(
     cell_h = cell + cap_lines * lh + PAD
     left = PAD + row_label_width + PAD
     top = PAD + title_h + head_h
-    width = max(left + m * (cell + PAD), PAD + text_size(title)[0] + PAD if title else 0)
-    height = top + n * cell_h + PAD
-    sheet = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
+    sheet, draw, layout = _canvas(left + m * (cell + PAD), top + n * cell_h + PAD, title)
     f = font()
-    layout: dict[str, Box] = {}
-    if title:
-        draw.text((PAD, PAD), title, fill=INK, font=f)
-        layout["title"] = (PAD, PAD, PAD + text_size(title)[0], PAD + lh)
     for j, name in enumerate(cols):
         x0 = left + j * (cell + PAD)
         lines = wrap(name, cell, max_lines=2)
