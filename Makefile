@@ -27,7 +27,7 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 completions: $(STAMP)
-	$(BIN)/python -m mixdiff_cli.completions completions/
+	$(BIN)/python -m mixdiff_cli.cli.completions completions/
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -34,7 +34,7 @@ def prompts() -> list[str]:
 
 def build(root: Path) -> tuple[Path, Path, dict[str, Path]]:
     """Tiny SD from configs, four LoRAs and a catalog whose trigger words pick one expert per prompt."""
-    from mixdiff_cli.experts import add_expert, init_catalog
+    from mixdiff_cli.experts.manage import add_expert, init_catalog
     from mixdiff_cli.testing import build_tiny_sd, make_lora
 
     base = build_tiny_sd(root / "sd")
@@ -72,12 +72,13 @@ def plain_diffusers(base: Path, lora: Path, texts: list[str], out: Path, steps: 
 
 
 def mixdiff_batch(catalog: Path, prompt_file: Path, out: Path, steps: int, batch_size: int, seed: int, engine, exact: bool):
-    from mixdiff_cli.batch import run_batch
+    from mixdiff_cli.sampling.batch import run_batch
+    from mixdiff_cli.sampling.options import GenerationOptions
 
     def run() -> tuple[float, float]:
         shutil.rmtree(out, ignore_errors=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        result = run_batch(catalog, prompt_file, out, batch_size=batch_size, seed=seed, steps=steps, engine=engine, exact=exact)
+        result = run_batch(catalog, prompt_file, out, GenerationOptions(batch_size=batch_size, seed=seed, steps=steps), engine=engine, exact=exact)
         assert result.written == len(prompts()) and result.exit_code == 0
         return time.perf_counter() - t0, time.process_time() - c0
 
@@ -95,7 +96,7 @@ def main() -> int:
 
     import torch
 
-    from mixdiff_cli.engine import Engine
+    from mixdiff_cli.sampling.engine import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)

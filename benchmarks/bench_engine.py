@@ -41,7 +41,7 @@ def fixtures() -> dict[str, Path]:
 
 def make_catalog(folder: Path, base: Path, lora: Path, n: int) -> Path:
     """A catalog with `n` experts (copies of one LoRA under distinct names)."""
-    from mixdiff_cli.experts import add_expert, init_catalog
+    from mixdiff_cli.experts.manage import add_expert, init_catalog
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -73,12 +73,12 @@ def interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, d
 def bench_speed(fx: dict[str, Path], steps: int, reps: int) -> dict[str, float]:
     import torch
 
-    from mixdiff_cli.engine import Engine, Request
+    from mixdiff_cli.sampling.engine import Engine, Request
     from mixdiff_cli.testing import load_pipeline
 
     torch.set_num_threads(1)
     cat = make_catalog(CACHE / "cat2", fx["base"], fx["l0"], 0)
-    from mixdiff_cli.experts import add_expert
+    from mixdiff_cli.experts.manage import add_expert
 
     add_expert(cat, str(fx["l0"]), name="l0")
     add_expert(cat, str(fx["l1"]), name="l1")
@@ -120,7 +120,7 @@ def _rss_child(catalog: str, steps: int) -> None:
 
     import torch
 
-    from mixdiff_cli.engine import Engine, Request
+    from mixdiff_cli.sampling.engine import Engine, Request
 
     torch.set_num_threads(1)
     engine = Engine(catalog)
@@ -145,11 +145,11 @@ def bench_rss(fx: dict[str, Path], steps: int, reps: int) -> dict[str, float]:
 def bench_router(fx: dict[str, Path], n: int) -> dict[str, float]:
     """Router decision per prompt on precomputed base-encoder vectors (the text encoder excluded)."""
     try:
-        from mixdiff_cli.router import load_router
+        from mixdiff_cli.routing.router import load_router
     except ImportError:
         return {}
-    from mixdiff_cli.catalog import load_catalog
-    from mixdiff_cli.embed import load_text_encoders, router_vectors
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.models.text import load_text_encoders, router_vectors
 
     cat = load_catalog(make_catalog(CACHE / "cat8", fx["base"], fx["l0"], 8))
     text = load_text_encoders(cat, device="cpu")

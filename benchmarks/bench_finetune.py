@@ -65,7 +65,7 @@ class _Clock:
 def worker_mixdiff(base: Path, data: Path, work: Path, args) -> dict:
     """What `mixdiff fine-tune DATA --name bench --base BASE --no-register ...` runs: the library call
     the command makes, with a step callback (the CLI's is its progress bar) for the clock."""
-    from mixdiff_cli.finetune import FineTuneConfig, StepEvent, fine_tune
+    from mixdiff_cli.training.finetune import FineTuneConfig, StepEvent, fine_tune
 
     out = work / f"run-{os.getpid()}"
     clock = _Clock(args.steps)
@@ -85,7 +85,7 @@ def worker_minimal(base: Path, data: Path, work: Path, args) -> dict:
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
-    from mixdiff_cli.dataset import load_image, scan_dataset, to_tensor
+    from mixdiff_cli.training.dataset import load_image, scan_dataset, to_tensor
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)

@@ -60,10 +60,10 @@ def mean(values) -> float:
 
 def evaluate_split(engine, router, split: str, args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
     """One prompt set: per-domain and overall numbers, and the images (column -> list) for the sheet."""
-    from mixdiff_cli.dataset import scan_dataset
+    from mixdiff_cli.training.dataset import scan_dataset
     from mixdiff_cli.demo import data
-    from mixdiff_cli.engine import Request
-    from mixdiff_cli.evaluate import HeldoutLoss
+    from mixdiff_cli.sampling.engine import Request
+    from mixdiff_cli.evaluation.evaluate import HeldoutLoss
 
     domains = [d for d in data.DOMAINS if d in engine.catalog.names]
     items = []  # (domain, caption, attrs)
@@ -146,11 +146,11 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mixdiff_cli.catalog import load_catalog, packaged_catalog_path
-    from mixdiff_cli.engine import Engine
-    from mixdiff_cli.figures import contact_sheet
-    from mixdiff_cli.quiet import quiet_frameworks
-    from mixdiff_cli.router import load_router
+    from mixdiff_cli.catalog.schema import load_catalog, packaged_catalog_path
+    from mixdiff_cli.sampling.engine import Engine
+    from mixdiff_cli.evaluation.figures import contact_sheet
+    from mixdiff_cli.core.quiet import quiet_frameworks
+    from mixdiff_cli.routing.router import load_router
 
     t0 = time.perf_counter()
     cat = load_catalog(args.catalog or packaged_catalog_path())

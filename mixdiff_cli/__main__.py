@@ -1,3 +1,3 @@
-from .cli import main
+from mixdiff_cli.cli import main
 
 main()

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from mixdiff_cli.tokenizer import BOS, EOS, write_clip_tokenizer
+from mixdiff_cli.core.tokenizer import BOS, EOS, write_clip_tokenizer
 
 LoraFormat = Literal["diffusers", "peft", "kohya"]
 
-# A small general vocabulary, meant to be one token per word (see mixdiff_cli.tokenizer).
+# A small general vocabulary, meant to be one token per word (see mixdiff_cli.core.tokenizer).
 VOCAB: tuple[str, ...] = tuple(
     """
     a an the of in on at with and or by for to from over under near behind
@@ -406,7 +406,7 @@ def make_full_model(
     if single_file is not None:
         from safetensors.torch import save_file
 
-        from mixdiff_cli.formats import diffusers_to_sgm
+        from mixdiff_cli.catalog.formats import diffusers_to_sgm
 
         cfg = dict(unet.config)
         state = {f"model.diffusion_model.{diffusers_to_sgm(k, cfg)}": v.contiguous() for k, v in unet.state_dict().items()}
@@ -418,7 +418,7 @@ def make_full_model(
 def build_tiny_catalog(folder: str | Path, seed: int = 0) -> Path:
     """A ready catalog over the tiny SD model with three LoRA experts (the stand-in default before the
     demo model exists, and a playground). Built through the public catalog API; idempotent."""
-    from .quiet import quiet_frameworks
+    from mixdiff_cli.core.quiet import quiet_frameworks
 
     folder = Path(folder)
     catalog = folder / "experts.yaml"
@@ -429,7 +429,7 @@ def build_tiny_catalog(folder: str | Path, seed: int = 0) -> Path:
 
 
 def _build_tiny_catalog(folder: Path, catalog: Path, seed: int) -> Path:
-    from .experts import add_expert, init_catalog
+    from mixdiff_cli.experts.manage import add_expert, init_catalog
 
     base = build_tiny_sd(folder / "base", seed=seed) if not (folder / "base" / "model_index.json").is_file() else folder / "base"
     experts = {

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_VERSION = "1"  # bump to force a rebuild without a source change
 # Sources whose change invalidates the cache (formats.py: the single-file writer uses its name map).
-BUILDER_SOURCES = ("mixdiff_cli/testing.py", "mixdiff_cli/tokenizer.py", "mixdiff_cli/formats.py")
+BUILDER_SOURCES = ("mixdiff_cli/testing.py", "mixdiff_cli/core/tokenizer.py", "mixdiff_cli/catalog/formats.py")
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "safetensors")
 
 # (arch, format) -> how each fixture LoRA is made; every one is rank 4 on to_q/to_k/to_v/to_out.0.

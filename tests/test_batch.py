@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from mixdiff_cli.batch import BatchError, batch_invariant, read_manifest, run_batch
-from mixdiff_cli.engine import OutputError
-from mixdiff_cli.prompts import PromptFileError
+from mixdiff_cli.sampling.batch import BatchError, read_manifest, run_batch
+from mixdiff_cli.sampling.invariant import batch_invariant
+from mixdiff_cli.sampling.options import GenerationOptions
+from mixdiff_cli.core.errors import OutputError
+from mixdiff_cli.sampling.prompts import PromptFileError
 
 COLORS = {"reds": "red", "blues": "blue", "greens": "green"}
 THINGS = ["cat", "dog", "tree", "house", "car", "bird", "star", "circle"]
@@ -27,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def batch_catalog(tiny_sd, tmp_path_factory) -> Path:
     """A catalog of three LoRA experts on tiny_sd; each prompt's colour word triggers one of them."""
-    from mixdiff_cli.experts import add_expert, init_catalog
+    from mixdiff_cli.experts.manage import add_expert, init_catalog
     from mixdiff_cli.testing import make_lora
 
     root = tmp_path_factory.mktemp("batch-catalog")
@@ -56,7 +58,7 @@ def manifest(out: Path) -> dict[str, dict]:
 
 
 def engine_for(catalog: Path, max_loaded: int = 4):
-    from mixdiff_cli.engine import Engine
+    from mixdiff_cli.sampling.engine import Engine
 
     return Engine(catalog, device="cpu", max_loaded=max_loaded)
 
@@ -75,14 +77,14 @@ def test_groups_by_route_and_images_do_not_depend_on_batch_size_or_order(batch_c
         return generate(requests, route, *args, **kwargs)
 
     engine.generate = spy
-    one = run_batch(batch_catalog, prompts, tmp_path / "bs1", batch_size=1, seed=5, steps=STEPS, engine=engine)
+    one = run_batch(batch_catalog, prompts, tmp_path / "bs1", GenerationOptions(batch_size=1, seed=5, steps=STEPS), engine=engine)
     assert (one.written, one.failed, one.exit_code) == (24, 0, 0)
     assert sorted(engine.loads) == ["blues", "greens", "reds"]  # each expert set activated once
     assert len(calls) == 24
 
     engine.loads.clear()
     calls.clear()
-    four = run_batch(batch_catalog, prompts, tmp_path / "bs4", batch_size=4, seed=5, steps=STEPS, engine=engine)
+    four = run_batch(batch_catalog, prompts, tmp_path / "bs4", GenerationOptions(batch_size=4, seed=5, steps=STEPS), engine=engine)
     assert four.written == 24
     assert len(calls) == 6 and all(n == 4 for n, _ in calls)  # 3 routes x 8 prompts in batches of 4
     switches = sum(calls[i][1] != calls[i - 1][1] for i in range(1, len(calls)))
@@ -99,7 +101,7 @@ def test_groups_by_route_and_images_do_not_depend_on_batch_size_or_order(batch_c
     order = list(range(24))
     random.Random(0).shuffle(order)
     shuffled = write_prompts(tmp_path / "s.txt", [f"{lines[i]} --seed {5 + i}" for i in order])
-    run_batch(batch_catalog, shuffled, tmp_path / "shuf", batch_size=3, seed=99, steps=STEPS, engine=engine)
+    run_batch(batch_catalog, shuffled, tmp_path / "shuf", GenerationOptions(batch_size=3, seed=99, steps=STEPS), engine=engine)
     ms = manifest(tmp_path / "shuf")
     by_prompt = {r["prompt"]: r for r in m1.values()}
     for record in ms.values():
@@ -129,9 +131,10 @@ def test_batch_invariant_makes_batched_unet_match_single(tiny_sd):
 WORKER = """
 import json, os, sys
 from pathlib import Path
-from mixdiff_cli.batch import run_batch
+from mixdiff_cli.sampling.batch import run_batch
+from mixdiff_cli.sampling.options import GenerationOptions
 args = json.loads(sys.argv[1])
-result = run_batch(args["catalog"], args["prompts"], args["out"], **args["options"])
+result = run_batch(args["catalog"], args["prompts"], args["out"], GenerationOptions(**args["options"]))
 report = Path(args["out"]).parent / f"result-{os.environ.get('RANK', '0')}.json"
 report.write_text(json.dumps(result.to_dict()))
 sys.exit(result.exit_code)
@@ -161,7 +164,7 @@ def wait_for_lines(manifest_path: Path, n: int, proc: subprocess.Popen, timeout:
 def test_killed_batch_resumes_to_the_same_images(batch_catalog, tmp_path, sig):
     prompts = write_prompts(tmp_path / "p.txt", prompt_lines(9))
     options = {"batch_size": 1, "seed": 11, "steps": STEPS, "device": "cpu"}
-    ref = run_batch(batch_catalog, prompts, tmp_path / "ref", **options)
+    ref = run_batch(batch_catalog, prompts, tmp_path / "ref", GenerationOptions(**options))
     assert ref.written == 9
 
     out = tmp_path / "out"
@@ -184,7 +187,7 @@ def test_killed_batch_resumes_to_the_same_images(batch_catalog, tmp_path, sig):
     partial = manifest(out)  # parses: no torn line survives
     assert 2 <= len(partial) < 9
     for record in partial.values():  # every recorded image is complete and verifies
-        from mixdiff_cli.batch import file_sha256
+        from mixdiff_cli.sampling.batch import file_sha256
 
         assert file_sha256(out / record["path"]) == record["sha256"]
     if sig == signal.SIGTERM:
@@ -192,8 +195,8 @@ def test_killed_batch_resumes_to_the_same_images(batch_catalog, tmp_path, sig):
         assert {p.name for p in out.glob("*.png")} == {r["path"] for r in partial.values()}  # nothing unrecorded
 
     with pytest.raises(BatchError, match="--resume"):
-        run_batch(batch_catalog, prompts, out, **options)  # refuses to mix runs without --resume
-    resumed = run_batch(batch_catalog, prompts, out, resume=True, **options)
+        run_batch(batch_catalog, prompts, out, GenerationOptions(**options))  # refuses to mix runs without --resume
+    resumed = run_batch(batch_catalog, prompts, out, GenerationOptions(**options), resume=True)
     assert resumed.skipped == len(partial) and resumed.written == 9 - len(partial) and resumed.exit_code == 0
     final, reference = manifest(out), manifest(tmp_path / "ref")
     assert final.keys() == reference.keys()
@@ -205,16 +208,16 @@ def test_resume_regenerates_only_missing_or_corrupt_images(batch_catalog, tmp_pa
     prompts = write_prompts(tmp_path / "p.txt", prompt_lines(4))
     engine = engine_for(batch_catalog)
     out = tmp_path / "out"
-    first = run_batch(batch_catalog, prompts, out, batch_size=2, seed=1, steps=STEPS, engine=engine)
+    first = run_batch(batch_catalog, prompts, out, GenerationOptions(batch_size=2, seed=1, steps=STEPS), engine=engine)
     records = manifest(out)
     victim, gone = list(records.values())[:2]
     (out / victim["path"]).write_bytes(b"not a png")  # fails sha256 verification
     (out / gone["path"]).unlink()
-    again = run_batch(batch_catalog, prompts, out, batch_size=2, steps=STEPS, engine=engine, resume=True)
+    again = run_batch(batch_catalog, prompts, out, GenerationOptions(batch_size=2, steps=STEPS), engine=engine, resume=True)
     assert (first.written, again.skipped, again.written) == (4, 2, 2)
     assert again.base_seed == 1  # reused from the manifest: the rebuilt images match the others
     assert {k: r["sha256"] for k, r in manifest(out).items()} == {k: r["sha256"] for k, r in records.items()}
-    changed = run_batch(batch_catalog, prompts, out, batch_size=2, steps=STEPS + 1, engine=engine, resume=True)
+    changed = run_batch(batch_catalog, prompts, out, GenerationOptions(batch_size=2, steps=STEPS + 1), engine=engine, resume=True)
     assert changed.written == 4 and changed.skipped == 0  # other settings: not the same images
     assert all(r["steps"] == STEPS + 1 for r in manifest(out).values())
 
@@ -241,7 +244,7 @@ def test_two_processes_write_every_item_once(batch_catalog, tmp_path):
     assert {r["rank"] for r in records.values()} == {0, 1}  # both processes generated
     assert not list(out.glob("manifest.part*.jsonl"))  # merged into one manifest
     assert len(list(out.glob("*.png"))) == 12
-    ref = run_batch(batch_catalog, prompts, tmp_path / "ref", **options)
+    ref = run_batch(batch_catalog, prompts, tmp_path / "ref", GenerationOptions(**options))
     assert ref.written == 12
     assert {k: r["sha256"] for k, r in records.items()} == {k: r["sha256"] for k, r in manifest(tmp_path / "ref").items()}
 
@@ -251,7 +254,7 @@ def test_malformed_line_fails_fast_with_its_line_number(batch_catalog, tmp_path)
     prompts.write_text("a red cat\na blue dog --seed many\na green tree\n")
     out = tmp_path / "out"
     with pytest.raises(PromptFileError) as info:
-        run_batch(batch_catalog, prompts, out, steps=STEPS, device="cpu")
+        run_batch(batch_catalog, prompts, out, GenerationOptions(steps=STEPS, device="cpu"))
     assert f"{prompts}:2:" in str(info.value) and "seed" in str(info.value)
     assert not out.exists()  # nothing partial
 
@@ -260,7 +263,7 @@ def test_unknown_expert_in_a_line_names_the_line(batch_catalog, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a red cat"}\n{"prompt": "a dog", "experts": ["purples"]}\n')
     with pytest.raises(PromptFileError) as info:
-        run_batch(batch_catalog, prompts, tmp_path / "out", steps=STEPS, device="cpu")
+        run_batch(batch_catalog, prompts, tmp_path / "out", GenerationOptions(steps=STEPS, device="cpu"))
     assert f"{prompts}:2:" in info.value.message and "'purples'" in info.value.message
     assert "reds" in info.value.hint  # lists the known experts
     assert not (tmp_path / "out").exists()
@@ -269,7 +272,7 @@ def test_unknown_expert_in_a_line_names_the_line(batch_catalog, tmp_path):
 def test_keep_going_skips_bad_lines_and_exits_1(batch_catalog, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog --w 13\na green tree --expert nobody\na red star\n")
-    result = run_batch(batch_catalog, prompts, tmp_path / "out", keep_going=True, steps=STEPS, device="cpu", seed=0)
+    result = run_batch(batch_catalog, prompts, tmp_path / "out", GenerationOptions(steps=STEPS, device="cpu", seed=0), keep_going=True)
     assert (result.total, result.written, result.failed, result.exit_code) == (4, 2, 2, 1)
     assert [e.split(": ", 1)[0] for e in result.errors] == [f"{prompts}:2", f"{prompts}:3"]
     assert sorted(r["prompt"] for r in manifest(tmp_path / "out").values()) == ["a red cat", "a red star"]
@@ -280,32 +283,32 @@ def test_unwritable_out_is_a_clear_error(batch_catalog, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OutputError, match="cannot write to --out") as info:
-        run_batch(batch_catalog, prompts, blocker / "out", steps=STEPS, device="cpu")
+        run_batch(batch_catalog, prompts, blocker / "out", GenerationOptions(steps=STEPS, device="cpu"))
     assert "writable" in info.value.hint
     assert blocker.read_text() == "x"
 
 
 def test_bad_options_are_usage_errors(batch_catalog, tmp_path):
-    from mixdiff_cli.errors import UsageError
+    from mixdiff_cli.core.errors import UsageError
 
     prompts = write_prompts(tmp_path / "p.txt", prompt_lines(1))
     for kwargs in ({"batch_size": 0}, {"width": 100}, {"scheduler": "plms"}, {"seed": -1}, {"top_k": 4}, {"threshold": 1.0}):
         with pytest.raises(UsageError) as info:
-            run_batch(batch_catalog, prompts, tmp_path / "out", **kwargs)
+            run_batch(batch_catalog, prompts, tmp_path / "out", GenerationOptions(**kwargs))
         assert info.value.exit_code == 2
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_run_expert_and_missing_base_leave_nothing(batch_catalog, tmp_path):
-    from mixdiff_cli.errors import ExpertNotFound, MixdiffError
+    from mixdiff_cli.core.errors import ExpertNotFound, MixdiffError
 
     prompts = write_prompts(tmp_path / "p.txt", prompt_lines(2))
     with pytest.raises(ExpertNotFound, match="purples"):
-        run_batch(batch_catalog, prompts, tmp_path / "out", experts=["purples:0.5"], device="cpu")
+        run_batch(batch_catalog, prompts, tmp_path / "out", GenerationOptions(experts=["purples:0.5"], device="cpu"))
     broken = tmp_path / "broken.yaml"
     broken.write_text(f"version: 1\nbase: {{source: {tmp_path / 'no-such-model'}}}\nrouter: null\nexperts: []\n")
     with pytest.raises(MixdiffError, match="does not exist"):
-        run_batch(broken, prompts, tmp_path / "out", device="cpu")
+        run_batch(broken, prompts, tmp_path / "out", GenerationOptions(device="cpu"))
     assert not (tmp_path / "out").exists()  # the folder made for the run is removed again
 
 
@@ -338,7 +341,7 @@ def test_cli_generate_prompts_exit_codes(batch_catalog, tmp_path):
 
 
 def test_manifest_parts_merge_and_torn_lines(tmp_path):
-    from mixdiff_cli.batch import ManifestError, merge_manifest
+    from mixdiff_cli.sampling.batch import ManifestError, merge_manifest
 
     def line(i, sha="x"):
         return json.dumps({"id": f"{i:05d}-aaaa", "index": i, "sha256": sha}) + "\n"
@@ -351,7 +354,7 @@ def test_manifest_parts_merge_and_torn_lines(tmp_path):
     assert [r["index"] for r in records] == [0, 1, 2, 4]  # one line per id, in item order
     assert records[2]["sha256"] == "new"  # the later line wins
     assert not list(tmp_path.glob("manifest.part*"))
-    from mixdiff_cli.batch import _Appender
+    from mixdiff_cli.sampling.batch import _Appender
 
     torn = tmp_path / "torn.jsonl"
     torn.write_text(line(0) + '{"id": "00001-')

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mixdiff_cli import catalog as catmod
-from mixdiff_cli.catalog import Base, Catalog, Expert, edit_catalog, find_catalog, load_catalog, save_catalog
-from mixdiff_cli.errors import CatalogError, CatalogNotFound, ExpertNotFound
+from mixdiff_cli.catalog import schema as catmod
+from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, find_catalog, load_catalog, save_catalog
+from mixdiff_cli.core.errors import CatalogError, CatalogNotFound, ExpertNotFound
 
 
 def write(path: Path, text: str) -> Path:
@@ -213,7 +213,7 @@ def test_hash_covers_what_the_experts_and_base_are_not_where_they_lie(tmp_path):
 
 
 def test_root_catalog_is_the_packaged_demo_seen_from_the_repository_root():
-    from mixdiff_cli.router import router_status
+    from mixdiff_cli.routing.router import router_status
 
     root, packaged = load_catalog(REPO / "experts.yaml"), load_catalog(catmod.packaged_catalog_path())
     assert root.names == packaged.names == ["shapes", "stripes", "landscapes", "glyphs"]

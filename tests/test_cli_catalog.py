@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mixdiff_cli.cli import app
-from mixdiff_cli.catalog import load_catalog
+from mixdiff_cli.catalog.schema import load_catalog
 
 runner = CliRunner()
 MIXDIFF = str(Path(sys.executable).with_name("mixdiff"))
@@ -247,7 +247,7 @@ print(",".join(m for m in ("torch", "diffusers", "transformers", "peft", "accele
 
 
 def test_completions_are_fresh_and_complete_expert_names(catalog, lora_files):
-    from mixdiff_cli.completions import SHELLS, completion_script
+    from mixdiff_cli.cli.completions import SHELLS, completion_script
 
     root = Path(__file__).resolve().parents[1] / "completions"
     for shell, name in SHELLS.items():

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mixdiff_cli.catalog import packaged_catalog_path
+from mixdiff_cli.catalog.schema import packaged_catalog_path
 from mixdiff_cli.cli import app
 from mixdiff_cli.demo import data
-from mixdiff_cli.engine import Engine, Request
-from mixdiff_cli.router import load_router
+from mixdiff_cli.sampling.engine import Engine, Request
+from mixdiff_cli.routing.router import load_router
 
 DEMO = packaged_catalog_path()  # mixdiff_cli/data/demo/experts.yaml, passed explicitly (conftest points $MIXDIFF_CATALOG elsewhere)
 STEPS = 12  # DDIM; the demo's default 64x64 size and guidance

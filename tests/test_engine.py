@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixdiff_cli.engine import Engine, ExpertLoadError, Request
-from mixdiff_cli.errors import ExpertNotFound, UsageError
-from mixdiff_cli.experts import add_expert, init_catalog
+from mixdiff_cli.sampling.engine import Engine, ExpertLoadError, Request
+from mixdiff_cli.core.errors import ExpertNotFound, UsageError
+from mixdiff_cli.experts.manage import add_expert, init_catalog
 
 PROMPT = "a photo of a red cat"
 STEPS = 6
@@ -36,7 +36,7 @@ def make_catalog(folder: Path, base: Path, experts: dict[str, Path]) -> Path:
 def plain_pipe(base: Path, loras: dict[str, Path] | None = None):
     """Plain diffusers with the same LoRAs, loaded the standard way."""
     from mixdiff_cli import testing
-    from mixdiff_cli.formats import inspect_source, lora_for_diffusers
+    from mixdiff_cli.catalog.formats import inspect_source, lora_for_diffusers
 
     pipe = testing.load_pipeline(base)
     for name, path in (loras or {}).items():
@@ -141,7 +141,7 @@ def test_adapter_hooks_route_each_sample_and_are_always_removed(tiny_sd, lora_fi
     import torch
     from peft.tuners.lora.layer import LoraLayer
 
-    from mixdiff_cli.mixture import adapter_names_hooks
+    from mixdiff_cli.sampling.mixture import adapter_names_hooks
 
     pipe = plain_pipe(tiny_sd, {"a": lora_files[("sd1", "diffusers")], "b": lora_files[("sd1", "kohya")]})
     unet = pipe.unet
@@ -356,7 +356,7 @@ def test_broken_expert_file_is_a_load_error(tiny_sd, lora_files, tmp_path):
 def test_schedulers_match_plain_diffusers(tiny_sd, tmp_path, scheduler):
     import torch
 
-    from mixdiff_cli.engine import make_scheduler
+    from mixdiff_cli.sampling.engine import make_scheduler
 
     engine = Engine(make_catalog(tmp_path, tiny_sd, {}))
     pipe = plain_pipe(tiny_sd)
@@ -369,7 +369,7 @@ def test_schedulers_match_plain_diffusers(tiny_sd, tmp_path, scheduler):
 
 
 def test_pil_images_carry_a_reproducible_record(arch, engine, three_loras, arch_catalog):
-    from mixdiff_cli.catalog import load_catalog
+    from mixdiff_cli.catalog.schema import load_catalog
 
     names = list(three_loras)[:2]
     image = engine.generate([Request(PROMPT, negative="blurry, ugly", steps=3)], [(names[0], 0.75), (names[1], 0.25)])[0]
@@ -413,8 +413,8 @@ def test_router_vector_is_the_pooled_text_feature_of_the_same_pass(arch, engine)
 def test_text_only_loading_has_no_unet(tiny_sd, tmp_path):
     import torch
 
-    from mixdiff_cli.catalog import load_catalog
-    from mixdiff_cli.embed import load_text_encoders, router_vectors
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.models.text import load_text_encoders, router_vectors
 
     cat = load_catalog(make_catalog(tmp_path, tiny_sd, {}))
     text = load_text_encoders(cat, device="cpu")

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mixdiff_cli import evaluate as E
-from mixdiff_cli import figures as F
+from mixdiff_cli.evaluation import evaluate as E
+from mixdiff_cli.evaluation import figures as F
 from mixdiff_cli.cli import app
-from mixdiff_cli.errors import UsageError
+from mixdiff_cli.core.errors import UsageError
 
 runner = CliRunner()
 
@@ -203,7 +203,7 @@ PROMPTS = {
 def workspace(tmp_path_factory, tiny_sd, lora_files, full_model) -> dict:
     """A catalog of two LoRA experts and one full-model expert, with held-out data for two of them."""
     from mixdiff_cli.demo.data import write_dataset
-    from mixdiff_cli.experts import add_expert, init_catalog
+    from mixdiff_cli.experts.manage import add_expert, init_catalog
 
     root = tmp_path_factory.mktemp("evaluate")
     catalog = root / "experts.yaml"
@@ -280,7 +280,7 @@ def test_routing_gate_json_and_bad_labels(workspace, tmp_path):
 
 
 def test_routing_counts_trigger_words_and_abstentions_apart_from_the_gate(tiny_sd, tmp_path):
-    from mixdiff_cli.experts import add_expert, init_catalog
+    from mixdiff_cli.experts.manage import add_expert, init_catalog
 
     catalog = tmp_path / "experts.yaml"
     init_catalog(catalog, base=str(tiny_sd))
@@ -305,7 +305,7 @@ def test_routing_counts_trigger_words_and_abstentions_apart_from_the_gate(tiny_s
 
 
 def test_loss_matrix_is_deterministic_batch_invariant_and_is_fine_tunes_loss(workspace, tiny_sd, lora_files):
-    from mixdiff_cli.finetune import denoising_loss
+    from mixdiff_cli.training.finetune import denoising_loss
 
     data = workspace["data"]
     one = E.evaluate_experts(workspace["catalog"], data, batch_size=16, evals=6)
@@ -368,7 +368,7 @@ def _tiny_clip(folder: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     from mixdiff_cli.testing import VOCAB
-    from mixdiff_cli.tokenizer import BOS, EOS, write_clip_tokenizer
+    from mixdiff_cli.core.tokenizer import BOS, EOS, write_clip_tokenizer
 
     write_clip_tokenizer(folder, VOCAB)
     tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), bos_token=BOS, eos_token=EOS,
@@ -392,7 +392,7 @@ def test_samples_command_contact_sheet_and_clip_score(workspace, tmp_path):
     import torch
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from mixdiff_cli.pngmeta import read_record
+    from mixdiff_cli.sampling.pngmeta import read_record
 
     clip = _tiny_clip(tmp_path / "clip")
     prompts = tmp_path / "prompts.txt"

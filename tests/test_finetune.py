@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mixdiff_cli.catalog import load_catalog
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.cli import app
-from mixdiff_cli.dataset import DatasetError, scan_dataset, with_trigger
-from mixdiff_cli.experts import init_catalog
-from mixdiff_cli.finetune import (
+from mixdiff_cli.training.dataset import DatasetError, scan_dataset, with_trigger
+from mixdiff_cli.experts.manage import init_catalog
+from mixdiff_cli.training.finetune import (
     CheckpointError,
     FineTuneConfig,
     InvalidConfig,
@@ -114,7 +114,7 @@ def test_scan_metadata_jsonl_and_trigger(tmp_path):
 
 
 def test_load_image_resizes_and_crops_any_size(tmp_path):
-    from mixdiff_cli.dataset import load_image
+    from mixdiff_cli.training.dataset import load_image
 
     _image(tmp_path / "w.png", (100, 50))
     im = load_image(tmp_path / "w.png", 32, "random", flip=True, u=(1.0, 0.0))
@@ -241,7 +241,7 @@ def calibrated_sd(tmp_path_factory, tiny_sd) -> Path:
     import torch
     from diffusers import AutoencoderKL
 
-    from mixdiff_cli.dataset import load_image, to_tensor
+    from mixdiff_cli.training.dataset import load_image, to_tensor
 
     folder = tmp_path_factory.mktemp("calibrated") / "sd"
     shutil.copytree(tiny_sd, folder)
@@ -365,7 +365,7 @@ def test_lora_is_registered_and_loads_in_plain_diffusers(tmp_path, catalog, smal
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from mixdiff_cli.finetune import _split, base_hash
+    from mixdiff_cli.training.finetune import _split, base_hash
 
     result = run("fine-tune", small, "--name", "sq", "--catalog", catalog, "--steps", "6", "--rank", "4", "--alpha", "8",
                  "--resolution", "32", "--batch-size", "2", "--seed", "1", "--lr", "1e-2", "--trigger", "zqx", "--json")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mixdiff_cli import testing
-from mixdiff_cli.formats import inspect_source, lora_for_diffusers
+from mixdiff_cli.catalog.formats import inspect_source, lora_for_diffusers
 
 PROMPT = "a photo of a red cat"
 
@@ -204,8 +204,8 @@ def test_cached_builds_once_and_never_leaves_half_a_fixture(tmp_path):
 
 
 def test_tiny_catalog_for_make_demo_is_valid_and_idempotent(tmp_path):
-    from mixdiff_cli.catalog import load_catalog
-    from mixdiff_cli.experts import verify_experts
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.experts.manage import verify_experts
     from mixdiff_cli.testing import build_tiny_catalog
 
     path = build_tiny_catalog(tmp_path / "tiny")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mixdiff_cli.errors import MixdiffError
-from mixdiff_cli.formats import (
+from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.catalog.formats import (
     ARCH_LABELS,
     AmbiguousSource,
     ArchitectureMismatch,
@@ -297,7 +297,7 @@ def test_expected_shapes_match_diffusers_unets(name, cfg, tiny_sd, tiny_sdxl):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from mixdiff_cli.formats import _expected_shape, _sgm_to_diffusers
+    from mixdiff_cli.catalog.formats import _expected_shape, _sgm_to_diffusers
 
     if cfg is None:
         cfg = unet_config(tiny_sd if name == "tiny-sd" else tiny_sdxl)
@@ -474,7 +474,7 @@ def test_inspection_reads_headers_only(tmp_path):
 def test_formats_import_and_inspection_need_no_torch(lora_files, full_model, full_model_file, tiny_sdxl):
     paths = [*map(str, lora_files.values()), str(full_model), str(full_model_file), str(tiny_sdxl)]
     code = (
-        "import sys; from mixdiff_cli.formats import inspect_source\n"
+        "import sys; from mixdiff_cli.catalog.formats import inspect_source\n"
         f"infos = [inspect_source(p) for p in {paths!r}]\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'numpy') if m in sys.modules)\n"
         "print(len(infos), heavy)"

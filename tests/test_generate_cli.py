@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mixdiff_cli.cli import app
-from mixdiff_cli.experts import add_expert, init_catalog
-from mixdiff_cli.pngmeta import MetadataError, a1111_parameters, parse_a1111, read_png, read_record, save_png
+from mixdiff_cli.experts.manage import add_expert, init_catalog
+from mixdiff_cli.sampling.pngmeta import MetadataError, a1111_parameters, parse_a1111, read_png, read_record, save_png
 
 runner = CliRunner()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixdiff_cli.prompts import PromptFileError, load_prompts, parse_prompts, parse_txt_line
+from mixdiff_cli.sampling.prompts import PromptFileError, load_prompts, parse_prompts, parse_txt_line
 
 
 def write(tmp_path, name, text):

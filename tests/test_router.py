@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mixdiff_cli import router as R
-from mixdiff_cli.catalog import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
+from mixdiff_cli.routing.route import RouteSpecError, parse_member
+from mixdiff_cli.routing import router as R
+from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
 from mixdiff_cli.cli import app
-from mixdiff_cli.errors import ExpertNotFound, UsageError
+from mixdiff_cli.core.errors import ExpertNotFound, UsageError
 
 EXPERTS = {
     "animals": (["a photo of a cat", "a dog in the grass", "a horse and a bird", "a small fish"], ["zoo"]),
@@ -108,7 +109,7 @@ def test_overrides_replace_the_router(words_router):
     with pytest.raises(UsageError, match="positive"):
         words_router.decide(vec, "", overrides=["city:0"])
     with pytest.raises(UsageError, match="not a number"):
-        R.parse_override("city:heavy")
+        parse_member("city:heavy")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -117,7 +118,7 @@ def test_overrides_replace_the_router(words_router):
 ])
 def test_bad_options_are_usage_errors(words_router, kwargs, message):
     vec = words_router.embed(["a cat"])[0]
-    with pytest.raises(R.RouteOptionError, match=message) as err:
+    with pytest.raises(RouteSpecError, match=message) as err:
         words_router.decide(vec, "a cat", **kwargs)
     assert err.value.exit_code == 2 and err.value.hint
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mixdiff_cli import router as R
-from mixdiff_cli.catalog import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
+from mixdiff_cli.routing import router as R
+from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
 
 # Domain words (with synonyms) from the tiny fixture's one-token vocabulary where possible.
 DOMAINS: dict[str, list[str]] = {
@@ -203,7 +203,7 @@ def test_extend_refuses_an_already_stale_checkpoint(tmp_path, tiny_sd):
 
 def test_add_and_remove_expert_keep_the_router_in_step(tmp_path, tiny_sd, lora_files):
     """The lead's add_expert/remove_expert call extend_router/drop_router_row (the registration path)."""
-    from mixdiff_cli.experts import add_expert, init_catalog, remove_expert
+    from mixdiff_cli.experts.manage import add_expert, init_catalog, remove_expert
 
     cat = init_catalog(tmp_path / "experts.yaml", base=str(tiny_sd))
     for d in ("animals", "shapes"):

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
-from . import catalog, evaluate, finetune, generate, route, router
-from ._output import out
+from mixdiff_cli import __version__
+from mixdiff_cli.cli import catalog, evaluate, finetune, generate, route, router
+from mixdiff_cli.cli._output import out
 
 app = typer.Typer(
     name="mixdiff",

@@ -10,8 +10,8 @@ from typing import Any
 
 import typer
 
-from ..errors import MixdiffError, MixdiffWarning
-from ._output import out
+from mixdiff_cli.core.errors import MixdiffError, MixdiffWarning
+from mixdiff_cli.cli._output import out
 
 
 def debug() -> bool:

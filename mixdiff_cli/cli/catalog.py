@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import CatalogOpt, ExpertNameArg, JsonOpt
-from ._errors import command
-from ._output import out
+from mixdiff_cli.cli._common import CatalogOpt, ExpertNameArg, JsonOpt
+from mixdiff_cli.cli._errors import command
+from mixdiff_cli.cli._output import out
 
 experts_app = typer.Typer(help="List, inspect, verify and remove the catalog's experts.", no_args_is_help=True)
 
@@ -25,7 +25,7 @@ def init(
 
     Example: mixdiff init --base ./models/sd15
     """
-    from ..experts import init_catalog
+    from mixdiff_cli.experts.manage import init_catalog
 
     cat = init_catalog(catalog, base, force=force)
     out.result(str(cat.path), {"catalog": str(cat.path), "base": cat.base.to_dict() if cat.base else None})
@@ -48,8 +48,8 @@ def add_expert(
 
     Example: mixdiff add-expert my-style.safetensors --prompt "a watercolor harbour" --trigger wtrclr
     """
-    from ..catalog import find_catalog
-    from ..experts import add_expert as add
+    from mixdiff_cli.catalog.schema import find_catalog
+    from mixdiff_cli.experts.manage import add_expert as add
 
     if kind is not None and kind not in ("lora", "model"):
         raise typer.BadParameter(f"{kind!r} is not lora or model", param_hint="--kind")
@@ -72,8 +72,8 @@ def list_experts(catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None
 
     Example: mixdiff experts list --json
     """
-    from ..catalog import find_catalog, load_catalog
-    from ..experts import expert_rows
+    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.experts.manage import expert_rows
 
     if json_mode:
         out.configure(json_mode=True)
@@ -86,7 +86,7 @@ def list_experts(catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None
 
 def show(name: ExpertNameArg, catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None:
     """Show one expert's catalog entry."""
-    from ..catalog import find_catalog, load_catalog
+    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
 
     if json_mode:
         out.configure(json_mode=True)
@@ -97,8 +97,8 @@ def show(name: ExpertNameArg, catalog: CatalogOpt = None, json_mode: JsonOpt = F
 
 def remove(name: ExpertNameArg, catalog: CatalogOpt = None) -> None:
     """Remove an expert from the catalog (its files are kept)."""
-    from ..catalog import find_catalog
-    from ..experts import remove_expert
+    from mixdiff_cli.catalog.schema import find_catalog
+    from mixdiff_cli.experts.manage import remove_expert
 
     path = find_catalog(catalog)
     exp = remove_expert(path, name)
@@ -111,8 +111,8 @@ def verify(
     json_mode: JsonOpt = False,
 ) -> None:
     """Check that every expert's files exist and match their sha256 (exit 1 on any mismatch)."""
-    from ..catalog import find_catalog, load_catalog
-    from ..experts import check_verified, verify_experts
+    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.experts.manage import check_verified, verify_experts
 
     if json_mode:
         out.configure(json_mode=True)

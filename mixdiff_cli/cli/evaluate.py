@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
-from ._common import CatalogOpt, DeviceOpt, DtypeOpt, JsonOpt, StepsOpt
-from ._errors import command
-from ._output import out
+from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, DtypeOpt, JsonOpt, StepsOpt
+from mixdiff_cli.cli._errors import command
+from mixdiff_cli.cli._output import out
 
 if TYPE_CHECKING:
-    from ..evaluate import Report
+    from mixdiff_cli.evaluation.evaluate import Report
 
 evaluate_app = typer.Typer(
     help="Measure the router, the experts' specialisation and the mixture's samples. Each command writes "
@@ -28,7 +28,7 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Report folder: report
 
 def _finish(report: Report, out_dir: Path, rows: list[dict[str, Any]], columns: list[str], title: str, lines: list[str]) -> None:
     """Write the report, render its summary (or the JSON report), then enforce its gates."""
-    from ..evaluate import write_report
+    from mixdiff_cli.evaluation.evaluate import write_report
 
     written = write_report(report, out_dir)
     if out.json:
@@ -71,9 +71,9 @@ def routing(
 
     Example: mixdiff evaluate routing --prompts heldout.jsonl --min-accuracy 0.8 -o eval/routing
     """
-    from ..catalog import find_catalog, load_catalog
-    from ..evaluate import evaluate_routing
-    from ..quiet import quiet_frameworks
+    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.evaluation.evaluate import evaluate_routing
+    from mixdiff_cli.core.quiet import quiet_frameworks
 
     if json_mode:
         out.configure(json_mode=True)
@@ -117,9 +117,9 @@ def experts(
 
     Example: mixdiff evaluate experts --data stripes=heldout/stripes --data shapes=heldout/shapes --max-loss-ratio 0.95
     """
-    from ..catalog import find_catalog, load_catalog
-    from ..evaluate import BASE_LABEL, evaluate_experts, parse_data_specs
-    from ..quiet import quiet_frameworks
+    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.evaluation.evaluate import BASE_LABEL, evaluate_experts, parse_data_specs
+    from mixdiff_cli.core.quiet import quiet_frameworks
 
     if json_mode:
         out.configure(json_mode=True)
@@ -170,9 +170,9 @@ def samples(
 
     Example: mixdiff evaluate samples --prompts prompts.txt --steps 25 --clip ./models/clip-vit-b32
     """
-    from ..catalog import find_catalog, load_catalog
-    from ..evaluate import evaluate_samples
-    from ..quiet import quiet_frameworks
+    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.evaluation.evaluate import evaluate_samples
+    from mixdiff_cli.core.quiet import quiet_frameworks
 
     if json_mode:
         out.configure(json_mode=True)

@@ -8,9 +8,9 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ._common import CatalogOpt, DeviceOpt, JsonOpt, SeedOpt
-from ._errors import command
-from ._output import out
+from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, JsonOpt, SeedOpt
+from mixdiff_cli.cli._errors import command
+from mixdiff_cli.cli._output import out
 
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 EXAMPLES = """
@@ -67,9 +67,9 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
-        from ..catalog import find_catalog
-        from ..errors import CatalogNotFound
-        from ..finetune import FineTuneConfig, fine_tune
+        from mixdiff_cli.catalog.schema import find_catalog
+        from mixdiff_cli.core.errors import CatalogNotFound
+        from mixdiff_cli.training.finetune import FineTuneConfig, fine_tune
 
         if json_out:
             out.configure(json_mode=True)
@@ -135,7 +135,7 @@ class _Progress:
             self.bar.__exit__(*exc)
 
     def on_event(self, event) -> None:
-        from ..finetune import CheckpointEvent, Note, StepEvent
+        from mixdiff_cli.training.finetune import CheckpointEvent, Note, StepEvent
 
         if isinstance(event, Note):
             (out.warn if event.level == "warn" else out.info)(event.text)

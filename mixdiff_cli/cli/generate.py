@@ -7,9 +7,9 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from ._common import CatalogOpt, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt
-from ._errors import command
-from ._output import out
+from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt
+from mixdiff_cli.cli._errors import command
+from mixdiff_cli.cli._output import out
 
 SchedulerOpt = Annotated[
     Optional[Literal["ddim", "euler", "euler-a", "dpm++"]],
@@ -61,31 +61,28 @@ def generate(
 
       mixdiff generate --prompts prompts.txt --out run1 --batch-size 4 --resume
     """
-    from ..errors import UsageError
+    from mixdiff_cli.core.errors import UsageError
+    from mixdiff_cli.sampling.options import GenerationOptions
 
     if json_mode:
         out.configure(json_mode=True)
+    options = GenerationOptions.from_values({**locals(), "experts": tuple(expert or ())})
     cat_path = _catalog_for(catalog, from_image)
     if prompts is not None:
         if prompt is not None or from_image is not None:
             raise UsageError("--prompts replaces PROMPT and --from", "pass either a prompt file or one prompt")
-        _batch(cat_path, prompts, out_dir, locals())
+        _batch(cat_path, prompts, out_dir, options, resume=resume, keep_going=keep_going)
         return
     if resume or keep_going:
         raise UsageError("--resume and --keep-going apply to --prompts", "add --prompts FILE or drop them")
     if prompt is None and from_image is None:
         raise UsageError("no prompt given", "pass a PROMPT, --from IMAGE.png or --prompts FILE")
 
-    from ..engine import generate_images
-    from ..quiet import quiet_frameworks
+    from mixdiff_cli.core.quiet import quiet_frameworks
+    from mixdiff_cli.sampling.generate import generate_images
 
     with quiet_frameworks(), _progress() as tick:
-        result = generate_images(
-            cat_path, prompt, negative=negative, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
-            scheduler=scheduler, num_images=num_images, batch_size=batch_size, top_k=top_k, temperature=temperature,
-            threshold=threshold, blend=blend, experts=expert, out_dir=out_dir, from_image=from_image, device=device,
-            dtype=dtype, max_loaded=max_loaded, compile=compile, progress=tick, warn=out.warn,
-        )
+        result = generate_images(cat_path, prompt, options, out_dir=out_dir, from_image=from_image, progress=tick, warn=out.warn)
     chosen = result.route.get("chosen") or []
     out.info("experts: " + (", ".join(f"{c['expert']} ({c['weight']:.2f})" for c in chosen) or "none (bare base)") + f"; blend: {result.blend}")
     out.result("\n".join(str(p) for p in result.paths), result.to_dict())
@@ -95,10 +92,10 @@ def _catalog_for(catalog: Path | None, from_image: Path | None) -> Path:
     """--catalog, else $MIXDIFF_CATALOG, else (for --from) the catalog recorded in the image, else discovery."""
     import os
 
-    from ..catalog import find_catalog
+    from mixdiff_cli.catalog.schema import find_catalog
 
     if catalog is None and from_image is not None and not os.environ.get("MIXDIFF_CATALOG"):
-        from ..pngmeta import read_record
+        from mixdiff_cli.sampling.pngmeta import read_record
 
         recorded = Path((read_record(from_image).get("catalog") or {}).get("path") or "")
         if recorded.name and recorded.is_file():
@@ -106,20 +103,14 @@ def _catalog_for(catalog: Path | None, from_image: Path | None) -> Path:
     return find_catalog(catalog)
 
 
-def _batch(cat_path: Path, prompts: Path, out_dir: Path, opts: dict[str, Any]) -> None:
-    """`--prompts FILE`: mixdiff_cli.batch.run_batch does the work."""
-    from ..batch import run_batch
-    from ..quiet import quiet_frameworks
+def _batch(cat_path: Path, prompts: Path, out_dir: Path, options: Any, *, resume: bool, keep_going: bool) -> None:
+    """`--prompts FILE`: mixdiff_cli.sampling.batch.run_batch does the work."""
+    from mixdiff_cli.core.quiet import quiet_frameworks
+    from mixdiff_cli.sampling.batch import run_batch
 
-    given = ("negative", "steps", "guidance", "scheduler", "width", "height", "device", "dtype", "blend")
-    kwargs = {k: opts[k] for k in given if opts[k] is not None}
-    kwargs.update({k: opts[k] for k in ("top_k", "temperature", "threshold", "max_loaded")})
     with quiet_frameworks(), _progress() as tick:
         on_image = None if tick is None else (lambda record, done, total: tick(done, total))
-        result = run_batch(
-            cat_path, prompts, out_dir, batch_size=opts["batch_size"], seed=opts["seed"], resume=opts["resume"],
-            keep_going=opts["keep_going"], experts=opts["expert"] or None, on_image=on_image, **kwargs,
-        )
+        result = run_batch(cat_path, prompts, out_dir, options, resume=resume, keep_going=keep_going, on_image=on_image)
     for line in result.errors:
         out.warn(line)
     out.result(f"{result.written} written, {result.skipped} skipped, {result.failed} failed -> {result.manifest}", result.to_dict())
@@ -162,7 +153,7 @@ def inspect(
 
     Example: mixdiff inspect outputs/00001-42.png --json
     """
-    from ..pngmeta import MetadataError, read_png
+    from mixdiff_cli.sampling.pngmeta import MetadataError, read_png
 
     if json_mode:
         out.configure(json_mode=True)

@@ -6,9 +6,9 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ._common import CatalogOpt, DeviceOpt, JsonOpt
-from ._errors import command
-from ._output import out
+from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, JsonOpt
+from mixdiff_cli.cli._errors import command
+from mixdiff_cli.cli._output import out
 
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="How many experts to blend (1 = the single best).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Softmax temperature over the router's logits (lower is sharper).")]
@@ -46,8 +46,8 @@ def route(
     Example: mixdiff route "a watercolor fox" --top-k 2
     Example: mixdiff route "a red circle" --expert shapes:0.7 --expert stripes:0.3 --json
     """
-    from ..catalog import find_catalog, load_catalog
-    from ..router import load_router
+    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.routing.router import load_router
 
     if json_mode:
         out.configure(json_mode=True)

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import CatalogOpt, JsonOpt
-from ._errors import command
-from ._output import out
+from mixdiff_cli.cli._common import CatalogOpt, JsonOpt
+from mixdiff_cli.cli._errors import command
+from mixdiff_cli.cli._output import out
 
 router_app = typer.Typer(help="Train and inspect the prompt router.", no_args_is_help=True)
 
@@ -35,8 +35,8 @@ def train(
 
     Example: mixdiff router train --prompts labeled.jsonl --hidden 64
     """
-    from ..catalog import find_catalog
-    from ..router import TrainConfig, train_router
+    from mixdiff_cli.catalog.schema import find_catalog
+    from mixdiff_cli.routing.router import TrainConfig, train_router
 
     if json_mode:
         out.configure(json_mode=True)
@@ -63,8 +63,8 @@ def show(catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None:
 
     Example: mixdiff router show
     """
-    from ..catalog import find_catalog, load_catalog
-    from ..router import router_status
+    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.routing.router import router_status
 
     if json_mode:
         out.configure(json_mode=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mixdiff_cli.demo import data as demo_data
-from mixdiff_cli.errors import MixdiffError
+from mixdiff_cli.core.errors import MixdiffError
 
 Log = Callable[[str], None]
 

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mixdiff_cli.errors import UsageError
+from mixdiff_cli.core.errors import UsageError
 
 Split = Literal["train", "rephrased", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "rephrased", "heldout")
@@ -268,7 +268,7 @@ def vocabulary() -> list[str]:
 
 def write_tokenizer(folder: str | Path) -> Path:
     """Write the demo's CLIP tokenizer (one token per vocabulary word) to `folder`."""
-    from mixdiff_cli.tokenizer import write_clip_tokenizer
+    from mixdiff_cli.core.tokenizer import write_clip_tokenizer
 
     return write_clip_tokenizer(folder, vocabulary())
 

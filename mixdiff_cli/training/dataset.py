@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .errors import MixdiffError
-from .formats import sha256_file
+from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.catalog.formats import sha256_file
 
 if TYPE_CHECKING:
     import torch

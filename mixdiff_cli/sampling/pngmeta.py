@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MixdiffError
-from .fsutil import atomic_path
+from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.core.fsutil import atomic_path
 
 PARAMETERS_KEY = "parameters"
 RECORD_KEY = "mixdiff"

@@ -9,8 +9,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import sources
-from .catalog import (
+from mixdiff_cli.catalog import sources
+from mixdiff_cli.catalog.schema import (
     CATALOG_NAME,
     Base,
     Catalog,
@@ -22,7 +22,7 @@ from .catalog import (
     catalog_lock,
     slugify,
 )
-from .errors import CatalogError, DuplicateExpert, MixdiffError, MixdiffWarning, UsageError, VerifyFailed
+from mixdiff_cli.core.errors import CatalogError, DuplicateExpert, MixdiffError, MixdiffWarning, UsageError, VerifyFailed
 
 
 def _now() -> str:
@@ -31,7 +31,7 @@ def _now() -> str:
 
 def base_arch(source_path: Path) -> str | None:
     """Architecture of a base model on disk (diffusers folder or single file), from configs/headers only."""
-    from .formats import arch_of_unet_config, inspect_source
+    from mixdiff_cli.catalog.formats import arch_of_unet_config, inspect_source
 
     cfg = source_path / "unet" / "config.json"
     if cfg.is_file():
@@ -53,7 +53,7 @@ def base_unet_config(cat: Catalog) -> dict | None:
 
 def init_catalog(path: str | Path | None = None, base: str | None = None, *, force: bool = False) -> Catalog:
     """Create a catalog file (refuses to overwrite one unless `force`)."""
-    from .catalog import find_catalog
+    from mixdiff_cli.catalog.schema import find_catalog
 
     path = find_catalog(path, must_exist=False)
     if path.is_dir():
@@ -102,7 +102,7 @@ def inspect_candidate(
     tags: list[str] | None = None,
 ) -> Inspected:
     """Read headers, detect format/architecture, hash, check fit with the base. Writes nothing."""
-    from .formats import ARCH_LABELS, ArchitectureMismatch, fits_base, inspect_source
+    from mixdiff_cli.catalog.formats import ARCH_LABELS, ArchitectureMismatch, fits_base, inspect_source
 
     if sources.is_hub(source):
         local = sources.fetch(source)
@@ -180,7 +180,7 @@ def add_expert(
 
 def _copy_into(cat: Catalog, local: Path, name: str) -> Path:
     """Copy an expert's files into `experts/` beside the catalog (atomically: copy, then rename)."""
-    from .fsutil import atomic_path
+    from mixdiff_cli.core.fsutil import atomic_path
 
     dest_dir = cat.root / "experts"
     dest = dest_dir / (f"{name}{local.suffix}" if local.is_file() else name)
@@ -213,7 +213,7 @@ def _router_after_change(cat: Catalog, *, added: str | None = None, removed: str
     """Keep a trained router in step with the catalog without retraining (no forgetting)."""
     if cat.router is None:
         return
-    from . import router
+    from mixdiff_cli.routing import router
 
     try:
         if added:
@@ -237,7 +237,7 @@ class VerifyResult:
 
 def expert_file(cat: Catalog, expert: Expert) -> Path:
     """The file whose sha256 the catalog records (the weights file inside a folder source)."""
-    from .formats import inspect_source
+    from mixdiff_cli.catalog.formats import inspect_source
 
     path = sources.resolve(cat, expert.source)
     return path if path.is_file() else inspect_source(path, checksum=False).file
@@ -245,7 +245,7 @@ def expert_file(cat: Catalog, expert: Expert) -> Path:
 
 def verify_experts(cat: Catalog, names: list[str] | None = None) -> list[VerifyResult]:
     """Check every expert's files exist and their sha256 matches the catalog."""
-    from .formats import sha256_file
+    from mixdiff_cli.catalog.formats import sha256_file
 
     results = []
     for expert in [cat.expert(n) for n in names] if names else cat.experts:

@@ -51,5 +51,9 @@ class VerifyFailed(MixdiffError):
     pass
 
 
+class OutputError(MixdiffError):
+    """The output folder cannot be written."""
+
+
 class MixdiffWarning(UserWarning):
     """Something the user should know that did not stop the command (the CLI prints it on stderr)."""

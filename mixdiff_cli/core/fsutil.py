@@ -46,3 +46,16 @@ def atomic_write(target: str | Path, data: bytes | str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(target)
+
+
+def writable_dir(out_dir: str | Path) -> Path:
+    """Create `out_dir` and prove it is writable, before any model loads."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mixdiff-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to --out {out_dir}: {exc.strerror or exc}", "pass a writable output folder") from None
+    return out_dir

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MixdiffError
+from mixdiff_cli.core.errors import MixdiffError
 
 ARCH_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # Cross-attention width (text-encoder hidden size) of the real checkpoints.

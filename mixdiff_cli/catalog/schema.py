@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CatalogError, CatalogNotFound, ExpertNotFound, InvalidName
+from mixdiff_cli.core.errors import CatalogError, CatalogNotFound, ExpertNotFound, InvalidName
 
 CATALOG_NAME = "experts.yaml"
 SCHEMA_VERSION = 1
@@ -119,7 +119,7 @@ class Catalog:
     def resolve(self, source: str) -> Path:
         """A local source as a path (relative sources are relative to the catalog file)."""
         if source.startswith("hf://"):
-            raise ValueError("hub sources are resolved by mixdiff_cli.sources.resolve")
+            raise ValueError("hub sources are resolved by mixdiff_cli.catalog.sources.resolve")
         path = Path(source).expanduser()
         return path if path.is_absolute() else (self.root / path)
 
@@ -342,7 +342,7 @@ def dump_catalog(cat: Catalog) -> str:
 
 def save_catalog(cat: Catalog) -> None:
     """Write atomically (temporary file, fsync, rename). Callers hold the lock (see `edit_catalog`)."""
-    from .fsutil import atomic_write
+    from mixdiff_cli.core.fsutil import atomic_write
 
     text = dump_catalog(cat)
     _Loader(cat.path).catalog(text)  # never write what we could not read back
@@ -399,7 +399,7 @@ def user_catalog_path() -> Path:
 
 def packaged_catalog_path() -> Path:
     """The embedded demo catalog shipped as package data."""
-    return Path(__file__).parent / "data" / "demo" / CATALOG_NAME
+    return Path(__file__).parent.parent / "data" / "demo" / CATALOG_NAME
 
 
 def find_catalog(explicit: str | Path | None = None, *, must_exist: bool = True) -> Path:

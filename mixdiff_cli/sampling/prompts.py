@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MixdiffError
+from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.routing.route import Member, RouteSpecError, parse_member
+from mixdiff_cli.sampling.options import MAX_SEED, SCHEDULERS
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".yaml", ".yml")
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++")  # = engine.SCHEDULERS (kept here: engine is heavier)
-MAX_SEED = 2**32 - 1  # = engine.MAX_SEED
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 # field -> accepted spellings (record keys in jsonl/csv/yaml; `--option` in txt lines)
@@ -157,20 +157,12 @@ def _size(key: str, value: Any) -> int:
 
 
 def _expert(spec: Any) -> tuple[str, float]:
-    """`NAME`, `NAME:WEIGHT` or `NAME=WEIGHT` (or [name, weight]) -> (name, weight)."""
-    name, weight = None, 1.0
-    if isinstance(spec, (list, tuple)) and len(spec) == 2:
-        name, weight = spec
-    elif isinstance(spec, str):
-        match = re.fullmatch(r"\s*([^:=\s]+)\s*(?:[:=]\s*(\S+))?\s*", spec)
-        if match:
-            name, weight = match.group(1), match.group(2) or 1.0
-    if not isinstance(name, str) or not name.strip():
-        raise _Bad(f"expert must be NAME or NAME:WEIGHT, got {spec!r}", "write e.g. --expert watercolor:0.7")
-    weight = _float(f"expert {name} weight", weight, 0.0)
-    if weight <= 0:
-        raise _Bad(f"expert {name} has weight {weight}", "weights must be positive; drop the expert instead")
-    return name.strip(), weight
+    """One expert spec (`NAME[:WEIGHT]`, or [name, weight]) -> (name, weight), by the one route grammar."""
+    try:
+        m = parse_member(spec)
+    except RouteSpecError as exc:
+        raise _Bad(exc.message, exc.hint or "") from None
+    return m.expert, m.weight
 
 
 def _split_specs(text: str) -> list[str]:

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import __version__
-from .dataset import Crop, Dataset, load_image, scan_dataset, to_tensor, with_trigger
-from .errors import DuplicateExpert, MixdiffError, UsageError
-from .quiet import quiet_frameworks
+from mixdiff_cli import __version__
+from mixdiff_cli.training.dataset import Crop, Dataset, load_image, scan_dataset, to_tensor, with_trigger
+from mixdiff_cli.core.errors import DuplicateExpert, MixdiffError, UsageError
+from mixdiff_cli.core.quiet import quiet_frameworks
 
 if TYPE_CHECKING:
     import torch
@@ -510,7 +510,7 @@ class _Stream:
         import torch
         from PIL import Image
 
-        from .dataset import crop_box
+        from mixdiff_cli.training.dataset import crop_box
 
         crops, tids = [], []
         for j, i in enumerate(idx):
@@ -659,7 +659,7 @@ def _write_checkpoint(folder: Path, params: dict[str, "torch.Tensor"], optimizer
     """Write checkpoint-NNNNNN atomically (a hidden sibling folder renamed into place), keep the last `keep`."""
     from safetensors.torch import save_file
 
-    from .fsutil import fsync_dir
+    from mixdiff_cli.core.fsutil import fsync_dir
 
     target = folder / f"checkpoint-{meta['step']:06d}"
     for stale in folder.glob(".checkpoint-*.partial-*"):  # left by a killed run
@@ -759,7 +759,7 @@ def _export_lora(path: Path, family: str, unet, unet_config, encoders, te_config
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .fsutil import atomic_path
+    from mixdiff_cli.core.fsutil import atomic_path
 
     kwargs: dict[str, Any] = {
         "unet_lora_layers": get_peft_model_state_dict(unet),
@@ -821,7 +821,7 @@ def _make_accelerator(cfg: FineTuneConfig, device: str | None):
 
 
 def _resolve_base(cat, base: str | Path | None) -> Path:
-    from . import sources
+    from mixdiff_cli.catalog import sources
 
     if base is not None:
         return sources.fetch(str(base)) if sources.is_hub(str(base)) else Path(base).expanduser()
@@ -851,7 +851,7 @@ class _Plan:
 
 
 def _plan(catalog_path, data, name: str, cfg: FineTuneConfig, *, base, output, output_dir, register: bool, resume) -> _Plan:
-    from .catalog import check_name, load_catalog
+    from mixdiff_cli.catalog.schema import check_name, load_catalog
 
     cfg.validate()
     check_name(name)
@@ -864,7 +864,7 @@ def _plan(catalog_path, data, name: str, cfg: FineTuneConfig, *, base, output, o
     base_path = _resolve_base(cat, base)
     info = inspect_base(base_path)
     if register and base is not None and cat.base is not None:
-        from . import sources
+        from mixdiff_cli.catalog import sources
 
         if os.path.realpath(sources.resolve(cat, cat.base.source)) != os.path.realpath(base_path):
             raise UsageError(
@@ -1054,7 +1054,7 @@ class _Trainer:
     def samples(self, step: int) -> list[Path]:
         import torch
 
-        from .fsutil import atomic_path
+        from mixdiff_cli.core.fsutil import atomic_path
 
         cfg, paths = self.cfg, []
         with self.acc.autocast(), torch.no_grad():
@@ -1164,7 +1164,7 @@ def fine_tune(
     if finished and tr.is_main:
         result.lora_path = tr.export(lora_loss)
         if register:
-            from .experts import add_expert
+            from mixdiff_cli.experts.manage import add_expert
 
             ds = plan.ds
             add_expert(

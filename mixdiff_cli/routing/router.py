@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from .catalog import IDENTITY_VERSION, Catalog, Expert, identity_hash, load_catalog
-from .errors import ExpertNotFound, MixdiffError, UsageError
-from .formats import sha256_file
-from .quiet import quiet_frameworks
+from mixdiff_cli.catalog.schema import IDENTITY_VERSION, Catalog, Expert, identity_hash, load_catalog
+from mixdiff_cli.core.errors import ExpertNotFound, MixdiffError, UsageError
+from mixdiff_cli.catalog.formats import sha256_file
+from mixdiff_cli.core.quiet import quiet_frameworks
+from mixdiff_cli.routing.route import Member, Route, RouteSpecError, check_known, check_routing, explicit_route, parse_members, renormalise
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +67,7 @@ class EncoderUnavailable(RouterError):
     """The requested prompt encoder is not installed or cannot run."""
 
 
-class RouteOptionError(UsageError):
+class RouteOptionError(RouteSpecError):
     """A routing option out of range (exit 2)."""
 
 
@@ -83,7 +84,7 @@ class Encoder:
 
 
 class BaseEncoder(Encoder):
-    """The base pipeline's bare text encoder(s), via `mixdiff_cli.embed` (no UNet, no VAE)."""
+    """The base pipeline's bare text encoder(s), via `mixdiff_cli.models.text` (no UNet, no VAE)."""
 
     id = "base"
 
@@ -93,13 +94,13 @@ class BaseEncoder(Encoder):
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         import torch
 
-        from . import embed
+        from mixdiff_cli.models import text
 
         if self.pipe is None:
             with quiet_frameworks():
-                self.pipe = embed.load_text_encoders(self.catalog, device=self.device)
+                self.pipe = text.load_text_encoders(self.catalog, device=self.device)
         prompts = list(prompts)
-        parts = [embed.router_vectors(self.pipe, prompts[i : i + self.batch]) for i in range(0, len(prompts), self.batch)]
+        parts = [text.router_vectors(self.pipe, prompts[i : i + self.batch]) for i in range(0, len(prompts), self.batch)]
         return torch.cat(parts).float().cpu()
 
 
@@ -284,79 +285,6 @@ def prototype_gate(per_expert: list[torch.Tensor]) -> Gate:
 # --- decisions ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Route:
-    """Which experts run for one prompt. `chosen` weights sum to 1; empty means the bare base."""
-
-    chosen: list[tuple[str, float]]
-    probs: dict[str, float]  # router probability of every expert (empty when overrides decided alone)
-    reasons: dict[str, str] = field(default_factory=dict)  # why each expert is in or out
-    prompt: str | None = None
-    router: dict[str, Any] = field(default_factory=dict)  # kind, encoder, checkpoint, sha256
-    options: dict[str, Any] = field(default_factory=dict)  # top_k, temperature, threshold, overrides
-
-    @property
-    def key(self) -> tuple[tuple[str, float], ...]:
-        """Hashable identity for grouping prompts that run under the same experts and weights."""
-        return tuple(self.chosen)
-
-    @property
-    def abstain(self) -> bool:
-        return not self.chosen
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt,
-            "chosen": [{"expert": n, "weight": w} for n, w in self.chosen],
-            "abstain": self.abstain,
-            "probs": self.probs,
-            "reasons": self.reasons,
-            "router": dict(self.router),
-            "options": self.options,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Route:
-        """Inverse of `to_dict` (for replaying a recorded route)."""
-        return cls(
-            chosen=[(c["expert"], float(c["weight"])) for c in data.get("chosen", [])],
-            probs={k: float(v) for k, v in (data.get("probs") or {}).items()},
-            reasons=dict(data.get("reasons") or {}),
-            prompt=data.get("prompt"),
-            router=dict(data.get("router") or {}),
-            options=dict(data.get("options") or {}),
-        )
-
-
-def parse_override(text: str) -> tuple[str, float | None]:
-    """`NAME` or `NAME:WEIGHT` (the --expert option) -> (name, weight or None)."""
-    name, sep, weight = text.partition(":")
-    name = name.strip()
-    if not name:
-        raise RouteOptionError(f"--expert {text!r} names no expert", "write --expert NAME or --expert NAME:WEIGHT, e.g. --expert watercolor:0.7")
-    if not sep:
-        return name, None
-    try:
-        value = float(weight)
-    except ValueError:
-        raise RouteOptionError(f"--expert {text!r}: {weight!r} is not a number", "write --expert NAME:WEIGHT, e.g. --expert watercolor:0.7") from None
-    return name, value
-
-
-def _renormalise(pairs: list[tuple[str, float]], digits: int = 4) -> list[tuple[str, float]]:
-    """Weights summing to 1, rounded so that near-identical routes share a key (the largest absorbs
-    rounding). Experts whose weight rounds to 0 are left out: they would contribute nothing."""
-    total = sum(w for _, w in pairs)
-    out = [(n, round(w / total, digits)) for n, w in pairs]
-    out = [(n, w) for n, w in out if w > 0] or out[:1]
-    if len(out) > 1:
-        top = max(range(len(out)), key=lambda i: out[i][1])
-        out[top] = (out[top][0], round(1.0 - sum(w for i, (_, w) in enumerate(out) if i != top), digits))
-    elif out:
-        out[0] = (out[0][0], 1.0)
-    return out
-
-
 class Router:
     """A gate over the catalog's experts plus the rules around it: triggers, overrides, top-k, threshold."""
 
@@ -434,32 +362,12 @@ class Router:
         return torch.from_numpy(self._probs(vecs, temperature)).float()
 
     def _check(self, top_k: int, temperature: float, threshold: float) -> None:
-        n = len(self.names)
-        if not 1 <= top_k <= n:
-            raise RouteOptionError(
-                f"--top-k {top_k} is out of range: the catalog has {n} expert{'s' if n != 1 else ''}",
-                f"pass --top-k between 1 and {n}",
-            )
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise RouteOptionError(f"--temperature {temperature} must be a positive number", "try 1.0 (lower is sharper)")
-        if not 0.0 <= threshold < 1.0:
-            raise RouteOptionError(f"--threshold {threshold} must be in [0, 1)", "0 never abstains; e.g. 0.5 abstains when no expert has p >= 0.5")
+        check_routing(top_k, temperature, threshold, max(len(self.names), 1))
 
-    def _overrides(self, overrides: Sequence[tuple[str, float | None] | str]) -> list[tuple[str, float]]:
-        pairs: list[tuple[str, float]] = []
-        for item in overrides:
-            name, weight = parse_override(item) if isinstance(item, str) else (item[0], item[1])
-            if name not in self._index:
-                raise ExpertNotFound(
-                    f"--expert {name!r} is not in the catalog", f"known experts: {', '.join(self.names)}. Run 'mixdiff experts list'"
-                )
-            if any(n == name for n, _ in pairs):
-                raise RouteOptionError(f"--expert {name} is given twice", "name each expert once")
-            weight = 1.0 if weight is None else float(weight)
-            if not (weight > 0 and math.isfinite(weight)):
-                raise RouteOptionError(f"--expert {name}:{weight:g}: weights must be positive", "e.g. --expert a:0.7 --expert b:0.3")
-            pairs.append((name, weight))
-        return pairs
+    def _overrides(self, overrides: Sequence[str | Member | tuple[str, float]]) -> tuple[Member, ...]:
+        members = parse_members(overrides)
+        check_known(members, self.names)
+        return members
 
     def decide(
         self,
@@ -468,7 +376,7 @@ class Router:
         top_k: int = 1,
         temperature: float = 1.0,
         threshold: float = 0.0,
-        overrides: Sequence[tuple[str, float | None] | str] | None = None,
+        overrides: Sequence[str | Member | tuple[str, float]] | None = None,
     ) -> Route:
         """The route for one prompt. `vec`: its (D,) router vector (may be None when `overrides` decide).
 
@@ -487,7 +395,7 @@ class Router:
         top_k: int = 1,
         temperature: float = 1.0,
         threshold: float = 0.0,
-        overrides: Sequence[tuple[str, float | None] | str] | None = None,
+        overrides: Sequence[str | Member | tuple[str, float]] | None = None,
     ) -> list[Route]:
         """`decide` for N prompts with one (N, E) matrix product."""
         prompts = list(prompts)
@@ -509,11 +417,9 @@ class Router:
         options = {"top_k": top_k, "temperature": temperature, "threshold": threshold}
         route = Route(chosen=[], probs=p, prompt=prompt, router=self._info, options=options)
         if overrides:
-            pairs = self._overrides(overrides)
-            options["overrides"] = [f"{n}:{w:g}" for n, w in pairs]
-            route.chosen = _renormalise(pairs)
-            picked = {n for n, _ in pairs}
-            route.reasons = {n: ("override" if n in picked else "not chosen (--expert overrides the router)") for n in self.names}
+            fixed = explicit_route(self._overrides(overrides), prompt, self.names)
+            route.chosen, route.reasons = fixed.chosen, fixed.reasons
+            options["overrides"] = fixed.options["overrides"]
             return route
         if probs is None:
             raise RouterError("no prompt vector and no --expert overrides", "pass the prompt's router vector (router.embed) or overrides")
@@ -538,7 +444,7 @@ class Router:
             else:
                 picked[name] = p[name]
                 why[name] = f"router p={p[name]:.2f}"
-        route.chosen = _renormalise(sorted(picked.items(), key=lambda kv: -kv[1])) if picked else []
+        route.chosen = renormalise(sorted(picked.items(), key=lambda kv: -kv[1])) if picked else []
         for name in picked.keys() - dict(route.chosen).keys():
             why[name] += " (weight rounds to 0, left out)"
         return route
@@ -590,7 +496,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     """Write a router checkpoint atomically (safetensors)."""
     from safetensors.torch import save_file
 
-    from .fsutil import atomic_path
+    from mixdiff_cli.core.fsutil import atomic_path
 
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(ckpt.gate.tensors(), str(tmp), metadata=ckpt.metadata())
@@ -968,7 +874,7 @@ def train_router(
     accuracy, save the checkpoint atomically and point the catalog's `router:` at it."""
     import torch
 
-    from .catalog import edit_catalog
+    from mixdiff_cli.catalog.schema import edit_catalog
 
     config = config or TrainConfig()
     cat = load_catalog(catalog_path)

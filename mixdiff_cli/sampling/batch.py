@@ -26,14 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .catalog import Catalog, load_catalog
-from .errors import MixdiffError, UsageError
-from .formats import sha256_file as file_sha256
-from .prompts import MAX_SEED, PromptFileError, PromptItem, parse_prompts
+from mixdiff_cli.catalog.schema import Catalog, load_catalog
+from mixdiff_cli.core.errors import MixdiffError, UsageError
+from mixdiff_cli.catalog.formats import sha256_file as file_sha256
+from mixdiff_cli.sampling.invariant import batch_invariant, invariant_models
+from mixdiff_cli.routing.route import check_known, explicit_route, parse_members
+from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions
+from mixdiff_cli.sampling.prompts import PromptFileError, PromptItem, parse_prompts
 
 if TYPE_CHECKING:
-    from .engine import Engine, Request
-    from .router import Route, Router
+    from mixdiff_cli.sampling.engine import Engine, Request
+    from mixdiff_cli.routing.route import Route
+    from mixdiff_cli.routing.router import Router
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.part*.jsonl"
@@ -134,7 +138,7 @@ def manifest_records(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 def merge_manifest(out_dir: str | Path) -> Path:
     """Fold the per-process parts into manifest.jsonl (one line per id, in item order), atomically."""
-    from .fsutil import atomic_write
+    from mixdiff_cli.core.fsutil import atomic_write
 
     out_dir = Path(out_dir)
     parts = sorted(out_dir.glob(PART_GLOB))
@@ -213,101 +217,12 @@ def stop_on_signals(enabled: bool = True) -> Iterator[_Stop]:
             signal.signal(sig, old)
 
 
-# --- batch invariance -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def batch_invariant(*models: Any) -> Iterator[None]:
-    """Make each image independent of which other images share its batch (used on CPU).
-
-    CPU kernels give a sample different last bits depending on its batch: BLAS takes gemv for one row
-    and gemm for several (the time-embedding and `time_emb_proj` linears see (B, C)), oneDNN picks
-    convolution algorithms by batch size and memory format, and GroupNorm splits its reductions by
-    batch x groups. For the duration, 2-D `nn.Linear` inputs run row by row and `nn.Conv2d` /
-    `nn.GroupNorm` (also the (B, C, HW) GroupNorm inside attention) sample by sample on contiguous
-    inputs; attention and token-wise linears stay batched (their rows are already independent). A VAE
-    (anything with `enable_slicing`) decodes one image at a time instead, which is cheaper.
-    """
-    import torch
-    from torch import nn
-
-    patched: list[nn.Module] = []
-    sliced: list[Any] = []
-
-    def per_sample(forward: Callable[..., torch.Tensor], dims: tuple[int, ...]) -> Callable[..., torch.Tensor]:
-        def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if x.dim() not in dims:
-                return forward(x, *args, **kwargs)
-            # (B, ...) -> B calls on (1, ...), each contiguous: a batch of one often arrives channels-last
-            return torch.cat([forward(x[i : i + 1].contiguous(), *args, **kwargs) for i in range(x.shape[0])])
-
-        return run
-
-    try:
-        for model in models:
-            if model is None:
-                continue
-            if hasattr(model, "enable_slicing") and hasattr(model, "use_slicing"):
-                if not model.use_slicing:
-                    model.enable_slicing()
-                    sliced.append(model)
-                continue
-            for module in model.modules():
-                dims = (2,) if isinstance(module, nn.Linear) else (3, 4, 5) if isinstance(module, (nn.Conv2d, nn.GroupNorm)) else ()
-                if dims and "forward" not in module.__dict__:
-                    module.forward = per_sample(module.forward, dims)
-                    patched.append(module)
-        yield
-    finally:
-        for module in patched:
-            del module.forward
-        for model in sliced:
-            model.disable_slicing()
-
-
 # --- planning -------------------------------------------------------------------------------------
-
-
-def _explicit_route(pairs: Sequence[tuple[str, float]]) -> Route:
-    """A route fixed by --expert overrides, without a router (weights renormalised like the router's)."""
-    from .router import Route
-
-    total = sum(w for _, w in pairs) or 1.0
-    chosen = [(n, round(w / total, 4)) for n, w in pairs]
-    return Route(chosen=chosen, probs={}, reasons={n: "override" for n, _ in pairs}, options={"overrides": [f"{n}:{w:g}" for n, w in pairs]})
-
-
-def _check_options(batch_size: int, steps: int, guidance: float | None, width: int | None, height: int | None, scheduler: str, seed: int | None) -> None:
-    from .prompts import SCHEDULERS
-
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
-    if steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}", "pass --steps 1 or more")
-    if guidance is not None and guidance < 0:
-        raise UsageError(f"--guidance must be at least 0, got {guidance}", "e.g. --guidance 7.5")
-    for name, size in (("width", width), ("height", height)):
-        if size is not None and (size <= 0 or size % 8):
-            raise UsageError(f"--{name} {size} is not a positive multiple of 8", f"pass e.g. --{name} 512")
-    if scheduler not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed {seed} is out of range", f"use 0 to {MAX_SEED}")
-
-
-def _check_routing(cat: Catalog, top_k: int, temperature: float, threshold: float) -> None:
-    n = len(cat.experts)
-    if n and not 1 <= top_k <= n:
-        raise UsageError(f"--top-k {top_k} is out of range: the catalog has {n} experts", f"pass --top-k between 1 and {n}")
-    if not temperature > 0:
-        raise UsageError(f"--temperature {temperature} must be positive", "try 1.0 (lower is sharper)")
-    if not 0 <= threshold < 1:
-        raise UsageError(f"--threshold {threshold} must be in [0, 1)", "0 never abstains")
 
 
 def _prepare_out(out_dir: Path) -> bool:
     """Create the output folder and prove it is writable, before any model loads. True if created."""
-    from .engine import writable_dir
+    from mixdiff_cli.core.fsutil import writable_dir
 
     created = not out_dir.exists()
     writable_dir(out_dir)
@@ -364,27 +279,10 @@ def run_batch(
     catalog: Catalog | str | Path,
     prompts_file: str | Path,
     out_dir: str | Path,
+    options: GenerationOptions | None = None,
     *,
-    batch_size: int = 4,
-    seed: int | None = None,
     resume: bool = False,
     keep_going: bool = False,
-    negative: str | None = None,
-    steps: int = 30,
-    guidance: float | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    scheduler: str = "ddim",
-    experts: Sequence[str | tuple[str, float]] | None = None,
-    top_k: int = 1,
-    temperature: float = 1.0,
-    threshold: float = 0.0,
-    encoder: str | None = None,
-    on_stale: str = "error",
-    blend: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    max_loaded: int = 4,
     engine: Engine | None = None,
     router: Router | None = None,
     exact: bool | None = None,
@@ -393,47 +291,45 @@ def run_batch(
 ) -> BatchResult:
     """Generate every item of `prompts_file` into `out_dir`; see the module docstring.
 
-    Per-item values in the file override the run's defaults (`negative` ... `scheduler`; guidance,
-    width and height None = the base pipeline's). `experts` (NAME or NAME:WEIGHT) fix the route of items
-    that name none; otherwise the router decides with `top_k`/`temperature`/`threshold`. Seeds: the
-    item's own, else `seed + index` (`seed` drawn once when None, or taken from the manifest on resume),
-    so images do not depend on batch size, order or process count. Bad items raise `PromptFileError`
-    naming their line before anything is written, or with `keep_going` are counted as failed.
-    `exact`: run under `batch_invariant` so that an image's bytes do not depend on its batch (None: on
-    CPU, where it holds bit for bit and costs ~10% throughput on the tiny test model; not under
-    torch.compile). `on_image(record, done, total)` is called after each image is written.
+    Per-item values in the file override the run's `options` (negative ... scheduler; guidance, width
+    and height None = the base pipeline's). `options.experts` fix the route of items that name none;
+    otherwise the router decides with top_k/temperature/threshold. Seeds: the item's own, else
+    `seed + index` (`seed` drawn once when None, or taken from the manifest on resume), so images do
+    not depend on batch size, order or process count. Bad items raise `PromptFileError` naming their
+    line before anything is written, or with `keep_going` are counted as failed. `exact`: run under
+    `batch_invariant` so that an image's bytes do not depend on its batch (None: on CPU, where it holds
+    bit for bit and costs ~10% throughput on the tiny test model; not under torch.compile).
+    `on_image(record, done, total)` is called after each image is written.
     """
-    from .engine import parse_expert_spec
-
     started = time.perf_counter()
     cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
     out_dir = Path(out_dir)
-    _check_options(batch_size, steps, guidance, width, height, scheduler, seed)
-    _check_routing(cat, top_k, temperature, threshold)
-    run_experts = [parse_expert_spec(e) if isinstance(e, str) else (e[0], float(e[1])) for e in (experts or [])]
-    for name, _ in run_experts:
-        cat.expert(name)  # an unknown --expert fails before anything else
+    opts = (options or GenerationOptions()).check(len(cat.experts))
+    check_known(opts.experts, cat.names)  # an unknown --expert fails before anything else
     parsed = parse_prompts(prompts_file)
-    items, errors = _valid_items(cat, parsed, run_experts)
+    items, errors = _valid_items(cat, parsed)
     if errors and not keep_going:
         raise errors[0]
-    defaults = {"negative": negative, "steps": steps, "guidance": guidance, "width": width, "height": height, "scheduler": scheduler}
+    blend = opts.blend
 
     created = _prepare_out(out_dir)
     try:
-        state = _distributed_state(device)
+        state = _distributed_state(opts.device)
         done = manifest_records(out_dir)
         if done and not resume:
             raise BatchError(
                 f"{out_dir} already holds a batch ({len(done)} images in {MANIFEST})",
                 "pass --resume to continue it, or choose another --out",
             )
-        seed = _base_seed(seed, done, state)
+        seed = _base_seed(opts.seed, done, state)
         if engine is None:
+            from mixdiff_cli.sampling.engine import Engine
+
+            device = opts.device
             if device is None and state is not None:  # this process's accelerator (cuda:LOCAL_RANK) or the CPU
                 device = "cpu" if state.device.type == "cpu" else str(state.device)
-            engine = _make_engine(cat, device, dtype, max_loaded)
-        work = _plan(cat, items, run_experts, defaults, seed, engine, router, encoder, on_stale, top_k, temperature, threshold)
+            engine = Engine(cat, device=device, dtype=opts.dtype, max_loaded=opts.max_loaded)
+        work = _plan(items, opts, seed, engine, router)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -460,7 +356,7 @@ def run_batch(
     part = MANIFEST if state is None else f"manifest.part{rank}.jsonl"
     if exact is None:
         exact = engine.device.type == "cpu" and not getattr(engine, "compile", False)
-    _execute(engine, mine, out_dir / part, result, batch_size, blend, seed, rank, keep_going, exact, handle_signals, parsed.path, on_image)
+    _execute(engine, mine, out_dir / part, result, _Run(opts.batch_size, blend, seed, rank, keep_going, exact, handle_signals, parsed.path, on_image))
     result.seconds = time.perf_counter() - started
     if result.interrupted is not None:
         return result  # any per-process parts stay; the next --resume merges them
@@ -474,7 +370,7 @@ def run_batch(
     return result
 
 
-def _valid_items(cat: Catalog, parsed: Any, run_experts: list[tuple[str, float]]) -> tuple[list[PromptItem], list[PromptFileError]]:
+def _valid_items(cat: Catalog, parsed: Any) -> tuple[list[PromptItem], list[PromptFileError]]:
     """The parsed items whose experts exist, and one error per bad item (in line order)."""
     errors: list[PromptFileError] = list(parsed.errors)
     items: list[PromptItem] = []
@@ -507,37 +403,36 @@ def _base_seed(seed: int | None, done: dict[str, dict[str, Any]], state: Any) ->
     return seed
 
 
-def _plan(cat: Catalog, items: list[PromptItem], run_experts: list[tuple[str, float]], defaults: dict[str, Any],
-          seed: int, engine: Engine, router: Router | None, encoder: str | None, on_stale: str,
-          top_k: int, temperature: float, threshold: float) -> list[_Work]:
+def _plan(items: list[PromptItem], opts: GenerationOptions, seed: int, engine: Engine, router: Router | None) -> list[_Work]:
     """Each item's request and route: its --expert overrides, else the router (one encoder pass for all)."""
-    from .engine import Request, RouteInfo
+    from mixdiff_cli.sampling.engine import Request, RouteInfo
 
+    cat = engine.catalog
     routes: dict[int, Any] = {}
-    need_router = [it for it in items if not (it.experts or run_experts)]
+    need_router = [it for it in items if not (it.experts or opts.experts)]
     if need_router and cat.experts:
         if router is None:
-            from .router import load_router
+            from mixdiff_cli.routing.router import load_router
 
-            router = load_router(cat, encoder, pipe=engine.pipe, device=str(engine.device), on_stale=on_stale)  # type: ignore[arg-type]
+            router = load_router(cat, opts.encoder, pipe=engine.pipe, device=str(engine.device), on_stale=opts.on_stale)
         vecs = router.embed([it.prompt for it in need_router])
         for it, vec in zip(need_router, vecs):
-            route = router.decide(vec, it.prompt, top_k=top_k, temperature=temperature, threshold=threshold)
+            route = router.decide(vec, it.prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold)
             routes[it.index] = (route, RouteInfo(source="router", decision=route.to_dict()))
     work = []
     for it in items:
         if it.index not in routes:  # overrides, or a catalog without experts (the bare base)
-            route = _explicit_route(list(it.experts or run_experts))
+            route = explicit_route(parse_members(it.experts) or opts.experts, it.prompt)
             routes[it.index] = (route, RouteInfo(source="explicit", decision=route.to_dict()))
         request = Request(
             prompt=it.prompt,
-            negative=it.negative if it.negative is not None else defaults["negative"],
+            negative=it.negative if it.negative is not None else opts.negative,
             seed=it.seed if it.seed is not None else (seed + it.index) % (MAX_SEED + 1),
-            steps=it.steps or defaults["steps"],
-            guidance=it.guidance if it.guidance is not None else defaults["guidance"],
-            width=it.width or defaults["width"],
-            height=it.height or defaults["height"],
-            scheduler=it.scheduler or defaults["scheduler"],
+            steps=it.steps or opts.steps or DEFAULT_STEPS,
+            guidance=it.guidance if it.guidance is not None else opts.guidance,
+            width=it.width or opts.width,
+            height=it.height or opts.height,
+            scheduler=it.scheduler or opts.scheduler or DEFAULT_SCHEDULER,
         )
         work.append(_Work(it, request, *routes[it.index]))
     return work
@@ -548,34 +443,47 @@ def _already_done(out_dir: Path, record: dict[str, Any] | None, w: _Work, blend:
     return record is not None and _matches(record, w, blend) and _verified(out_dir, record)
 
 
-def _execute(engine: Engine, groups: list[list[_Work]], manifest_path: Path, result: BatchResult, batch_size: int,
-             blend: str | None, base_seed: int, rank: int, keep_going: bool, exact: bool, handle_signals: bool,
-             source: Path, on_image: Callable[[dict[str, Any], int, int], None] | None) -> None:
+@dataclass
+class _Run:
+    """How `_execute` runs and records each chunk."""
+
+    batch_size: int
+    blend: str | None
+    base_seed: int
+    rank: int
+    keep_going: bool
+    exact: bool
+    handle_signals: bool
+    source: Path
+    on_image: Callable[[dict[str, Any], int, int], None] | None
+
+
+def _execute(engine: Engine, groups: list[list[_Work]], manifest_path: Path, result: BatchResult, run: _Run) -> None:
     """Sample each route group in batches, write every image and its manifest line; stop cleanly on a signal."""
     writer = _Appender(manifest_path)
     try:
-        with stop_on_signals(handle_signals) as stop:
+        with stop_on_signals(run.handle_signals) as stop:
             for group in groups:
-                for start in range(0, len(group), batch_size):
+                for start in range(0, len(group), run.batch_size):
                     if stop.signum is not None:
                         break
-                    chunk = group[start : start + batch_size]
+                    chunk = group[start : start + run.batch_size]
                     try:
-                        images, seconds = _sample(engine, chunk, blend, stop, exact)
+                        images, seconds = _sample(engine, chunk, run.blend, stop, run.exact)
                     except _Interrupted:
                         break
                     except MixdiffError as exc:
-                        if not keep_going:
+                        if not run.keep_going:
                             raise
                         result.failed += len(chunk)
-                        result.errors += [f"{source}:{w.item.line}: {exc}" for w in chunk]
+                        result.errors += [f"{run.source}:{w.item.line}: {exc}" for w in chunk]
                         continue
                     for w, image in zip(chunk, images):  # images already made are written even after a signal
-                        record = _write(manifest_path.parent, w, image, seconds / len(chunk), blend, base_seed, rank)
+                        record = _write(manifest_path.parent, w, image, seconds / len(chunk), run.blend, run.base_seed, run.rank)
                         writer.write(record)
                         result.written += 1
-                        if on_image is not None:
-                            on_image(record, result.written + result.skipped, result.total)
+                        if run.on_image is not None:
+                            run.on_image(record, result.written + result.skipped, result.total)
             result.interrupted = stop.signum
     finally:
         writer.close()
@@ -591,19 +499,6 @@ def _gather(state: Any, result: BatchResult, n_parse_errors: int) -> None:
     result.written = sum(c[0] for c in counts)
     result.failed = n_parse_errors + sum(c[1] for c in counts)
     result.errors = result.errors[:n_parse_errors] + [e for c in counts for e in c[2]]
-
-
-def _make_engine(cat: Catalog, device: str | None, dtype: str | None, max_loaded: int) -> Engine:
-    from .engine import Engine
-
-    return Engine(cat, device=device, dtype=dtype, max_loaded=max_loaded)
-
-
-def invariant_models(engine: Engine) -> list[Any]:
-    """The modules `batch_invariant` must cover for an engine: base UNet, mixture, text encoders, VAE."""
-    pipe = engine.pipe
-    return [engine.unet, engine.mixture, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None),
-            getattr(pipe, "text_encoder_2", None)]
 
 
 def _sample(engine: Engine, chunk: list[_Work], blend: str | None, stop: _Stop, invariant: bool) -> tuple[list[Any], float]:
@@ -624,7 +519,7 @@ def _sample(engine: Engine, chunk: list[_Work], blend: str | None, stop: _Stop, 
 
 def _write(out_dir: Path, w: _Work, image: Any, seconds: float, blend: str | None, base_seed: int, rank: int) -> dict[str, Any]:
     """Write one image atomically and return its manifest record."""
-    from .pngmeta import save_png
+    from mixdiff_cli.sampling.pngmeta import save_png
 
     name = f"{w.item.id}.png"
     meta = image.info.get("mixdiff")

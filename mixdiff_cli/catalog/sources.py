@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HubError
+from mixdiff_cli.core.errors import HubError
 
 
 @dataclass(frozen=True)

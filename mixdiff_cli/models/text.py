@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MixdiffError
+from mixdiff_cli.core.errors import MixdiffError
 
 if TYPE_CHECKING:
     import torch
 
-    from .catalog import Catalog
+    from mixdiff_cli.catalog.schema import Catalog
 
 
 class BaseModelError(MixdiffError):
@@ -170,7 +170,7 @@ def router_vectors(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
 def load_text_encoders(catalog: Catalog, device: str | None = None, dtype: str | None = None) -> Any:
     """The base's tokenizer(s) and text encoder(s) only (no UNet, no VAE), as a pipeline object whose
     `encode_prompt` works. For `mixdiff route`."""
-    from .engine import pick_device, pick_dtype
+    from mixdiff_cli.core.runtime import pick_device, pick_dtype
 
     dev = pick_device(device)
     return load_pipeline(catalog, dev, pick_dtype(dtype, dev), text_only=True)
@@ -178,7 +178,7 @@ def load_text_encoders(catalog: Catalog, device: str | None = None, dtype: str |
 
 def load_pipeline(catalog: Catalog, device: Any, dtype: Any, *, text_only: bool = False) -> Any:
     """The base text-to-image pipeline of `catalog` (local diffusers folder, single file or hf://)."""
-    from . import sources
+    from mixdiff_cli.catalog import sources
 
     if catalog.base is None:
         raise BaseModelError(f"catalog {catalog.path} has no base model", "set one with 'mixdiff init --base PATH --force' or edit 'base:'")

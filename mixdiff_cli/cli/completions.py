@@ -1,4 +1,4 @@
-"""Shell completion scripts generated from the Typer app (`python -m mixdiff_cli.completions DIR`)."""
+"""Shell completion scripts generated from the Typer app (`python -m mixdiff_cli.cli.completions DIR`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def completion_script(shell: str) -> str:
 
     from typer.testing import CliRunner
 
-    from .cli import app
+    from mixdiff_cli.cli import app
 
     os.environ["_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"] = "1"
     result = CliRunner().invoke(app, ["--show-completion", shell], prog_name="mixdiff")
@@ -24,7 +24,7 @@ def completion_script(shell: str) -> str:
 
 
 def write_completions(folder: str | Path) -> list[Path]:
-    from .fsutil import atomic_write
+    from mixdiff_cli.core.fsutil import atomic_write
 
     folder = Path(folder)
     return [atomic_write(folder / name, completion_script(shell)) for shell, name in SHELLS.items()]

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import __version__
-from .errors import MixdiffError, UsageError
+from mixdiff_cli import __version__
+from mixdiff_cli.core.errors import MixdiffError, UsageError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .catalog import Catalog
+    from mixdiff_cli.catalog.schema import Catalog
 
 ReportKind = Literal["routing", "experts", "samples"]
 REPORT_FORMAT = "mixdiff-evaluate/1"
@@ -381,7 +381,7 @@ class Report:
 
 
 def _versions() -> dict[str, str]:
-    from .engine import versions
+    from mixdiff_cli.core.runtime import versions
 
     return versions()
 
@@ -401,7 +401,7 @@ def _header(kind: ReportKind, cat: Catalog, settings: dict[str, Any], seeds: dic
 
 def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
     """report.json, report.md, figures and samples into `out_dir`, each written atomically."""
-    from .fsutil import atomic_path, atomic_write
+    from mixdiff_cli.core.fsutil import atomic_path, atomic_write
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -411,7 +411,7 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
     for rel, image in {**report.images, **report.figures}.items():
         path = out_dir / rel
         if "mixdiff" in image.info:
-            from .pngmeta import save_png
+            from mixdiff_cli.sampling.pngmeta import save_png
 
             save_png(image, path)
         else:
@@ -491,8 +491,8 @@ def evaluate_routing(
     """Route every labelled prompt with the catalog's router and measure its probabilities (see
     `routing_metrics`). Trigger words and the threshold act after the gate: the report counts the
     prompts they forced or left to the bare base separately."""
-    from .catalog import load_catalog
-    from .router import load_router
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.routing.router import load_router
 
     cat = catalog if not isinstance(catalog, (str, Path)) else load_catalog(catalog)
     _check_range("--top-k", top_k, 1)
@@ -535,7 +535,7 @@ def evaluate_routing(
 
 
 def routing_figures(metrics: Mapping[str, Any]) -> dict[str, Image.Image]:
-    from .figures import bars, heatmap
+    from mixdiff_cli.evaluation.figures import bars, heatmap
 
     names = metrics["experts"]
     conf = metrics["confusion"]["matrix"]
@@ -636,7 +636,7 @@ class HeldoutLoss:
     def __init__(self, engine: Any, records: Sequence[Any], evals: int):
         from diffusers import DDPMScheduler
 
-        from .finetune import FineTuneConfig, _build_cache, _make_valset, _Text
+        from mixdiff_cli.training.finetune import FineTuneConfig, _build_cache, _make_valset, _Text
 
         self.engine = engine
         self.text = _Text(engine.pipe, "sdxl" if getattr(engine.pipe, "text_encoder_2", None) is not None else "sd")
@@ -658,13 +658,13 @@ class HeldoutLoss:
         import torch
         import torch.nn.functional as F
 
-        from .engine import Member
-        from .finetune import _target
-        from .mixture import Blend
+        from mixdiff_cli.sampling.engine import Active
+        from mixdiff_cli.training.finetune import _target
+        from mixdiff_cli.sampling.mixture import Blend
 
         engine, val = self.engine, self.val
         cat = engine.catalog
-        members = [Member(cat.expert(n), 1.0) for n in experts]
+        members = [Active(cat.expert(n), 1.0) for n in experts]
         engine.ensure_loaded([m.name for m in members])
         slices, models, weights = engine.plan(members, "noise")[:3]
         blend = Blend(slices=slices, models=models, weights=weights)
@@ -709,9 +709,9 @@ def evaluate_experts(
     the same run to run and comparable with fine-tune's reported held-out loss. Name each domain after
     the expert it belongs to (`{"stripes": "./heldout/stripes"}`) to check specialisation.
     """
-    from .catalog import load_catalog
-    from .dataset import scan_dataset
-    from .finetune import VAL_EVALS, VAL_SEED
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.training.dataset import scan_dataset
+    from mixdiff_cli.training.finetune import VAL_EVALS, VAL_SEED
 
     cat = catalog if not isinstance(catalog, (str, Path)) else load_catalog(catalog)
     domains_in = dict(data) if isinstance(data, Mapping) else parse_data_specs(data)
@@ -741,7 +741,7 @@ def evaluate_experts(
         ds.records = records
         domains.append(_Domain(name, Path(folder), records, ds.hash(), len(ds.skipped)))
 
-    from .engine import Engine
+    from mixdiff_cli.sampling.engine import Engine
 
     engine = Engine(cat, device=device, dtype=dtype, max_loaded=1)
     heldout = {d.name: HeldoutLoss(engine, d.records, evals) for d in domains}
@@ -767,7 +767,7 @@ def loss_figure(base: Mapping[str, float], losses: Mapping[str, Mapping[str, flo
     """Rows: base then experts; columns: domains; cells: loss and ratio to the base, coloured by the
     ratio on a log scale saturating at x0.71 / x1.41 (blue: lower than the base, red: higher); own-domain
     cells outlined."""
-    from .figures import heatmap
+    from mixdiff_cli.evaluation.figures import heatmap
 
     domains = list(base)
     rows = [BASE_LABEL, *losses]
@@ -825,7 +825,7 @@ def clip_scores(clip_dir: str | Path, images: Sequence[Image.Image], prompts: Se
     torchmetrics' `CLIPScore` (Hessel et al. 2021, with w = 100). The model folder is read locally only."""
     import torch
 
-    from .engine import pick_device
+    from mixdiff_cli.core.runtime import pick_device
 
     folder = Path(clip_dir).expanduser()
     if not folder.is_dir():
@@ -899,9 +899,9 @@ def evaluate_samples(
     in every column: the file's, else `seed + index`) into a contact sheet; CLIP scores when `clip`
     is a local CLIP model folder. `prompts`: a prompt file (as `mixdiff generate --prompts` reads; its
     per-line expert overrides are ignored, since each column fixes its experts) or a list of prompts."""
-    from .catalog import load_catalog
-    from .engine import Engine, Request, RouteInfo
-    from .prompts import PromptItem, load_prompts
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.sampling.engine import Engine, Request, RouteInfo
+    from mixdiff_cli.sampling.prompts import PromptItem, load_prompts
 
     cat = catalog if not isinstance(catalog, (str, Path)) else load_catalog(catalog)
     if isinstance(prompts, (str, Path)):
@@ -934,7 +934,7 @@ def evaluate_samples(
     grid: dict[str, list[Any]] = {}
     routes: list[Any] = []
     if routed:
-        from .router import load_router
+        from mixdiff_cli.routing.router import load_router
 
         router = load_router(cat, pipe=engine.pipe, device=device)
         routes = router.route(texts, top_k=min(top_k, len(cat.names)), temperature=temperature, threshold=threshold)
@@ -995,7 +995,7 @@ def evaluate_samples(
     data["samples"] = rows
     data["summary"] = summary
     data["gates"] = []
-    from .figures import contact_sheet
+    from mixdiff_cli.evaluation.figures import contact_sheet
 
     sheet = contact_sheet(
         [[grid[c][i] for c in columns] for i in range(n)],

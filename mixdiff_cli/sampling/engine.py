@@ -17,21 +17,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from . import __version__, sources
-from .catalog import Catalog, Expert, load_catalog
-from .errors import MixdiffError, UsageError
-from .formats import sha256_file as file_sha256
+from mixdiff_cli.catalog import sources
+from mixdiff_cli.catalog.schema import Catalog, Expert, load_catalog
+from mixdiff_cli.core.errors import MixdiffError, UsageError
+from mixdiff_cli.core.runtime import pick_device, pick_dtype, versions
+from mixdiff_cli.routing.route import check_known, parse_members, renormalise
+from mixdiff_cli.sampling.options import BLEND_MODES, MAX_SEED, SCHEDULERS, BlendMode, SchedulerName, check_image
+from mixdiff_cli.catalog.formats import sha256_file as file_sha256
 
 if TYPE_CHECKING:
     import torch
 
-    from .embed import Encoded
-    from .mixture import Blend
+    from mixdiff_cli.models.text import Encoded
+    from mixdiff_cli.sampling.mixture import Blend
 
-SchedulerName = Literal["ddim", "euler", "euler-a", "dpm++"]
-BlendMode = Literal["noise", "merge"]
-SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
-MAX_SEED = 2**32 - 1
 
 
 class EngineError(MixdiffError):
@@ -60,8 +59,9 @@ class Request:
 
 
 @dataclass
-class Member:
-    """An expert in a route: mixture weight (renormalised) and adapter strength (its default_weight)."""
+class Active:
+    """An expert of the route being run: its catalog entry, mixture weight (renormalised) and, through
+    `expert.default_weight`, its adapter strength."""
 
     expert: Expert
     weight: float
@@ -89,32 +89,6 @@ class RouteInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def pick_device(device: str | None = None) -> Any:
-    import torch
-
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise UsageError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"device {device} requested but CUDA is not available", "pass --device cpu")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(dtype: str | None, device: Any) -> Any:
-    import torch
-
-    if dtype is None:
-        return torch.float16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise UsageError(f"unknown dtype {dtype!r}", "use float32, float16 or bfloat16")
-    return table[dtype]
-
-
 def make_scheduler(name: str, config: Any) -> Any:
     """A fresh scheduler of kind `name` configured like the base's own."""
     from diffusers import (
@@ -133,30 +107,6 @@ def make_scheduler(name: str, config: Any) -> Any:
     return classes[name].from_config(config)
 
 
-def parse_expert_spec(spec: str) -> tuple[str, float]:
-    """`NAME[:WEIGHT]` -> (name, weight)."""
-    name, sep, weight = spec.partition(":")
-    if not sep:
-        return name, 1.0
-    try:
-        value = float(weight)
-    except ValueError:
-        raise UsageError(f"bad --expert {spec!r}: weight {weight!r} is not a number", "write NAME or NAME:WEIGHT, e.g. watercolor:0.7") from None
-    if value <= 0:
-        raise UsageError(f"bad --expert {spec!r}: weight must be positive", "drop the expert instead of giving it weight 0")
-    return name, value
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-    import peft
-    import torch
-    import transformers
-
-    return {"mixdiff": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
-
-
 class Engine:
     """Loads the base once; loads experts on demand into an LRU of at most `max_loaded`."""
 
@@ -169,8 +119,8 @@ class Engine:
         compile: bool = False,
         memory_fraction: float = 0.9,
     ):
-        from .embed import load_pipeline
-        from .mixture import MixtureUNet
+        from mixdiff_cli.models.text import load_pipeline
+        from mixdiff_cli.sampling.mixture import MixtureUNet
 
         if max_loaded < 1:
             raise UsageError("--max-loaded must be at least 1", "pass --max-loaded 1 or more")
@@ -211,22 +161,13 @@ class Engine:
         """Loaded experts, least recently used first."""
         return list(self._loaded)
 
-    def _members(self, route: Any) -> list[Member]:
-        """Route, list of (name, weight) or names -> members with weights summing to 1."""
+    def _members(self, route: Any) -> list[Active]:
+        """A Route, Members, (name, weight) pairs or names -> the experts with weights summing to 1."""
         chosen = route.chosen if hasattr(route, "chosen") else route
-        pairs = [(c, 1.0) if isinstance(c, str) else (c[0], float(c[1])) for c in (chosen or [])]
-        names = [n for n, _ in pairs]
-        if len(set(names)) != len(names):
-            raise UsageError(f"expert listed twice in {names}", "name each expert once")
-        members = [Member(self.catalog.expert(n), w) for n, w in pairs]
-        for m in members:
-            if m.weight <= 0:
-                raise UsageError(f"expert {m.name} has weight {m.weight}", "weights must be positive")
-        total = sum(m.weight for m in members)
-        if abs(total - 1.0) > 1e-12:  # recorded weights replay bit for bit
-            for m in members:
-                m.weight /= total
-        return members
+        members = parse_members(chosen or ())
+        check_known(members, self.catalog.names)
+        pairs = renormalise([(m.expert, m.weight) for m in members]) if members else []
+        return [Active(self.catalog.expert(n), w) for n, w in pairs]
 
     def ensure_loaded(self, names: Sequence[str]) -> None:
         """Load the experts `names` (others stay as they are), evicting least recently used ones."""
@@ -412,14 +353,14 @@ class Engine:
 
     def encode(self, prompts: Sequence[str], negatives: Sequence[str | None] | None = None) -> Encoded:
         """Prompt embeds (and negatives) plus the router vector, in one pass of the bare text encoders."""
-        from .embed import bare_text_encoders, encode
+        from mixdiff_cli.models.text import bare_text_encoders, encode
 
         with bare_text_encoders(self.pipe):
             return encode(self.pipe, prompts, negatives, device=self.device)
 
     def _adapted_encode(self, prompts: Sequence[str], negatives: Sequence[str | None], adapters: list[str], weights: list[float]) -> Encoded:
         """Encode with the text encoders' LoRA layers of `adapters` active (as plain diffusers would)."""
-        from .embed import encode
+        from mixdiff_cli.models.text import encode
 
         self._plan_key = None  # the adapter state changes here
         self.pipe.enable_lora()
@@ -444,19 +385,14 @@ class Engine:
     def _normalise(self, requests: Iterable[Request]) -> list[Request]:
         out = []
         for req in requests:
-            if req.scheduler not in SCHEDULERS:
-                raise UsageError(f"unknown scheduler {req.scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
-            if req.steps < 1:
-                raise UsageError(f"steps must be at least 1, got {req.steps}", "pass --steps 1 or more")
             width, height = req.width or self._native_size(), req.height or self._native_size()
-            if width % 8 or height % 8 or width <= 0 or height <= 0:
-                raise UsageError(f"size {width}x{height} is not a positive multiple of 8", "pass --width/--height divisible by 8")
+            check_image(steps=req.steps, guidance=req.guidance, width=width, height=height, scheduler=req.scheduler, seed=req.seed)
             seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
             guidance = float(req.guidance if req.guidance is not None else self.default_guidance())
             out.append(Request(req.prompt, req.negative, seed, req.steps, guidance, width, height, req.scheduler))
         return out
 
-    def plan(self, members: list[Member], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
+    def plan(self, members: list[Active], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
         """Activate adapters for `members`; return the base slices, models, weights, a label and the
         adapters to fuse for the run (merge of several LoRAs: one forward, no per-layer LoRA cost)."""
         key = (mode, tuple((m.name, m.weight) for m in members), tuple(self.adapters))
@@ -466,8 +402,8 @@ class Engine:
         self._plan_key = key
         return self._plan_value
 
-    def _plan(self, members: list[Member], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
-        from .mixture import ACTIVE
+    def _plan(self, members: list[Active], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
+        from mixdiff_cli.sampling.mixture import ACTIVE
 
         loras = [m for m in members if m.expert.kind == "lora"]
         models = [m for m in members if m.expert.kind == "model"]
@@ -514,13 +450,13 @@ class Engine:
         (weights renormalised; empty = bare base). `encoded`: `self.encode(prompts, negatives)` of the same
         requests, reused so that routing costs no second encoder pass. PIL images carry their metadata
         record in `image.info["mixdiff"]` and A1111 text in `image.info["parameters"]`."""
-        from .pngmeta import a1111_parameters
+        from mixdiff_cli.sampling.pngmeta import a1111_parameters
 
         requests = [requests] if isinstance(requests, Request) else list(requests)
         if not requests:
             return []
-        if blend is not None and blend not in get_args(BlendMode):
-            raise UsageError(f"unknown blend mode {blend!r}", "use noise or merge")
+        if blend is not None and blend not in BLEND_MODES:
+            raise UsageError(f"unknown blend mode {blend!r}", f"use one of: {', '.join(BLEND_MODES)}")
         mode: BlendMode = blend or "noise"
         reqs = self._normalise(requests)
         members = self._members(route)
@@ -569,7 +505,7 @@ class Engine:
 
     def _run_groups(self, groups, reqs, encoded, per_member, slices, model_names, weights, output_type, progress, total, results) -> None:
         """Sample each group of requests that share steps, size, scheduler and guidance."""
-        from .mixture import Blend
+        from mixdiff_cli.sampling.mixture import Blend
 
         done = 0
         for (steps, width, height, scheduler, guidance), idx in groups.items():
@@ -657,7 +593,7 @@ class Engine:
             self._hashes[path] = file_sha256(path)
         return self._hashes[path]
 
-    def record(self, req: Request, members: list[Member], label: str, info: RouteInfo | None = None) -> dict[str, Any]:
+    def record(self, req: Request, members: list[Active], label: str, info: RouteInfo | None = None) -> dict[str, Any]:
         """Everything needed to reproduce one image (the `mixdiff` PNG chunk)."""
         info = info or RouteInfo()
         cat = self.catalog
@@ -702,180 +638,3 @@ def _conditioning(enc: Encoded, cfg: bool) -> dict[str, Any]:
 
 def _nbytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
-# ------------------------------------------------------------------------- one prompt -> PNG files
-
-
-class OutputError(MixdiffError):
-    """The output folder cannot be written."""
-
-
-@dataclass
-class Generated:
-    """What `generate_images` wrote."""
-
-    paths: list[Path]
-    seeds: list[int]
-    route: dict[str, Any]  # the decision (Route.to_dict() or the explicit experts)
-    blend: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"images": [{"path": str(p), "seed": s} for p, s in zip(self.paths, self.seeds)], "route": self.route, "blend": self.blend}
-
-
-def writable_dir(out_dir: str | Path) -> Path:
-    """Create `out_dir` and prove it is writable, before any model loads."""
-    import os
-    import tempfile
-
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".mixdiff-probe-", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(f"cannot write to --out {out_dir}: {exc.strerror or exc}", "pass a writable output folder") from None
-    return out_dir
-
-
-def _next_index(out_dir: Path) -> int:
-    """A1111-style numbering: one more than the highest `NNNNN-*.png` already in the folder."""
-    numbers = [int(p.name[:5]) for p in out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
-    return max(numbers, default=0) + 1
-
-
-def generate_images(
-    catalog: Catalog | str | Path,
-    prompt: str | None = None,
-    *,
-    negative: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    scheduler: str | None = None,
-    num_images: int = 1,
-    batch_size: int = 1,
-    top_k: int = 1,
-    temperature: float = 1.0,
-    threshold: float = 0.0,
-    blend: BlendMode | None = None,
-    experts: Sequence[str | tuple[str, float]] | None = None,
-    out_dir: str | Path = "outputs",
-    from_image: str | Path | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    max_loaded: int = 4,
-    compile: bool = False,
-    engine: Engine | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    warn: Callable[[str], None] | None = None,
-) -> Generated:
-    """Route one prompt (or replay `from_image`'s record), generate `num_images` (seeds seed, seed+1, ...)
-    in batches of `batch_size` and write each as a PNG with metadata into `out_dir`.
-
-    With `from_image`, every argument left None takes the recorded value and the recorded experts and
-    weights replace the router, so the image is reproduced (bit-exactly on the same CPU stack).
-    """
-    from .pngmeta import read_record, replay, save_png
-
-    cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
-    if num_images < 1 or batch_size < 1:
-        raise UsageError("--num-images and --batch-size must be at least 1", "pass 1 or more")
-    if top_k < 1 or (cat.experts and top_k > len(cat.experts)):
-        raise UsageError(f"--top-k {top_k} is out of range: the catalog has {len(cat.experts)} experts", f"pass --top-k between 1 and {max(1, len(cat.experts))}")
-    pairs = [parse_expert_spec(e) if isinstance(e, str) else (e[0], float(e[1])) for e in (experts or [])]
-    for name, _ in pairs:
-        cat.expert(name)  # unknown names fail before anything loads
-    recorded: dict[str, Any] = {}
-    if from_image is not None:
-        record = read_record(from_image)
-        recorded, chosen, recorded_blend = replay(record)
-        _check_replay(cat, record, warn)
-        if not pairs:
-            pairs = chosen
-            blend = blend or recorded_blend  # type: ignore[assignment]
-            if not pairs:
-                recorded["abstain"] = True
-    prompt = prompt if prompt is not None else recorded.get("prompt")
-    if not prompt:
-        raise UsageError("no prompt given", "pass a PROMPT, --from IMAGE.png or --prompts FILE")
-    negative = negative if negative is not None else recorded.get("negative")
-    steps = steps or recorded.get("steps") or 30
-    guidance = guidance if guidance is not None else recorded.get("guidance")
-    seed = seed if seed is not None else recorded.get("seed")
-    width, height = width or recorded.get("width"), height or recorded.get("height")
-    scheduler = scheduler or recorded.get("scheduler") or "ddim"
-    if seed is None:
-        seed = random.randint(0, MAX_SEED)
-    out_dir = writable_dir(out_dir)
-
-    engine = engine or Engine(cat, device=device, dtype=dtype, max_loaded=max_loaded, compile=compile)
-    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
-    requests = [Request(prompt, negative, s, steps, guidance, width, height, scheduler) for s in seeds]  # type: ignore[arg-type]
-    encoded = engine.encode([prompt], [negative])  # the router reads this pass; generation reuses it
-    route, info = _decide(engine, cat, prompt, encoded, pairs, recorded, top_k, temperature, threshold)
-
-    paths: list[Path] = []
-    index = _next_index(out_dir)
-    total = steps * num_images
-    with _batch_invariant(engine):
-        for start in range(0, num_images, batch_size):
-            chunk = requests[start : start + batch_size]
-            tick = None if progress is None else (lambda done, _t, base=start * steps: progress(base + done, total))
-            images = engine.generate(chunk, route, blend, encoded=encoded.take([0] * len(chunk)), route_info=info, progress=tick)
-            for req, image in zip(chunk, images):
-                paths.append(save_png(image, out_dir / f"{index:05d}-{req.seed}.png"))
-                index += 1
-    label = images[0].info["mixdiff"]["blend"]
-    return Generated(paths=paths, seeds=seeds, route=info.decision or {}, blend=label)
-
-
-def _batch_invariant(engine: Engine) -> Any:
-    """On CPU, make each image independent of its batch (as `mixdiff_cli.batch` does), so that
-    `--batch-size` never changes an image and `--from` reproduces any image bit-exactly."""
-    if engine.device.type != "cpu" or engine.compile:
-        return contextlib.nullcontext()
-    from .batch import batch_invariant
-
-    pipe = engine.pipe
-    return batch_invariant(engine.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), engine.mixture)
-
-
-def _decide(engine: Engine, cat: Catalog, prompt: str, encoded: Encoded, pairs: list[tuple[str, float]],
-            recorded: dict[str, Any], top_k: int, temperature: float, threshold: float) -> tuple[Any, RouteInfo]:
-    """The route: explicit experts (or a replayed record), else the catalog's router on this prompt."""
-    if pairs or recorded.get("abstain") or not cat.experts:
-        decision = {"chosen": [{"expert": n, "weight": w} for n, w in pairs], "source": "replay" if recorded else "explicit"}
-        return pairs, RouteInfo(source="explicit", decision=decision)
-    try:
-        from .router import load_router
-    except ImportError:  # pragma: no cover - the router module ships with mixdiff
-        raise EngineError("no router available", "pass --expert NAME[:WEIGHT]") from None
-    router = load_router(cat, pipe=engine.pipe, device=str(engine.device))
-    for message in getattr(router, "warnings", []):
-        import logging
-
-        logging.getLogger("mixdiff").warning(message)
-    # the base text encoder's pooled vector from the pass generation reuses; other encoders embed themselves
-    vec = encoded.router[0] if getattr(router, "encoder_id", "base") == "base" else router.embed([prompt])[0]
-    route = router.decide(vec, prompt, top_k=top_k, temperature=temperature, threshold=threshold)
-    return route, RouteInfo(source="router", decision=route.to_dict())
-
-
-def _check_replay(cat: Catalog, record: dict[str, Any], warn: Callable[[str], None] | None) -> None:
-    """Replaying in another catalog is allowed; say what may make the image differ."""
-    notes = []
-    for item in record.get("experts", []):
-        expert = cat.expert(item["name"])  # a missing expert is an error
-        if item.get("sha256") and expert.sha256 and item["sha256"] != expert.sha256:
-            notes.append(f"expert {expert.name} changed since the image was made (sha256 {expert.sha256[:10]} != {item['sha256'][:10]})")
-    base = record.get("base") or {}
-    if cat.base and base.get("sha256") and cat.base.sha256 and base["sha256"] != cat.base.sha256:
-        notes.append("the base model differs from the one recorded")
-    if warn is not None:
-        for note in notes:
-            warn(f"{note}; the image may not be reproduced exactly")

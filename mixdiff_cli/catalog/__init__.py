@@ -1,0 +1,1 @@
+"""The catalog: the typed experts.yaml, reading weight files' headers, hub sources."""

@@ -1,0 +1,1 @@
+"""Reports: routing accuracy, expert specialisation, samples, and their figures."""

@@ -1,0 +1,1 @@
+"""Editing the catalog: init, add, remove, verify (keeps a trained router in step)."""

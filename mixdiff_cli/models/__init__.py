@@ -1,0 +1,1 @@
+"""The base model: pipeline loading and text encoding."""

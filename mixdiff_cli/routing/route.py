@@ -1,0 +1,187 @@
+"""A route is one value: the experts that run for a prompt, each with a weight (and room for the part of
+the sampling run and the part of the canvas it covers). One grammar spells a member everywhere, on the
+command line, in prompt files and in the Python API:
+
+    NAME[:WEIGHT]        watercolor, watercolor:0.7
+
+Import-light: no torch here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mixdiff_cli.core.errors import ExpertNotFound, UsageError
+
+WEIGHT_DIGITS = 4  # route weights are rounded so that near-identical routes share a key
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # = catalog.schema.NAME_RE
+EXAMPLE = "write NAME or NAME:WEIGHT with a positive weight, e.g. --expert watercolor:0.7"
+
+
+class RouteSpecError(UsageError):
+    """An expert spelled outside the `NAME[:WEIGHT]` grammar, or a route that cannot run."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One expert of a route. `weight`: its share of the blend (> 0; renormalised over the route).
+    `band`: the (start, end) fraction of the sampling run it covers; None = the whole run.
+    `region`: the part of the canvas it covers; None = the whole canvas."""
+
+    expert: str
+    weight: float = 1.0
+    band: tuple[float, float] | None = None
+    region: Any = None
+
+    def spec(self) -> str:
+        """The member in the `NAME[:WEIGHT]` grammar (weight left out when 1)."""
+        return self.expert if self.weight == 1.0 else f"{self.expert}:{self.weight:g}"
+
+
+def member(name: Any, weight: Any = 1.0, *, spec: Any = None) -> Member:
+    """A validated member: a catalog-style name and a finite positive weight (a number or its text)."""
+    shown = spec if spec is not None else f"{name}:{weight}"
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RouteSpecError(f"bad expert {shown!r}: {name!r} is not an expert name", EXAMPLE)
+    if isinstance(weight, str):
+        try:
+            weight = float(weight) if weight.strip() else None
+        except ValueError:
+            weight = None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise RouteSpecError(f"bad expert {shown!r}: the weight is not a number", EXAMPLE)
+    if not (math.isfinite(weight) and weight > 0):
+        raise RouteSpecError(f"bad expert {shown!r}: the weight must be a positive number", "leave an expert out instead of giving it weight 0 or less; " + EXAMPLE)
+    return Member(name, float(weight))
+
+
+def parse_member(spec: str | Member | Sequence[Any]) -> Member:
+    """`NAME` or `NAME:WEIGHT` (or a Member, or a (name, weight) pair; weight None = 1) -> Member. The one parser."""
+    if isinstance(spec, Member):
+        return member(spec.expert, spec.weight)
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != 2:
+            raise RouteSpecError(f"bad expert {list(spec)!r}: give [name, weight]", EXAMPLE)
+        return member(spec[0], 1.0 if spec[1] is None else spec[1], spec=list(spec))
+    if not isinstance(spec, str):
+        raise RouteSpecError(f"bad expert {spec!r}: not text", EXAMPLE)
+    name, sep, weight = spec.strip().partition(":")
+    return member(name.strip(), weight.strip() if sep else 1.0, spec=spec)
+
+
+def parse_members(specs: Iterable[str | Member | Sequence[Any]] | None) -> tuple[Member, ...]:
+    """Several specs -> members, each expert at most once."""
+    out = tuple(parse_member(s) for s in (specs or ()))
+    names = [m.expert for m in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise RouteSpecError(f"expert {dup} is given twice", "name each expert once")
+    return out
+
+
+def check_known(members: Iterable[Member], names: Sequence[str]) -> None:
+    """Every member names an expert of the catalog (`names`)."""
+    for m in members:
+        if m.expert not in names:
+            raise ExpertNotFound(
+                f"expert {m.expert!r} is not in the catalog",
+                f"known experts: {', '.join(names) or 'none'}. Run 'mixdiff experts list'",
+            )
+
+
+def renormalise(pairs: Sequence[tuple[str, float]], digits: int = WEIGHT_DIGITS) -> list[tuple[str, float]]:
+    """Weights summing to 1, rounded to `digits` so that near-identical routes share a key (the largest
+    absorbs the rounding). Experts whose weight rounds to 0 are left out: they would add nothing.
+    Idempotent: a renormalised route comes back unchanged."""
+    total = sum(w for _, w in pairs)
+    out = [(n, round(w / total, digits)) for n, w in pairs]
+    out = [(n, w) for n, w in out if w > 0] or out[:1]
+    if len(out) > 1:
+        top = max(range(len(out)), key=lambda i: out[i][1])
+        out[top] = (out[top][0], round(1.0 - sum(w for i, (_, w) in enumerate(out) if i != top), digits))
+    elif out:
+        out[0] = (out[0][0], 1.0)
+    return out
+
+
+@dataclass
+class Route:
+    """Which experts run for one prompt. `chosen` weights sum to 1; empty means the bare base."""
+
+    chosen: list[tuple[str, float]]
+    probs: dict[str, float]  # router probability of every expert (empty when overrides decided alone)
+    reasons: dict[str, str] = field(default_factory=dict)  # why each expert is in or out
+    prompt: str | None = None
+    router: dict[str, Any] = field(default_factory=dict)  # kind, encoder, checkpoint, sha256
+    options: dict[str, Any] = field(default_factory=dict)  # top_k, temperature, threshold, overrides
+
+    @property
+    def key(self) -> tuple[tuple[str, float], ...]:
+        """Hashable identity for grouping prompts that run under the same experts and weights."""
+        return tuple(self.chosen)
+
+    @property
+    def abstain(self) -> bool:
+        return not self.chosen
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        return tuple(Member(n, w) for n, w in self.chosen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "chosen": [{"expert": n, "weight": w} for n, w in self.chosen],
+            "abstain": self.abstain,
+            "probs": self.probs,
+            "reasons": self.reasons,
+            "router": dict(self.router),
+            "options": self.options,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Route:
+        """Inverse of `to_dict` (for replaying a recorded route)."""
+        return cls(
+            chosen=[(c["expert"], float(c["weight"])) for c in data.get("chosen", [])],
+            probs={k: float(v) for k, v in (data.get("probs") or {}).items()},
+            reasons=dict(data.get("reasons") or {}),
+            prompt=data.get("prompt"),
+            router=dict(data.get("router") or {}),
+            options=dict(data.get("options") or {}),
+        )
+
+
+def explicit_route(members: Iterable[Member], prompt: str | None = None, names: Sequence[str] = ()) -> Route:
+    """The route fixed by `--expert` members, without a router. `names`: the catalog's experts, whose
+    reasons say the overrides replaced the router."""
+    members = tuple(members)
+    picked = {m.expert for m in members}
+    reasons = {n: "not chosen (--expert overrides the router)" for n in names if n not in picked}
+    reasons.update({m.expert: "override" for m in members})
+    return Route(
+        chosen=renormalise([(m.expert, m.weight) for m in members]) if members else [],
+        probs={},
+        reasons=reasons,
+        prompt=prompt,
+        options={"overrides": [f"{m.expert}:{m.weight:g}" for m in members]},
+    )
+
+
+def check_routing(top_k: int, temperature: float, threshold: float, n_experts: int) -> None:
+    """The router's options, in range for a catalog of `n_experts` (0: nothing to route, any k)."""
+    if n_experts and not 1 <= top_k <= n_experts:
+        raise RouteSpecError(
+            f"--top-k {top_k} is out of range: the catalog has {n_experts} expert{'s' if n_experts != 1 else ''}",
+            f"pass --top-k between 1 and {n_experts}",
+        )
+    if not n_experts and top_k < 1:
+        raise RouteSpecError(f"--top-k {top_k} is out of range", "pass --top-k 1 or more")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise RouteSpecError(f"--temperature {temperature} must be a positive number", "try 1.0 (lower is sharper)")
+    if not 0.0 <= threshold < 1.0:
+        raise RouteSpecError(f"--threshold {threshold} must be in [0, 1)", "0 never abstains; e.g. 0.5 abstains when no expert has p >= 0.5")

@@ -1,0 +1,67 @@
+"""Batch-invariant CPU kernels: an image's bytes do not depend on which images share its batch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mixdiff_cli.sampling.engine import Engine
+
+
+
+@contextlib.contextmanager
+def batch_invariant(*models: Any) -> Iterator[None]:
+    """Make each image independent of which other images share its batch (used on CPU).
+
+    CPU kernels give a sample different last bits depending on its batch: BLAS takes gemv for one row
+    and gemm for several (the time-embedding and `time_emb_proj` linears see (B, C)), oneDNN picks
+    convolution algorithms by batch size and memory format, and GroupNorm splits its reductions by
+    batch x groups. For the duration, 2-D `nn.Linear` inputs run row by row and `nn.Conv2d` /
+    `nn.GroupNorm` (also the (B, C, HW) GroupNorm inside attention) sample by sample on contiguous
+    inputs; attention and token-wise linears stay batched (their rows are already independent). A VAE
+    (anything with `enable_slicing`) decodes one image at a time instead, which is cheaper.
+    """
+    import torch
+    from torch import nn
+
+    patched: list[nn.Module] = []
+    sliced: list[Any] = []
+
+    def per_sample(forward: Callable[..., torch.Tensor], dims: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+        def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if x.dim() not in dims:
+                return forward(x, *args, **kwargs)
+            # (B, ...) -> B calls on (1, ...), each contiguous: a batch of one often arrives channels-last
+            return torch.cat([forward(x[i : i + 1].contiguous(), *args, **kwargs) for i in range(x.shape[0])])
+
+        return run
+
+    try:
+        for model in models:
+            if model is None:
+                continue
+            if hasattr(model, "enable_slicing") and hasattr(model, "use_slicing"):
+                if not model.use_slicing:
+                    model.enable_slicing()
+                    sliced.append(model)
+                continue
+            for module in model.modules():
+                dims = (2,) if isinstance(module, nn.Linear) else (3, 4, 5) if isinstance(module, (nn.Conv2d, nn.GroupNorm)) else ()
+                if dims and "forward" not in module.__dict__:
+                    module.forward = per_sample(module.forward, dims)
+                    patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+        for model in sliced:
+            model.disable_slicing()
+
+
+def invariant_models(engine: Engine) -> list[Any]:
+    """The modules `batch_invariant` must cover for an engine: base UNet, mixture, text encoders, VAE."""
+    pipe = engine.pipe
+    return [engine.unet, engine.mixture, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None),
+            getattr(pipe, "text_encoder_2", None)]

@@ -1,0 +1,96 @@
+"""Generation options as one value: built by the CLI (or a Python user), taken by `generate_images`,
+`run_batch` and `evaluate_samples`, checked in one place. Import-light: no torch here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, get_args
+
+from mixdiff_cli.core.errors import UsageError
+from mixdiff_cli.routing.route import Member, check_routing, parse_members
+
+SchedulerName = Literal["ddim", "euler", "euler-a", "dpm++"]
+BlendMode = Literal["noise", "merge"]
+OnStale = Literal["error", "prototypes"]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+BLEND_MODES: tuple[str, ...] = get_args(BlendMode)
+MAX_SEED = 2**32 - 1
+DEFAULT_STEPS = 30
+DEFAULT_SCHEDULER: SchedulerName = "ddim"
+
+
+def check_image(*, steps: int | None = None, guidance: float | None = None, width: int | None = None,
+                height: int | None = None, scheduler: str | None = None, seed: int | None = None) -> None:
+    """Per-image values in range (None: not given, the default applies)."""
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}", "pass --steps 1 or more")
+    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
+        raise UsageError(f"--guidance must be a number >= 0, got {guidance}", "e.g. --guidance 7.5")
+    for name, size in (("width", width), ("height", height)):
+        if size is not None and (size <= 0 or size % 8):
+            raise UsageError(f"--{name} {size} is not a positive multiple of 8", f"pass e.g. --{name} 512")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed {seed} is out of range", f"use 0 to {MAX_SEED}")
+
+
+@dataclass
+class GenerationOptions:
+    """Everything a generation takes besides its prompts and output folder. None means the default:
+    the value recorded in the image under `--from`, else the catalog base's, else the pipeline's."""
+
+    # each image
+    negative: str | None = None
+    steps: int | None = None  # None: 30
+    guidance: float | None = None  # None: the catalog base's `guidance`, else 7.5 (SD) / 5.0 (SDXL)
+    seed: int | None = None  # None: drawn once; image i of a run gets seed + i
+    width: int | None = None  # None: the base's native size
+    height: int | None = None
+    scheduler: SchedulerName | None = None  # None: ddim
+    # how many, and how many at once
+    num_images: int = 1
+    batch_size: int = 1
+    # the route: fixed experts (NAME[:WEIGHT] specs or Members), else the router's top-k
+    experts: tuple[Member, ...] = ()
+    top_k: int = 1
+    temperature: float = 1.0
+    threshold: float = 0.0
+    encoder: str | None = None  # the router's prompt encoder; None: the checkpoint's
+    on_stale: OnStale = "error"
+    blend: BlendMode | None = None  # None: noise
+    # the engine
+    device: str | None = None
+    dtype: str | None = None
+    max_loaded: int = 4
+    compile: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # room for callers' own settings (recorded, not read)
+
+    def __post_init__(self) -> None:
+        self.experts = parse_members(self.experts)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> GenerationOptions:
+        """Options from a mapping that may hold other keys (e.g. a CLI command's locals()); None
+        values keep the defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+    def updated(self, **changes: Any) -> GenerationOptions:
+        return replace(self, **changes)
+
+    def check(self, n_experts: int = 0) -> GenerationOptions:
+        """Every value in range (`n_experts`: the catalog's count, for --top-k); returns self."""
+        check_image(steps=self.steps, guidance=self.guidance, width=self.width, height=self.height,
+                    scheduler=self.scheduler, seed=self.seed)
+        if self.num_images < 1 or self.batch_size < 1:
+            raise UsageError("--num-images and --batch-size must be at least 1", "pass 1 or more")
+        if self.blend is not None and self.blend not in BLEND_MODES:
+            raise UsageError(f"unknown blend mode {self.blend!r}", f"use one of: {', '.join(BLEND_MODES)}")
+        if self.on_stale not in get_args(OnStale):
+            raise UsageError(f"unknown on_stale {self.on_stale!r}", "use error or prototypes")
+        if self.max_loaded < 1:
+            raise UsageError("--max-loaded must be at least 1", "pass --max-loaded 1 or more")
+        check_routing(self.top_k, self.temperature, self.threshold, n_experts)
+        return self

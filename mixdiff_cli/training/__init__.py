@@ -1,0 +1,1 @@
+"""Making experts: image-caption datasets, the denoising loss, LoRA fine-tuning."""
