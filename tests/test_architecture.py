@@ -124,3 +124,20 @@ def test_core_imports_nothing_else_of_mixdiff():
     for module, targets in graph.items():
         if layer_of(module) == 0:
             assert all(layer_of(t) <= 0 for t in targets), (module, targets)
+
+
+MAX_PARAMETERS = 12  # a function that needs more takes a value (e.g. GenerationOptions) instead
+
+
+def test_no_library_function_takes_more_than_a_dozen_parameters():
+    heavy = []
+    for path in PACKAGE.rglob("*.py"):
+        if "cli" in path.relative_to(PACKAGE).parts:
+            continue  # commands declare one parameter per option
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+                if len(names) > MAX_PARAMETERS:
+                    heavy.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} takes {len(names)}")
+    assert not heavy, "\n".join(heavy)

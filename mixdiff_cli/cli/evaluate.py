@@ -172,16 +172,14 @@ def samples(
     """
     from mixdiff_cli.catalog.schema import find_catalog, load_catalog
     from mixdiff_cli.evaluation.evaluate import evaluate_samples
+    from mixdiff_cli.sampling.options import GenerationOptions
     from mixdiff_cli.core.quiet import quiet_frameworks
 
     if json_mode:
         out.configure(json_mode=True)
     with quiet_frameworks():
-        report = evaluate_samples(
-            load_catalog(find_catalog(catalog)), prompts, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
-            width=width, height=height, experts=expert, routed=routed, top_k=top_k, threshold=threshold,
-            temperature=temperature, blend=blend, clip=clip, device=device, dtype=dtype,
-        )
+        options = GenerationOptions.from_values({**locals(), "experts": tuple(expert or ())})
+        report = evaluate_samples(load_catalog(find_catalog(catalog)), prompts, options, routed=routed, clip=clip)
     summary = report.data["summary"]
     rows = []
     for c in summary["columns"]:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from mixdiff_cli.catalog.schema import Catalog
+    from mixdiff_cli.sampling.options import GenerationOptions
 
 ReportKind = Literal["routing", "experts", "samples"]
 REPORT_FORMAT = "mixdiff-evaluate/1"
@@ -878,40 +879,35 @@ def _route_label(chosen: Sequence[tuple[str, float]]) -> str:
 def evaluate_samples(
     catalog: Catalog | str | Path,
     prompts: str | Path | Sequence[str],
+    options: GenerationOptions | None = None,
     *,
-    seed: int = 0,
-    steps: int = 20,
-    guidance: float | None = None,
-    scheduler: str = "ddim",
-    width: int | None = None,
-    height: int | None = None,
-    experts: Sequence[str] | None = None,
     routed: bool = True,
-    top_k: int = 2,
-    threshold: float = 0.0,
-    temperature: float = 1.0,
-    blend: str | None = None,
     clip: str | Path | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
 ) -> Report:
     """Render each prompt with the routed mixture, the bare base and each single expert (the same seed
     in every column: the file's, else `seed + index`) into a contact sheet; CLIP scores when `clip`
     is a local CLIP model folder. `prompts`: a prompt file (as `mixdiff generate --prompts` reads; its
-    per-line expert overrides are ignored, since each column fixes its experts) or a list of prompts."""
+    per-line expert overrides are ignored, since each column fixes its experts) or a list of prompts.
+    `options`: steps (default 20), seed (default 0), top-k (default 2), blend and the rest; its experts,
+    when given, are the single-expert columns (default: every expert)."""
     from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.sampling.engine import Engine, Request, RouteInfo
+    from mixdiff_cli.sampling.options import GenerationOptions
     from mixdiff_cli.sampling.prompts import PromptItem, load_prompts
 
     cat = catalog if not isinstance(catalog, (str, Path)) else load_catalog(catalog)
+    opts = options or GenerationOptions(top_k=2)
+    seed, steps = opts.seed if opts.seed is not None else 0, opts.steps or 20
+    scheduler, width, height, blend = opts.scheduler or "ddim", opts.width, opts.height, opts.blend
+    top_k, temperature, threshold, device = opts.top_k, opts.temperature, opts.threshold, opts.device
+    opts.check()
     if isinstance(prompts, (str, Path)):
         items = load_prompts(prompts)
     else:
         items = [PromptItem(index=i, line=i + 1, prompt=p) for i, p in enumerate(prompts)]
     if not items:
         raise EvaluateError("no prompts", _example(("prompt",)))
-    _check_range("--steps", steps, 1)
-    _check_range("--top-k", top_k, 1)
+    experts = [m.expert for m in opts.experts] or None
     names = list(experts) if experts is not None else cat.names
     for name in names:
         cat.expert(name)
@@ -919,8 +915,8 @@ def evaluate_samples(
         raise EvaluateError(f"CLIP model folder {clip} does not exist", "pass --clip with a local CLIPModel folder, or leave it out")
     routed = routed and bool(cat.experts)
 
-    engine = Engine(cat, device=device, dtype=dtype)
-    guidance = engine.default_guidance() if guidance is None else guidance
+    engine = Engine(cat, device=device, dtype=opts.dtype)
+    guidance = engine.default_guidance() if opts.guidance is None else opts.guidance
     requests = [
         Request(it.prompt, negative=it.negative, seed=it.seed if it.seed is not None else seed + it.index,
                 steps=it.steps or steps, guidance=guidance if it.guidance is None else it.guidance,
