@@ -25,7 +25,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 def make_router(dim: int, experts: int, hidden: int, seed: int = 0):
     import torch
 
-    from mixdiff_cli.routing.router import Gate, Router, WordsEncoder
+    from mixdiff_cli.routing.encoders import WordsEncoder
+    from mixdiff_cli.routing.gate import Gate
+    from mixdiff_cli.routing.router import Router
 
     g = torch.Generator().manual_seed(seed)
     gate = Gate(

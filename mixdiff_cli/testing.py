@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
+from mixdiff_cli.core.fsutil import atomic_folder
 from mixdiff_cli.core.tokenizer import BOS, EOS, write_clip_tokenizer
+from mixdiff_cli.models.pipeline import load_pipeline as _load_pipeline
 
 LoraFormat = Literal["diffusers", "peft", "kohya"]
 
@@ -118,71 +118,47 @@ def _own_rng(fn):
     return wrapper
 
 
-def _atomic_folder(folder: Path) -> tuple[Path, Path]:
-    """A temporary sibling to build into, renamed onto ``folder`` when complete."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    return folder, tmp
+def _unet(seed: int, **layout):
+    """The tiny UNet: latents (4, 32, 32) -> 64x64 images, two blocks; `layout` sets the blocks and conditioning."""
+    import torch
+    from diffusers import UNet2DConditionModel
 
-
-def _commit(tmp: Path, folder: Path) -> Path:
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+    torch.manual_seed(seed + _SEED_UNET)  # callers hold torch.random.fork_rng()
+    return UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                                attention_head_dim=(2, 4), norm_num_groups=32, **layout)
 
 
 @_own_rng
 def build_tiny_sd(folder: str | Path, seed: int = 0, words: Iterable[str] = VOCAB) -> Path:
     """Write a StableDiffusionPipeline folder (~1M-param UNet, 64x64 images) built from configs."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    folder, tmp = _atomic_folder(Path(folder))
-    try:
+    with atomic_folder(folder) as tmp:
         tok = _tokenizer(tmp / "tokenizer", words)
         torch.manual_seed(seed + _SEED_TEXT)
         text_encoder = CLIPTextModel(_text_config(tok, hidden=32))
-        torch.manual_seed(seed + _SEED_UNET)
-        unet = UNet2DConditionModel(
-            sample_size=32,  # latents (4, 32, 32) -> 64x64 images
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
+        unet = _unet(
+            seed,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=(2, 4),
             cross_attention_dim=32,  # = text_encoder hidden size
-            norm_num_groups=32,
         )
-        pipe = StableDiffusionPipeline(
-            vae=_vae(seed),
-            text_encoder=text_encoder,
-            tokenizer=tok,
-            unet=unet,
-            scheduler=_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = StableDiffusionPipeline(vae=_vae(seed), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=_scheduler(),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        return _commit(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return Path(folder)
 
 
 @_own_rng
 def build_tiny_sdxl(folder: str | Path, seed: int = 0, words: Iterable[str] = VOCAB) -> Path:
     """Write a StableDiffusionXLPipeline folder (two text encoders, text_time UNet) built from configs."""
     import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    folder, tmp = _atomic_folder(Path(folder))
-    try:
+    with atomic_folder(folder) as tmp:
         tok = _tokenizer(tmp / "tokenizer", words)
         tok2 = _tokenizer(tmp / "tokenizer_2", words, pad="!")  # SDXL's second tokenizer pads with "!"
         torch.manual_seed(seed + _SEED_TEXT)
@@ -190,41 +166,24 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0, words: Iterable[str] = VO
         torch.manual_seed(seed + _SEED_TEXT2)
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tok2, hidden=32, projection_dim=32))
         time_dim = 8
-        torch.manual_seed(seed + _SEED_UNET)
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
+        unet = _unet(
+            seed,
             # like SDXL: no attention in the first block, several transformer layers deeper
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2),
-            attention_head_dim=(2, 4),
             use_linear_projection=True,
             cross_attention_dim=64,  # hidden(te1) + hidden(te2) = 32 + 32
             addition_embed_type="text_time",
             addition_time_embed_dim=time_dim,
             # 6 time ids (original size, crop, target size) * time_dim + pooled te2 projection
             projection_class_embeddings_input_dim=6 * time_dim + 32,
-            norm_num_groups=32,
         )
-        pipe = StableDiffusionXLPipeline(
-            vae=_vae(seed),
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tok,
-            tokenizer_2=tok2,
-            unet=unet,
-            scheduler=_scheduler(),
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
+        pipe = StableDiffusionXLPipeline(vae=_vae(seed), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok,
+                                         tokenizer_2=tok2, unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
+                                         add_watermarker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        return _commit(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return Path(folder)
 
 
 def cached(root: str | Path, name: str, build: Callable[[Path], object]) -> Path:
@@ -242,15 +201,9 @@ def cached(root: str | Path, name: str, build: Callable[[Path], object]) -> Path
     with FileLock(str(root / f".{name}.lock")):
         if (target / ".complete").is_file():  # another process built it while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-        try:
+        with atomic_folder(target) as tmp:  # replaces one left by a builder that died before its .complete
             build(tmp)
             (tmp / ".complete").touch()
-            if target.exists():  # left by a builder that died before its .complete
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -262,12 +215,8 @@ def _is_sdxl(pipe_folder: Path) -> bool:
 def load_pipeline(pipe_folder: str | Path):
     """Load a tiny fixture with plain diffusers (float32, CPU, no progress bar)."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    cls = StableDiffusionXLPipeline if _is_sdxl(Path(pipe_folder)) else StableDiffusionPipeline
-    pipe = cls.from_pretrained(pipe_folder, torch_dtype=torch.float32, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _load_pipeline(pipe_folder, torch.float32)
 
 
 def _randomize_lora(model, generator, scale: float) -> None:
@@ -397,12 +346,8 @@ def make_full_model(
     config = UNet2DConditionModel.load_config(pipe_folder / "unet")
     torch.manual_seed(seed + _SEED_UNET)
     unet = UNet2DConditionModel.from_config(config)
-    folder, tmp = _atomic_folder(Path(out_folder))
-    try:
+    with atomic_folder(out_folder) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
-        _commit(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if single_file is not None:
         from safetensors.torch import save_file
 
@@ -412,7 +357,7 @@ def make_full_model(
         state = {f"model.diffusion_model.{diffusers_to_sgm(k, cfg)}": v.contiguous() for k, v in unet.state_dict().items()}
         Path(single_file).parent.mkdir(parents=True, exist_ok=True)
         save_file(state, Path(single_file), metadata={"format": "pt"})
-    return folder
+    return Path(out_folder)
 
 
 def build_tiny_catalog(folder: str | Path, seed: int = 0) -> Path:

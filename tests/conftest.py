@@ -179,3 +179,26 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXDIFF_CATALOG", str(tmp_path / "mixdiff-env" / "experts.yaml"))
     monkeypatch.setenv("MIXDIFF_HOME", str(tmp_path / "mixdiff-env" / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def packaged_files() -> dict[str, str]:
+    """sha256 of every file under mixdiff_cli/data/, by path (a new file, such as a lock, shows too)."""
+    import hashlib
+
+    from mixdiff_cli.catalog.schema import packaged_data_dir
+
+    root = packaged_data_dir()
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_catalog(tmp_path, monkeypatch) -> Path:
+    """Nothing to discover but the packaged demo: empty HOME, data folders and working directory (tmp/cwd)."""
+    monkeypatch.delenv("MIXDIFF_CATALOG", raising=False)
+    for var, folder in (("HOME", "home"), ("MIXDIFF_HOME", "mixdiff-home"), ("XDG_DATA_HOME", "xdg")):
+        (tmp_path / folder).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / folder))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return tmp_path
+

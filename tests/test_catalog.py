@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 
+from conftest import packaged_files
+
 from mixdiff_cli.catalog import schema as catmod
 from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, find_catalog, load_catalog, save_catalog
-from mixdiff_cli.core.errors import CatalogError, CatalogNotFound, ExpertNotFound
+from mixdiff_cli.core.errors import CatalogError, CatalogNotFound, ExpertNotFound, MixdiffWarning, ReadOnlyCatalog
 
 
 def write(path: Path, text: str) -> Path:
@@ -90,10 +95,26 @@ def test_duplicate_names_rejected(tmp_path):
         load_catalog(path)
 
 
-def test_never_constructs_python_objects(tmp_path):
-    path = write(tmp_path / "experts.yaml", "version: 1\nrouter: !!python/object/apply:os.system ['echo hi']\n")
-    with pytest.raises(CatalogError):
+@pytest.mark.parametrize(
+    "tagged",
+    [
+        "!!python/name:{module}.ROUTER ''",  # a scalar: the loader constructs scalars, so this must stay unconstructed
+        "!!python/object/apply:{module}.router []",  # what yaml.unsafe_load of the whole file would call
+    ],
+)
+def test_never_constructs_python_objects(tmp_path, monkeypatch, tagged):
+    # Constructing either tag imports a module that leaves a file behind and yields a string, a valid
+    # `router:` value: only refusing the tag itself keeps the file from appearing and the load from passing.
+    module = f"mixdiff_evil_{abs(hash(tmp_path)):x}"
+    mark = tmp_path / "constructed"
+    (tmp_path / f"{module}.py").write_text(
+        f"open({str(mark)!r}, 'w').close()\nROUTER = 'router.safetensors'\ndef router():\n    return ROUTER\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path / "experts.yaml", "version: 1\nrouter: " + tagged.format(module=module) + "\n")
+    with pytest.raises(CatalogError, match=r"experts.yaml:2: router"):
         load_catalog(path)
+    assert not mark.exists() and module not in sys.modules
 
 
 def test_unknown_expert_lists_known(tmp_path):
@@ -124,6 +145,63 @@ def test_discovery_order(tmp_path, monkeypatch):
     assert find_catalog(explicit) == explicit
     with pytest.raises(CatalogNotFound, match="does not exist"):
         find_catalog(tmp_path / "missing.yaml")
+
+
+def test_writes_never_fall_back_to_the_packaged_demo(no_catalog):
+    demo = catmod.packaged_catalog_path()
+    assert find_catalog() == demo  # reads still fall back to it
+    with pytest.raises(CatalogNotFound, match=r"^no catalog here: run 'mixdiff init'"):
+        find_catalog(for_write=True)
+    for path in (demo, demo.parent, demo.parent / "base" / ".." / "experts.yaml"):
+        with pytest.raises(ReadOnlyCatalog, match="packaged demo"):
+            find_catalog(path, for_write=True)
+    user = write(catmod.user_catalog_path(), "version: 1\n")
+    assert find_catalog(for_write=True) == user
+
+
+def test_library_writes_refuse_the_packaged_demo(no_catalog):
+    from mixdiff_cli.experts.manage import add_expert, init_catalog, remove_expert
+    from mixdiff_cli.routing.train import train_router
+    from mixdiff_cli.training.finetune import fine_tune
+
+    demo = catmod.packaged_catalog_path()
+    before = packaged_files()
+    attempts = {
+        "train_router": lambda: train_router(demo),
+        "train_router output": lambda: train_router(write(no_catalog / "cwd" / "experts.yaml", "version: 1\n"), output=demo.parent / "r.safetensors"),
+        "fine_tune": lambda: fine_tune(demo, no_catalog / "images", "again"),
+        "fine_tune output": lambda: fine_tune(None, no_catalog / "images", "again", base=demo.parent / "base", register=False, output_dir=demo.parent / "runs"),
+        "edit_catalog": lambda: edit_catalog(demo).__enter__(),
+        "save_catalog": lambda: save_catalog(load_catalog(demo)),
+        "remove_expert": lambda: remove_expert(demo, "shapes"),
+        "add_expert": lambda: add_expert(demo, str(demo.parent / "experts" / "shapes.safetensors"), name="again"),
+        "init_catalog": lambda: init_catalog(demo, force=True),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(ReadOnlyCatalog, match="packaged demo"):
+            attempt()
+            pytest.fail(f"{what} wrote to the packaged demo")
+    assert packaged_files() == before
+    assert [p.name for p in no_catalog.joinpath("cwd").iterdir()] == ["experts.yaml"]  # the one written above
+
+
+def test_a_catalog_sharing_the_packaged_router_leaves_it_alone(no_catalog):
+    """Like the repository's root catalog: edits land in the catalog; the packaged router is not rewritten."""
+    demo = load_catalog(catmod.packaged_catalog_path())
+    mine = Catalog(path=no_catalog / "cwd" / "experts.yaml", base=demo.base, router=str(demo.router_path()), experts=demo.experts)
+    mine.base.source = str(demo.resolve(demo.base.source))
+    for exp in mine.experts:
+        exp.source = str(demo.resolve(exp.source))
+    save_catalog(mine)
+    before = packaged_files()
+    from mixdiff_cli.experts.manage import remove_expert
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MixdiffWarning)
+        remove_expert(mine.path, "glyphs")
+    assert load_catalog(mine.path).names == ["shapes", "stripes", "landscapes"]
+    assert any("router checkpoint was not updated" in str(w.message) and "packaged demo" in str(w.message) for w in caught), caught
+    assert packaged_files() == before
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import packaged_files
 import yaml
 from typer.testing import CliRunner
 
 from mixdiff_cli.cli import app
-from mixdiff_cli.catalog.schema import load_catalog
+from mixdiff_cli.catalog.schema import load_catalog, packaged_catalog_path, packaged_data_dir
 
 runner = CliRunner()
 MIXDIFF = str(Path(sys.executable).with_name("mixdiff"))
@@ -256,3 +258,49 @@ def test_completions_are_fresh_and_complete_expert_names(catalog, lora_files):
     env = {**os.environ, "_MIXDIFF_COMPLETE": "complete_bash", "COMP_WORDS": "mixdiff experts show in", "COMP_CWORD": "3", "MIXDIFF_CATALOG": str(catalog)}
     proc = subprocess.run([MIXDIFF], capture_output=True, text=True, env=env)
     assert "ink-style" in proc.stdout.split()
+
+
+# --- the packaged demo is read-only; `experts list` fits a terminal -------------------------------
+
+
+def test_write_commands_never_touch_the_packaged_demo(no_catalog, tmp_path):
+    demo = packaged_catalog_path()
+    mine = tmp_path / "mine.safetensors"  # a LoRA that fits the demo's base: adding it would succeed
+    shutil.copyfile(demo.parent / "experts" / "shapes.safetensors", mine)
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text('{"prompt": "a red square", "expert": "shapes"}\n{"prompt": "thin stripes", "expert": "stripes"}\n')
+    (tmp_path / "images").mkdir()
+    before = packaged_files()
+    commands = {
+        "add-expert": ["add-expert", mine, "--name", "mine"],
+        "experts remove": ["experts", "remove", "shapes"],
+        "router train": ["router", "train", "--prompts", labeled, "--encoder", "words", "--epochs", "1"],
+        "fine-tune": ["fine-tune", tmp_path / "images", "--name", "mine", "--steps", "1"],
+    }
+    for what, args in commands.items():
+        result = run(*args)
+        assert result.exit_code == 1, (what, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: no catalog here: run 'mixdiff init'"), (what, result.stderr)
+        named = run(*args, "--catalog", demo)  # naming the demo does not make it writable either
+        assert named.exit_code == 1 and "packaged demo" in named.stderr, (what, named.output)
+    assert packaged_files() == before
+    assert list((no_catalog / "cwd").iterdir()) == []
+    listed = run("experts", "list", "--json")  # reads still fall back to the demo
+    assert listed.exit_code == 0, listed.output
+    assert [row["name"] for row in json.loads(listed.stdout)] == ["shapes", "stripes", "landscapes", "glyphs"]
+
+
+def test_experts_list_is_one_line_per_expert_in_80_columns():
+    demo = load_catalog(packaged_catalog_path())
+    result = runner.invoke(app, ["experts", "list", "-c", str(demo.path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.rstrip("\n").splitlines()
+    rows = [line for line in lines if line.startswith("│")]
+    header = ["title", "top border", "column names", "rule", "bottom border"]
+    assert len(lines) == len(header) + len(demo.experts), result.stdout
+    assert [row.split("│")[1].strip() for row in rows] == demo.names
+    assert max(len(line) for line in lines) <= 80
+    assert all(row.rstrip(" │").endswith("…") for row in rows)  # descriptions cut, not wrapped
+    shown = json.loads(run("--json", "experts", "show", "shapes", "-c", demo.path).stdout)
+    assert shown["description"] == demo.expert("shapes").description  # the whole text is one command away

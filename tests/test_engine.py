@@ -325,7 +325,7 @@ def test_twelve_experts_load_only_the_chosen_and_evict_lru(tiny_sd, lora_files, 
 
 
 def test_bad_routes_and_requests_are_typed_errors(engine):
-    with pytest.raises(ExpertNotFound, match="no expert named 'nope'"):
+    with pytest.raises(ExpertNotFound, match="'nope' is not in the catalog"):
         engine.generate([Request(PROMPT)], ["nope"])
     with pytest.raises(UsageError, match="multiple of 8"):
         engine.generate([Request(PROMPT, width=60)], [])

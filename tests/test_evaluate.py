@@ -15,6 +15,7 @@ from mixdiff_cli.evaluation import evaluate as E
 from mixdiff_cli.evaluation import figures as F
 from mixdiff_cli.cli import app
 from mixdiff_cli.core.errors import UsageError
+from mixdiff_cli.routing.labels import Labeled, LabelsError, check_labels, read_labeled
 
 runner = CliRunner()
 
@@ -125,11 +126,11 @@ def test_loss_matrix_metrics_and_gates():
 def test_read_labeled_files_and_their_errors(tmp_path):
     jl = tmp_path / "l.jsonl"
     jl.write_text('{"prompt": "a  red circle", "expert": "shapes"}\n\n{"prompt": "stripes", "label": "stripes"}\n')
-    assert [(x.prompt, x.expert) for x in E.read_labeled(jl)] == [("a red circle", "shapes"), ("stripes", "stripes")]
-    assert E.read_labeled(jl)[1].where == f"{jl}:3"
+    assert [(x.prompt, x.expert) for x in read_labeled(jl)] == [("a red circle", "shapes"), ("stripes", "stripes")]
+    assert read_labeled(jl)[1].where == f"{jl}:3"
     cv = tmp_path / "l.csv"
     cv.write_text('Prompt,Expert\n"a red circle, big",shapes\n\nblue stripes,stripes\n')
-    assert [(x.prompt, x.expert) for x in E.read_labeled(cv)] == [("a red circle, big", "shapes"), ("blue stripes", "stripes")]
+    assert [(x.prompt, x.expert) for x in read_labeled(cv)] == [("a red circle, big", "shapes"), ("blue stripes", "stripes")]
     cases = {
         "empty.jsonl": ("\n\n", "no prompts in"),
         "bad.jsonl": ('{"prompt": "x", "expert": "a"}\n{oops\n', "bad.jsonl:2: not valid JSON"),
@@ -139,12 +140,12 @@ def test_read_labeled_files_and_their_errors(tmp_path):
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(E.EvaluateError, match=message.replace("(", r"\(")):
-            E.read_labeled(tmp_path / name)
-    with pytest.raises(E.EvaluateError, match="does not exist"):
-        E.read_labeled(tmp_path / "missing.jsonl")
-    with pytest.raises(E.EvaluateError, match=r"l.jsonl:3: unknown expert 'stripes'.*Known experts: shapes"):
-        E.check_labels(E.read_labeled(jl), ["shapes"])
+        with pytest.raises(LabelsError, match=message.replace("(", r"\(")):
+            read_labeled(tmp_path / name)
+    with pytest.raises(LabelsError, match="does not exist"):
+        read_labeled(tmp_path / "missing.jsonl")
+    with pytest.raises(LabelsError, match=r"l.jsonl:3: unknown expert 'stripes'.*Known experts: shapes"):
+        check_labels(read_labeled(jl), ["shapes"])
 
 
 def test_parse_data_specs():
@@ -290,8 +291,8 @@ def test_routing_counts_trigger_words_and_abstentions_apart_from_the_gate(tiny_s
     make_lora(tiny_sd, lora, seed=3)
     add_expert(catalog, str(lora), name="animals", prompts=["a photo of a cat", "a dog in the grass"], trigger=["zoo"])
     add_expert(catalog, str(lora), name="city", prompts=["a city street at night", "an old house and a car"])
-    items = [E.Labeled("a cat and a dog", "animals"), E.Labeled("a street with a car at the zoo", "city"),
-             E.Labeled("a street in the city", "city")]
+    items = [Labeled("a cat and a dog", "animals"), Labeled("a street with a car at the zoo", "city"),
+             Labeled("a street in the city", "city")]
     report = E.evaluate_routing(catalog, items, encoder="words", top_k=1, threshold=0.9)
     m = report.data["metrics"]
     assert m["top1_accuracy"] == 1.0 and m["predictions"][1]["triggered"] == ["animals"]
@@ -305,7 +306,7 @@ def test_routing_counts_trigger_words_and_abstentions_apart_from_the_gate(tiny_s
 
 
 def test_loss_matrix_is_deterministic_batch_invariant_and_is_fine_tunes_loss(workspace, tiny_sd, lora_files):
-    from mixdiff_cli.training.finetune import denoising_loss
+    from mixdiff_cli.training.loss import denoising_loss
 
     data = workspace["data"]
     one = E.evaluate_experts(workspace["catalog"], data, batch_size=16, evals=6)

@@ -24,9 +24,9 @@ from mixdiff_cli.training.finetune import (
     CheckpointError,
     FineTuneConfig,
     InvalidConfig,
-    denoising_loss,
     fine_tune,
 )
+from mixdiff_cli.training.loss import denoising_loss
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent

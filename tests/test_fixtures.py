@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ def generate(pipe, steps: int = 4, seed: int = 0, **kw):
     return pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images
 
 
-def test_sd_loads_in_plain_diffusers_and_is_fast(tiny_sd, sd_pipe):
+def test_sd_loads_in_plain_diffusers_and_is_tiny(tiny_sd, sd_pipe):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -43,13 +42,11 @@ def test_sd_loads_in_plain_diffusers_and_is_fast(tiny_sd, sd_pipe):
     assert isinstance(sd_pipe.unet, UNet2DConditionModel) and isinstance(sd_pipe.vae, AutoencoderKL)
     assert isinstance(sd_pipe.text_encoder, CLIPTextModel) and isinstance(sd_pipe.scheduler, DDIMScheduler)
     assert sd_pipe.safety_checker is None and sd_pipe.scheduler.config.steps_offset == 1
-    assert sum(p.numel() for p in sd_pipe.unet.parameters()) < 3_000_000
-    generate(sd_pipe)  # warm-up
-    start = time.perf_counter()
+    # small enough that a 4-step generation takes a fraction of a second on a CPU (sizes, not a clock)
+    sizes = {name: sum(p.numel() for p in getattr(sd_pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    assert sizes["unet"] < 1_500_000 and sum(sizes.values()) < 3_000_000, sizes
     image = generate(sd_pipe)
-    elapsed = time.perf_counter() - start
     assert image.shape == (1, 64, 64, 3) and 0.05 < image.std() and image.min() >= 0 and image.max() <= 1
-    assert elapsed < 2.0, f"4 steps took {elapsed:.2f}s"  # ~0.15 s on an idle 2-core CPU
 
 
 def test_sdxl_loads_in_plain_diffusers(sdxl_pipe):

@@ -94,18 +94,23 @@ def test_from_reproduces_images_bit_exactly_even_from_a_batch(catalog, tmp_path,
 
 
 def test_batch_size_does_not_change_images(catalog, tmp_path):
-    common = ["--catalog", catalog, "--steps", 2, "--seed", 5, "--num-images", 2, "--expert", "ink", "--json"]
-    one = json.loads(mixdiff("generate", "a cat", *common, "--batch-size", 1, "--out", tmp_path / "one").stdout)
-    two = json.loads(mixdiff("generate", "a cat", *common, "--batch-size", 2, "--out", tmp_path / "two").stdout)
-    for a, b in zip(one["images"], two["images"]):
-        assert np.array_equal(pixels(Path(a["path"])), pixels(Path(b["path"])))
+    n = 2
+    common = ["--catalog", catalog, "--steps", 2, "--seed", 5, "--num-images", n, "--expert", "ink", "--json"]
+    runs = {}
+    for size in (1, 2):
+        res = mixdiff("generate", "a cat", *common, "--batch-size", size, "--out", tmp_path / f"batch-{size}")
+        assert res.exit_code == 0, res.output
+        runs[size] = [Path(image["path"]) for image in json.loads(res.stdout)["images"]]
+        assert len(runs[size]) == n and all(p.is_file() for p in runs[size]), runs[size]  # never a vacuous zip
+    for a, b in zip(runs[1], runs[2]):
+        assert np.array_equal(pixels(a), pixels(b))
 
 
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["a cat", "--expert", "nope"], 1, "error: no expert named 'nope'"),
-        (["a cat", "--expert", "ink:abc"], 2, "weight 'abc' is not a number"),
+        (["a cat", "--expert", "nope"], 1, "error: expert 'nope' is not in the catalog"),
+        (["a cat", "--expert", "ink:abc"], 2, "bad expert 'ink:abc': the weight is not a number"),
         (["a cat", "--top-k", "3"], 2, "--top-k 3 is out of range: the catalog has 2 experts"),
         (["a cat", "--width", "60", "--expert", "ink"], 2, "not a positive multiple of 8"),
         (["a cat", "--resume"], 2, "--resume and --keep-going apply to --prompts"),

@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mixdiff_cli.routing.route import RouteSpecError, parse_member
+from mixdiff_cli.routing.route import Route, RouteSpecError, parse_member
 from mixdiff_cli.routing import router as R
+from mixdiff_cli.catalog.formats import sha256_file
+from mixdiff_cli.routing.checkpoint import read_checkpoint
+from mixdiff_cli.routing.encoders import WordsEncoder
+from mixdiff_cli.routing.errors import RouterError, StaleRouter
+from mixdiff_cli.routing.train import TrainConfig, train_router
 from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
 from mixdiff_cli.cli import app
 from mixdiff_cli.core.errors import ExpertNotFound, UsageError
@@ -133,14 +138,14 @@ def test_decide_many_matches_decide_and_keys_group(words_router):
     top1 = words_router.decide_many(vecs, prompts)
     assert top1[0].key == top1[1].key == (("animals", 1.0),) and len({r.key for r in top1}) == 3
     assert {top1[0].key: 1}[top1[1].key] == 1  # hashable
-    back = R.Route.from_dict(json.loads(json.dumps(many[3].to_dict())))
+    back = Route.from_dict(json.loads(json.dumps(many[3].to_dict())))
     assert back.chosen == many[3].chosen and back.key == many[3].key and back.probs == pytest.approx(many[3].probs)
 
 
 def test_vector_of_the_wrong_size_is_a_clear_error(words_router):
     import torch
 
-    with pytest.raises(R.RouterError, match="expects 4096-dim"):
+    with pytest.raises(RouterError, match="expects 4096-dim"):
         words_router.decide(torch.zeros(32), "a cat")
 
 
@@ -157,14 +162,14 @@ def test_experts_without_prompts_route_by_description_or_name(tmp_path):
 
 def test_empty_catalog_is_a_clear_error(tmp_path):
     save_catalog(Catalog(path=tmp_path / "experts.yaml"))
-    with pytest.raises(R.RouterError, match="no experts"):
+    with pytest.raises(RouterError, match="no experts"):
         R.load_router(tmp_path / "experts.yaml", encoder="words")
 
 
 # --- prototype cache --------------------------------------------------------------------------------
 
 
-class CountingEncoder(R.WordsEncoder):
+class CountingEncoder(WordsEncoder):
     def __init__(self):
         super().__init__()
         self.texts = 0
@@ -191,7 +196,7 @@ def test_prototypes_are_cached_beside_the_catalog(tmp_path):
     third = CountingEncoder()
     R.prototype_router(load_catalog(path), third)
     assert third.texts == 15
-    meta = R.read_checkpoint(cache)
+    meta = read_checkpoint(cache)
     assert meta.kind == "prototypes" and meta.encoder == "words" and meta.catalog_hash == load_catalog(path).hash()
 
 
@@ -212,7 +217,7 @@ def test_read_only_catalog_folder_still_routes(tmp_path, monkeypatch):
 
 def trained(tmp_path) -> Path:
     path = write_catalog(tmp_path)
-    R.train_router(path, config=R.TrainConfig(encoder="words", epochs=30, val_split=0))
+    train_router(path, config=TrainConfig(encoder="words", epochs=30, val_split=0))
     return path
 
 
@@ -221,7 +226,7 @@ def test_stale_checkpoint_is_an_error_or_a_visible_fallback(tmp_path):
     assert R.load_router(path).kind == "trained"
     with edit_catalog(path) as cat:
         cat.experts[2].sha256 = "retrained"
-    with pytest.raises(R.StaleRouter, match="the files of city changed") as err:
+    with pytest.raises(StaleRouter, match="the files of city changed") as err:
         R.load_router(path)
     assert "mixdiff router train" in err.value.hint
     fallback = R.load_router(path, on_stale="prototypes")
@@ -237,7 +242,7 @@ def test_stale_checkpoint_is_an_error_or_a_visible_fallback(tmp_path):
 
 def test_checkpoint_of_another_encoder_is_stale(tmp_path):
     path = trained(tmp_path)
-    with pytest.raises(R.StaleRouter, match="trained on the 'words' encoder"):
+    with pytest.raises(StaleRouter, match="trained on the 'words' encoder"):
         R.load_router(path, encoder="base")
 
 
@@ -254,7 +259,7 @@ def trained_at(folder: Path) -> Path:
     """A trained words router beside a catalog whose base is `folder/base` (relative)."""
     fake_base(folder / "base")
     path = write_catalog(folder, base="base")
-    R.train_router(path, config=R.TrainConfig(encoder="words", epochs=30, val_split=0))
+    train_router(path, config=TrainConfig(encoder="words", epochs=30, val_split=0))
     return path
 
 
@@ -298,7 +303,7 @@ def test_another_base_reads_as_stale(tmp_path, change):
     copy = rewritten_copy(path, tmp_path / "b")
     with edit_catalog(copy) as cat:
         change(cat, tmp_path)
-    with pytest.raises(R.StaleRouter, match=r"made for another base \(sd1, sample [0-9a-f]{10}\), the catalog's base is"):
+    with pytest.raises(StaleRouter, match=r"made for another base \(sd1, sample [0-9a-f]{10}\), the catalog's base is"):
         R.load_router(copy)
 
 
@@ -325,7 +330,7 @@ def test_what_the_experts_are_still_reads_as_stale_in_a_copy(tmp_path, change, w
     copy = rewritten_copy(trained_at(tmp_path / "a"), tmp_path / "b")
     with edit_catalog(copy) as cat:
         change(cat)
-    with pytest.raises(R.StaleRouter, match=words):
+    with pytest.raises(StaleRouter, match=words):
         R.load_router(copy)
 
 
@@ -335,42 +340,42 @@ def test_a_checkpoint_from_before_identity_2_reads_as_stale_until_retrained(tmp_
 
     path = trained_at(tmp_path)
     ckpt_path = tmp_path / "router.safetensors"
-    ckpt = R.read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
     meta = dataclasses.replace(ckpt, base=None).metadata()
     del meta["mixdiff.identity"]
     save_file(ckpt.gate.tensors(), str(ckpt_path), metadata=meta)
-    assert R.read_checkpoint(ckpt_path).identity == 1
-    with pytest.raises(R.StaleRouter, match="records catalog identity 1; this mixdiff writes identity 2"):
+    assert read_checkpoint(ckpt_path).identity == 1
+    with pytest.raises(StaleRouter, match="records catalog identity 1; this mixdiff writes identity 2"):
         R.load_router(path)
-    R.train_router(path, config=R.TrainConfig(epochs=5, encoder="words"))
-    assert R.read_checkpoint(ckpt_path).identity == 2 and R.load_router(path).kind == "trained"
+    train_router(path, config=TrainConfig(epochs=5, encoder="words"))
+    assert read_checkpoint(ckpt_path).identity == 2 and R.load_router(path).kind == "trained"
 
 
 def test_checkpoint_metadata_and_trained_routing(tmp_path):
     path = trained(tmp_path)
-    ckpt = R.read_checkpoint(tmp_path / "router.safetensors")
+    ckpt = read_checkpoint(tmp_path / "router.safetensors")
     assert ckpt.names == list(EXPERTS) and ckpt.encoder == "words" and ckpt.gate.hidden == 0
     assert [x["sha256"] for x in ckpt.experts] == ["animals-sha", "shapes-sha", "city-sha"]
     assert ckpt.training["epochs"] == 30
     router = R.load_router(path)
     assert [r.chosen[0][0] for r in router.route(["a cute dog", "a purple triangle", "a car on a bridge"])] == list(EXPERTS)
-    assert router.info()["sha256"] == R.sha256_file(tmp_path / "router.safetensors")
+    assert router.info()["sha256"] == sha256_file(tmp_path / "router.safetensors")
 
 
 def test_unreadable_checkpoints_are_clear_errors_and_never_unpickled(tmp_path):
     path = write_catalog(tmp_path)
     with edit_catalog(path) as cat:
         cat.router = "router.safetensors"
-    with pytest.raises(R.RouterError, match="does not exist"):
+    with pytest.raises(RouterError, match="does not exist"):
         R.load_router(path)
     (tmp_path / "router.safetensors").write_bytes(pickle.dumps({"weight": [1, 2]}))
-    with pytest.raises(R.RouterError, match="not a mixdiff router checkpoint"):
+    with pytest.raises(RouterError, match="not a mixdiff router checkpoint"):
         R.load_router(path)
     from safetensors.torch import save_file
     import torch
 
     save_file({"weight": torch.zeros(3, 4)}, str(tmp_path / "router.safetensors"))  # e.g. a LoRA
-    with pytest.raises(R.RouterError, match="not a mixdiff router checkpoint"):
+    with pytest.raises(RouterError, match="not a mixdiff router checkpoint"):
         R.load_router(path)
     res = invoke("route", "a cat", "--catalog", str(path))
     assert res.exit_code == 1 and "not a mixdiff router checkpoint" in res.output and "Traceback" not in res.output
@@ -387,7 +392,7 @@ def test_router_file_is_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", explode)
     with pytest.raises(OSError):
-        R.train_router(path, config=R.TrainConfig(encoder="words", epochs=5))
+        train_router(path, config=TrainConfig(encoder="words", epochs=5))
     assert ckpt_path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir() if "router" in p.name) == ["router.safetensors"]  # no temp file left
 

@@ -17,6 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 from mixdiff_cli.routing import router as R
+from mixdiff_cli.routing.checkpoint import read_checkpoint
+from mixdiff_cli.routing.encoders import WORDS_DIM
+from mixdiff_cli.routing.errors import RouterError, StaleRouter
+from mixdiff_cli.routing.sync import drop_router_row, extend_router
+from mixdiff_cli.routing.train import TrainConfig, train_router
 from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
 
 # Domain words (with synonyms) from the tiny fixture's one-token vocabulary where possible.
@@ -87,7 +92,7 @@ def test_generator_wordings_are_disjoint():
 def test_train_four_domains_reaches_95_percent(tmp_path, tiny_sd, capsys):
     doms = ["animals", "shapes", "landscapes", "city"]
     path = make_catalog(tmp_path, doms, tiny_sd)
-    res = R.train_router(path, config=R.TrainConfig(encoder="words"))
+    res = train_router(path, config=TrainConfig(encoder="words"))
     router = R.load_router(path)
     held = {d: captions(d, 60, "heldout") for d in doms}
     acc = {d: sum(p == d for p in top1(router, held[d])) / 60 for d in doms}
@@ -103,7 +108,7 @@ def test_train_four_domains_reaches_95_percent(tmp_path, tiny_sd, capsys):
     # the catalog points at the checkpoint, whose metadata records what it was made for
     cat = load_catalog(path)
     assert cat.router == "router.safetensors"
-    ckpt = R.read_checkpoint(tmp_path / "router.safetensors")
+    ckpt = read_checkpoint(tmp_path / "router.safetensors")
     assert ckpt.names == doms and ckpt.encoder == "words" and ckpt.catalog_hash == cat.hash() and ckpt.gate.hidden == 0
     assert router.kind == "trained" and router.checkpoint_sha256
 
@@ -111,10 +116,10 @@ def test_train_four_domains_reaches_95_percent(tmp_path, tiny_sd, capsys):
 def test_hidden_layer_gate_trains_and_round_trips(tmp_path, tiny_sd):
     doms = ["animals", "shapes", "landscapes", "city"]
     path = make_catalog(tmp_path, doms, tiny_sd, n_prompts=30)
-    res = R.train_router(path, config=R.TrainConfig(encoder="words", hidden=32, epochs=150))
+    res = train_router(path, config=TrainConfig(encoder="words", hidden=32, epochs=150))
     assert res.top1 >= 0.95
-    ckpt = R.read_checkpoint(res.checkpoint)
-    assert ckpt.gate.hidden == 32 and ckpt.gate.w1.shape == (32, R.WORDS_DIM) and ckpt.gate.w2.shape == (R.WORDS_DIM, 32)
+    ckpt = read_checkpoint(res.checkpoint)
+    assert ckpt.gate.hidden == 32 and ckpt.gate.w1.shape == (32, WORDS_DIM) and ckpt.gate.w2.shape == (WORDS_DIM, 32)
     router = R.load_router(path)
     held = captions("shapes", 40, "heldout")
     assert sum(p == "shapes" for p in top1(router, held)) / 40 >= 0.9
@@ -126,9 +131,9 @@ def test_training_is_deterministic_for_a_seed(tmp_path, tiny_sd):
     doms = ["animals", "shapes"]
     a = make_catalog(tmp_path / "a", doms, tiny_sd, n_prompts=20)
     b = make_catalog(tmp_path / "b", doms, tiny_sd, n_prompts=20)
-    cfg = R.TrainConfig(encoder="words", epochs=30, seed=3)
-    ra, rb = R.train_router(a, config=cfg), R.train_router(b, config=cfg)
-    ga, gb = R.read_checkpoint(ra.checkpoint).gate, R.read_checkpoint(rb.checkpoint).gate
+    cfg = TrainConfig(encoder="words", epochs=30, seed=3)
+    ra, rb = train_router(a, config=cfg), train_router(b, config=cfg)
+    ga, gb = read_checkpoint(ra.checkpoint).gate, read_checkpoint(rb.checkpoint).gate
     assert torch.equal(ga.weight, gb.weight) and torch.equal(ga.bias, gb.bias)
 
 
@@ -136,21 +141,21 @@ def test_labeled_prompts_file_adds_examples_and_bad_lines_name_the_line(tmp_path
     path = make_catalog(tmp_path, ["animals", "shapes"], tiny_sd, n_prompts=5)
     good = tmp_path / "labeled.jsonl"
     good.write_text("\n".join(json.dumps({"prompt": p, "expert": "shapes"}) for p in captions("shapes", 10, "heldout")) + "\n\n")
-    res = R.train_router(path, prompts_file=good, config=R.TrainConfig(encoder="words", epochs=20, val_split=0))
+    res = train_router(path, prompts_file=good, config=TrainConfig(encoder="words", epochs=20, val_split=0))
     assert res.n_train == 5 + 5 + 10 and res.n_val == 0 and res.top1 is None
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a cat", "expert": "animals"}\n{"prompt": "a dog", "expert": "dogs"}\n')
     before = path.read_bytes()
     with pytest.raises(Exception) as err:
-        R.train_router(path, prompts_file=bad, config=R.TrainConfig(encoder="words", epochs=5))
+        train_router(path, prompts_file=bad, config=TrainConfig(encoder="words", epochs=5))
     assert "bad.jsonl:2" in str(err.value) and "dogs" in str(err.value)
     assert path.read_bytes() == before
 
 
 def test_one_expert_is_a_clear_error(tmp_path, tiny_sd):
     path = make_catalog(tmp_path, ["animals"], tiny_sd, n_prompts=5)
-    with pytest.raises(R.RouterError, match="at least 2"):
-        R.train_router(path, config=R.TrainConfig(encoder="words"))
+    with pytest.raises(RouterError, match="at least 2"):
+        train_router(path, config=TrainConfig(encoder="words"))
 
 
 def test_adding_a_seventh_expert_does_not_forget(tmp_path, tiny_sd, capsys):
@@ -158,15 +163,15 @@ def test_adding_a_seventh_expert_does_not_forget(tmp_path, tiny_sd, capsys):
     doms = list(DOMAINS)
     old, new = doms[:6], doms[6]
     path = make_catalog(tmp_path, old, tiny_sd)
-    R.train_router(path, config=R.TrainConfig(encoder="words"))
+    train_router(path, config=TrainConfig(encoder="words"))
     held = {d: captions(d, 60, "heldout") for d in doms}
     before = {d: top1(R.load_router(path), held[d]) for d in old}
 
     with edit_catalog(path) as cat:
         cat.experts.append(Expert(name=new, kind="lora", source="x.safetensors", format="diffusers", sha256="x", prompts=captions(new, 40, "train")))
-    with pytest.raises(R.StaleRouter, match="lacks fantasy"):
+    with pytest.raises(StaleRouter, match="lacks fantasy"):
         R.load_router(path)  # the catalog moved on: never a silent mismatch
-    R.extend_router(load_catalog(path), new)
+    extend_router(load_catalog(path), new)
 
     router = R.load_router(path)
     after = {d: top1(router, held[d]) for d in old}
@@ -175,13 +180,13 @@ def test_adding_a_seventh_expert_does_not_forget(tmp_path, tiny_sd, capsys):
     with capsys.disabled():
         print(f"\n[router] +1 expert without retraining: old decisions unchanged {unchanged:.4f}, new expert recall {recall:.3f}")
     assert unchanged >= 0.99 and recall >= 0.90
-    ckpt = R.read_checkpoint(tmp_path / "router.safetensors")
+    ckpt = read_checkpoint(tmp_path / "router.safetensors")
     assert ckpt.names == doms and ckpt.experts[-1]["row"] == "prototype" and ckpt.catalog_hash == load_catalog(path).hash()
 
     # dropping the row restores the six-expert gate exactly
     with edit_catalog(path) as cat:
         cat.experts = [e for e in cat.experts if e.name != "shapes"]
-    R.drop_router_row(load_catalog(path), "shapes")
+    drop_router_row(load_catalog(path), "shapes")
     router = R.load_router(path)
     assert router.names == [d for d in doms if d != "shapes"]
     kept = [d for d in old if d != "shapes"]
@@ -191,13 +196,13 @@ def test_adding_a_seventh_expert_does_not_forget(tmp_path, tiny_sd, capsys):
 
 def test_extend_refuses_an_already_stale_checkpoint(tmp_path, tiny_sd):
     path = make_catalog(tmp_path, ["animals", "shapes"], tiny_sd, n_prompts=10)
-    R.train_router(path, config=R.TrainConfig(encoder="words", epochs=10))
+    train_router(path, config=TrainConfig(encoder="words", epochs=10))
     with edit_catalog(path) as cat:
         cat.experts[0].sha256 = "changed"
         cat.experts.append(Expert(name="city", kind="lora", source="c", format="diffusers", sha256="c", prompts=["a city street"]))
     ckpt_bytes = (tmp_path / "router.safetensors").read_bytes()
-    with pytest.raises(R.StaleRouter, match="animals changed"):
-        R.extend_router(load_catalog(path), "city")
+    with pytest.raises(StaleRouter, match="animals changed"):
+        extend_router(load_catalog(path), "city")
     assert (tmp_path / "router.safetensors").read_bytes() == ckpt_bytes
 
 
@@ -208,7 +213,7 @@ def test_add_and_remove_expert_keep_the_router_in_step(tmp_path, tiny_sd, lora_f
     cat = init_catalog(tmp_path / "experts.yaml", base=str(tiny_sd))
     for d in ("animals", "shapes"):
         add_expert(cat.path, str(lora_files[("sd1", "diffusers")]), name=d, prompts=captions(d, 20, "train"))
-    R.train_router(cat.path, config=R.TrainConfig(encoder="words", epochs=50))
+    train_router(cat.path, config=TrainConfig(encoder="words", epochs=50))
     add_expert(cat.path, str(lora_files[("sd1", "kohya")]), name="city", prompts=captions("city", 20, "train"))
     router = R.load_router(cat.path)  # no StaleRouter: the row was added on registration
     assert router.names == ["animals", "shapes", "city"] and router.kind == "trained"
@@ -222,7 +227,7 @@ def test_base_encoder_path_trains_and_extends(tmp_path, tiny_sd, capsys):
     loosely above chance (0.25) because the encoder is untrained."""
     doms = ["animals", "shapes", "landscapes", "city"]
     path = make_catalog(tmp_path, doms, tiny_sd, n_prompts=40)
-    res = R.train_router(path, config=R.TrainConfig(encoder="base", epochs=200))
+    res = train_router(path, config=TrainConfig(encoder="base", epochs=200))
     router = R.load_router(path)
     held = [p for d in doms for p in captions(d, 40, "heldout")]
     truth = [d for d in doms for _ in range(40)]
@@ -233,7 +238,7 @@ def test_base_encoder_path_trains_and_extends(tmp_path, tiny_sd, capsys):
     assert acc >= 0.33  # chance is 0.25 (measured 0.40 here)
     with edit_catalog(path) as cat:
         cat.experts.append(Expert(name="people", kind="lora", source="p", format="diffusers", sha256="p", prompts=captions("people", 30, "train")))
-    R.extend_router(load_catalog(path), "people")
+    extend_router(load_catalog(path), "people")
     assert R.load_router(path).names == [*doms, "people"]
 
 

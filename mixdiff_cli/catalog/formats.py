@@ -360,13 +360,7 @@ def _sidecar(file: Path) -> dict:
     side = file.with_suffix(".json")
     if file.suffix != ".safetensors" or not side.is_file():
         return {}
-    try:
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadSidecar(f"{side} is not valid JSON ({exc})", "fix or delete that file; it holds the LoRA's trigger words") from None
-    if not isinstance(data, dict):
-        raise BadSidecar(f"{side} is not a JSON object", "fix or delete that file; it holds the LoRA's trigger words")
-    return data
+    return _read_json(side, BadSidecar, "fix or delete that file; it holds the LoRA's trigger words")
 
 
 def _split_trigger(text: str) -> list[str]:
@@ -500,13 +494,14 @@ def _inspect_file(file: Path, checksum: bool) -> SourceInfo:
     return info
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, error: type[MixdiffError] = NoModelFound, hint: str = "restore that file from the model's source") -> dict:
+    """A JSON object from `path`; anything else raises `error` with `hint`."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NoModelFound(f"{path} is not valid JSON ({exc})", "restore that file from the model's source") from None
+        raise error(f"{path} is not valid JSON ({exc})", hint) from None
     if not isinstance(data, dict):
-        raise NoModelFound(f"{path} is not a JSON object", "restore that file from the model's source")
+        raise error(f"{path} is not a JSON object", hint)
     return data
 
 

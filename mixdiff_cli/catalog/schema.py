@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mixdiff_cli.core.errors import CatalogError, CatalogNotFound, ExpertNotFound, InvalidName
+from mixdiff_cli.core.errors import CatalogError, CatalogNotFound, ExpertNotFound, InvalidName, ReadOnlyCatalog
 
 CATALOG_NAME = "experts.yaml"
 SCHEMA_VERSION = 1
@@ -237,7 +237,10 @@ class _Loader:
     def scalar(self, node: yaml.Node, want: str | tuple[str, ...], key: str) -> Any:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             return None
-        value = _construct(node) if isinstance(node, yaml.ScalarNode) else None
+        try:
+            value = _construct(node) if isinstance(node, yaml.ScalarNode) else None
+        except yaml.YAMLError:  # a tag the safe loader does not know (!!python/..., !custom): never constructed
+            raise self.fail(node, f"{key} has the tag {node.tag!r}", "write a plain value: a catalog holds no Python objects") from None
         if want == _STR and isinstance(value, (datetime.date, datetime.datetime)):
             value = value.isoformat()  # an unquoted `added: 2026-11-26` is a date to YAML
         ok = {
@@ -344,27 +347,20 @@ def save_catalog(cat: Catalog) -> None:
     """Write atomically (temporary file, fsync, rename). Callers hold the lock (see `edit_catalog`)."""
     from mixdiff_cli.core.fsutil import atomic_write
 
+    check_writable(cat.path)
     text = dump_catalog(cat)
     _Loader(cat.path).catalog(text)  # never write what we could not read back
     atomic_write(cat.path, text)
 
 
-def lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lock")
-
-
 @contextlib.contextmanager
 def catalog_lock(path: str | Path, timeout: float = 120.0) -> Iterator[None]:
-    from filelock import FileLock, Timeout
+    """Hold the catalog's lock file (`.NAME.lock` beside it) for one read-change-write."""
+    from mixdiff_cli.core.fsutil import file_lock
 
-    path = Path(path)
-    try:
-        with FileLock(str(lock_path(path)), timeout=timeout):
-            yield
-    except Timeout:
-        raise CatalogError(
-            f"catalog {path} is locked by another mixdiff process", f"wait for it, or delete {lock_path(path)} if none runs"
-        ) from None
+    check_writable(path)  # before the lock file: nothing is written next to the packaged demo
+    with file_lock(path, timeout, what="catalog", error=CatalogError):
+        yield
 
 
 @contextlib.contextmanager
@@ -397,14 +393,42 @@ def user_catalog_path() -> Path:
     return user_data_dir() / CATALOG_NAME
 
 
+def packaged_data_dir() -> Path:
+    """mixdiff's own package data (the embedded demo): read-only to every mixdiff command and function."""
+    return Path(__file__).parent.parent / "data"
+
+
 def packaged_catalog_path() -> Path:
     """The embedded demo catalog shipped as package data."""
-    return Path(__file__).parent.parent / "data" / "demo" / CATALOG_NAME
+    return packaged_data_dir() / "demo" / CATALOG_NAME
 
 
-def find_catalog(explicit: str | Path | None = None, *, must_exist: bool = True) -> Path:
+def is_packaged(path: str | Path) -> bool:
+    """Whether `path` lies inside mixdiff's package data (links and `..` resolved)."""
+    return Path(os.path.realpath(Path(path).expanduser())).is_relative_to(os.path.realpath(packaged_data_dir()))
+
+
+def check_writable(*paths: str | Path | None) -> None:
+    """Refuse to write inside the packaged demo: a user's changes go to a catalog of their own."""
+    for path in paths:
+        if path is not None and is_packaged(path):
+            raise ReadOnlyCatalog(
+                f"{path} is part of the packaged demo, which mixdiff never modifies",
+                "run 'mixdiff init' to create a catalog of your own, or pass --catalog PATH",
+            )
+
+
+def find_catalog(explicit: str | Path | None = None, *, must_exist: bool = True, for_write: bool = False) -> Path:
     """`--catalog`, then $MIXDIFF_CATALOG, then experts.yaml walking up from the cwd, then the user and
-    packaged catalogs. With must_exist=False, return where a new catalog would go."""
+    packaged catalogs. With must_exist=False, return where a new catalog would go. With for_write=True
+    (commands that change the catalog), never the packaged demo: without a catalog of the user's, fail."""
+    path = _find_catalog(explicit, must_exist=must_exist, for_write=for_write)
+    if for_write:
+        check_writable(path)
+    return path
+
+
+def _find_catalog(explicit: str | Path | None, *, must_exist: bool, for_write: bool) -> Path:
     if explicit is not None:
         path = Path(explicit).expanduser()
         if path.is_dir():
@@ -424,9 +448,14 @@ def find_catalog(explicit: str | Path | None = None, *, must_exist: bool = True)
     for folder in (cwd, *cwd.parents):
         if (folder / CATALOG_NAME).is_file():
             return folder / CATALOG_NAME
-    for path in (user_catalog_path(), packaged_catalog_path()):
+    for path in (user_catalog_path(), *([] if for_write else [packaged_catalog_path()])):
         if path.is_file():
             return path
+    if for_write:
+        raise CatalogNotFound(
+            "no catalog here: run 'mixdiff init' to create one",
+            "or pass --catalog PATH (the packaged demo catalog is read-only)",
+        )
     raise CatalogNotFound(
         "no catalog found (no --catalog, no $MIXDIFF_CATALOG, no experts.yaml here or above, no user catalog)",
         "run 'mixdiff init --base PATH' to create one, or pass --catalog PATH",

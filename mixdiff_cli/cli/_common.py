@@ -13,7 +13,7 @@ CatalogOpt = Annotated[
         "--catalog",
         "-c",
         help="Catalog file. Default: $MIXDIFF_CATALOG, else experts.yaml found walking up from the working "
-        "directory, else the user catalog.",
+        "directory, else the user catalog, else (read-only commands) the packaged demo.",
         show_default=False,
     ),
 ]

@@ -49,7 +49,10 @@ class Output:
                 self._console(False).print(value)
 
     def table(self, rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
-        """Rows as a rich table (human) or a JSON list (json); quiet prints the first column only."""
+        """Rows as a rich table (human) or a JSON list (json); quiet prints the first column only.
+
+        Human: one line per row at any terminal width; cells too long for it end in an ellipsis (rich
+        shrinks the widest columns first), the whole value is in --json and the `show` commands."""
         if self.mode == "json":
             self.data(rows)
             return
@@ -58,12 +61,14 @@ class Output:
                 sys.stdout.write(f"{row[columns[0]]}\n")
             return
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=title)
         for col in columns:
-            table.add_column(col)
+            table.add_column(col, overflow="ellipsis")
         for row in rows:
-            table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+            # a Text's own no_wrap beats the column's, so columns stay shrinkable but cells never wrap
+            table.add_row(*(Text("" if row.get(c) is None else str(row.get(c)), no_wrap=True, overflow="ellipsis") for c in columns))
         self._console(False).print(table)
 
     def result(self, text: str, value: Any = None) -> None:

@@ -55,7 +55,7 @@ def add_expert(
         raise typer.BadParameter(f"{kind!r} is not lora or model", param_hint="--kind")
     if json_mode:
         out.configure(json_mode=True)
-    path = find_catalog(catalog)
+    path = find_catalog(catalog, for_write=True)
     exp = add(path, source, name=name, kind=kind, prompts=prompt, trigger=trigger, description=description,
               weight=weight, tags=tag, copy=copy)
     arch = f", {exp.arch}" if exp.arch else ""
@@ -79,7 +79,8 @@ def list_experts(catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None
         out.configure(json_mode=True)
     cat = load_catalog(find_catalog(catalog))
     rows = expert_rows(cat)
-    out.table(rows, ["name", "kind", "format", "arch", "rank", "weight", "hash", "trigger", "description"], title=str(cat.path))
+    # one line per expert in 80 columns: format, weight, source and the full description are in 'experts show' and --json
+    out.table(rows, ["name", "kind", "arch", "rank", "hash", "trigger", "description"], title=str(cat.path))
     if not rows:
         out.hint("no experts yet: add one with 'mixdiff add-expert FILE'")
 
@@ -100,7 +101,7 @@ def remove(name: ExpertNameArg, catalog: CatalogOpt = None) -> None:
     from mixdiff_cli.catalog.schema import find_catalog
     from mixdiff_cli.experts.manage import remove_expert
 
-    path = find_catalog(catalog)
+    path = find_catalog(catalog, for_write=True)
     exp = remove_expert(path, name)
     out.result(f"removed {exp.name} from {path}", {"removed": exp.name})
 

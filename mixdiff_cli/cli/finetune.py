@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from mixdiff_cli.catalog.schema import find_catalog
         from mixdiff_cli.core.errors import CatalogNotFound
-        from mixdiff_cli.training.finetune import FineTuneConfig, fine_tune
+        from mixdiff_cli.training.finetune import FineTuneConfig, Registration, fine_tune
 
         if json_out:
             out.configure(json_mode=True)
@@ -82,15 +82,16 @@ def register(app: typer.Typer) -> None:
             checkpoint_every=checkpoint_every, keep=keep,
         )
         try:
-            catalog_path = find_catalog(catalog)
+            catalog_path = find_catalog(catalog, for_write=not no_register)
         except CatalogNotFound:
             if not (no_register and base):
                 raise
             catalog_path = None
         with _Progress() as progress:
             result = fine_tune(
-                catalog_path, data, name, cfg, base=base, output=output, output_dir=output_dir, register=not no_register,
-                description=description, resume=resume, stop_after=stop_after, device=device, on_event=progress.on_event,
+                catalog_path, data, name, cfg, base=base, output=output, output_dir=output_dir,
+                register=False if no_register else Registration(description), resume=resume, stop_after=stop_after, device=device,
+                on_event=progress.on_event,
             )
         if not result.main_process:
             return

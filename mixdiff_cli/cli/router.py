@@ -18,7 +18,7 @@ def train(
     catalog: CatalogOpt = None,
     prompts: Annotated[
         Optional[Path],
-        typer.Option("--prompts", help='Extra labelled prompts: JSON lines {"prompt": "...", "expert": "NAME"}.'),
+        typer.Option("--prompts", help='Extra labelled prompts: .jsonl lines {"prompt": "...", "expert": "NAME"}, or .csv with a prompt,expert header (as evaluate routing reads).'),
     ] = None,
     hidden: Annotated[int, typer.Option("--hidden", min=0, help="0: linear cosine gate; N: one hidden layer of N units.")] = 0,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training prompts.")] = 300,
@@ -36,12 +36,12 @@ def train(
     Example: mixdiff router train --prompts labeled.jsonl --hidden 64
     """
     from mixdiff_cli.catalog.schema import find_catalog
-    from mixdiff_cli.routing.router import TrainConfig, train_router
+    from mixdiff_cli.routing.train import TrainConfig, train_router
 
     if json_mode:
         out.configure(json_mode=True)
     config = TrainConfig(hidden=hidden, epochs=epochs, lr=lr, seed=seed, val_split=val_split, balance=balance, top_k=top_k, encoder=encoder)
-    res = train_router(find_catalog(catalog), prompts_file=prompts, config=config, output=output)
+    res = train_router(find_catalog(catalog, for_write=True), prompts_file=prompts, config=config, output=output)
     if out.json:
         out.data(res.to_dict())
         return

@@ -31,6 +31,10 @@ class CatalogError(MixdiffError):
     """The catalog file is not valid YAML or does not follow the schema."""
 
 
+class ReadOnlyCatalog(CatalogError):
+    """A write aimed at the packaged demo (mixdiff never modifies its own package data)."""
+
+
 class ExpertNotFound(MixdiffError):
     pass
 

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then rename over the target."""
+"""Atomic file and folder writes (a temporary name in the same folder, fsync, rename), file locks, output folders."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from mixdiff_cli.core.errors import OutputError
 
 
 def fsync_dir(folder: Path) -> None:
@@ -59,3 +61,49 @@ def writable_dir(out_dir: str | Path) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot write to --out {out_dir}: {exc.strerror or exc}", "pass a writable output folder") from None
     return out_dir
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; on success it replaces `target` whole (files fsynced)."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        umask = os.umask(0)  # mkdtemp makes 0700 folders; give it what mkdir would
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()):
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, timeout: float = 120.0, *, what: str = "file", error: type[Exception] | None = None) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `path` (one writer across processes); waiting past `timeout` s raises
+    `error` (a MixdiffError class) naming `what`, the path and the lock file."""
+    from filelock import FileLock, Timeout
+
+    from mixdiff_cli.core.errors import MixdiffError
+
+    path = Path(path)
+    lock = FileLock(str(path.with_name(f".{path.name}.lock")))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise (error or MixdiffError)(
+            f"{what} {path} is locked by another mixdiff process", f"wait for it, or delete {lock.lock_file} if none runs"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

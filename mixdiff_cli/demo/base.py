@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mixdiff_cli.demo import data as demo_data
+from mixdiff_cli.core.checkpoints import read_checkpoint, write_checkpoint
 from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.core.fsutil import atomic_folder, atomic_path
+from mixdiff_cli.core.runtime import pick_device
+from mixdiff_cli.demo import data as demo_data
 
 Log = Callable[[str], None]
 
@@ -75,13 +77,6 @@ class BaseConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def device():
-    """CUDA when available, else CPU."""
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 
@@ -110,43 +105,16 @@ def _to_tensor(images: np.ndarray, dev):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, never pickle.
+# Checkpoints: safetensors + JSON, never pickle (mixdiff_cli.core.checkpoints).
 
-
-def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
-    tensors, meta = {}, {"state": {}, "param_groups": sd["param_groups"]}
-    for idx, st in sd["state"].items():
-        meta["state"][str(idx)] = {}
-        for k, v in st.items():
-            if hasattr(v, "detach"):
-                tensors[f"{idx}/{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["state"][str(idx)][k] = v
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
-    for key, t in tensors.items():
-        idx, k = key.split("/", 1)
-        state.setdefault(int(idx), {})[k] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
+WEIGHTS = "weights.safetensors"
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict, optimizer, meta: dict, keep: int = 2) -> Path:
-    """Write `root/step-NNNNNNN/` atomically (a temporary folder renamed), keeping the last `keep`."""
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp, final = root / f".tmp-{step:07d}", root / f"step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **meta}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    """Write `root/step-NNNNNNN/` atomically, keeping the last `keep`."""
+    for stale in root.glob(".step-*.partial"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    final = write_checkpoint(root / f"step-{step:07d}", tensors, optimizer.state_dict(), {"step": step, **meta}, WEIGHTS)
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -160,24 +128,18 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, optimizer) -> tuple[dict, dict]:
     """Weights (name -> tensor) and JSON state of a checkpoint; restores `optimizer` in place."""
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "state.json").read_text())
-    if (path / "optimizer.safetensors").exists():  # a snapshot (see snapshot_checkpoint) has none: fresh moments
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
-    return {k: v.float() for k, v in load_file(str(path / "weights.safetensors")).items()}, state
+    weights, opt_state, state = read_checkpoint(path, WEIGHTS)
+    if opt_state is not None:  # a snapshot (see snapshot_checkpoint) has none: fresh moments
+        optimizer.load_state_dict(opt_state)
+    return {k: v.float() for k, v in weights.items()}, state
 
 
 def snapshot_checkpoint(path: Path, out: Path) -> Path:
     """A compact copy of a checkpoint to carry a build across machines: fp16 weights, no optimizer state."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half() for k, v in load_file(str(path / "weights.safetensors")).items()}, str(out / "weights.safetensors"))
     state = json.loads((path / "state.json").read_text())
-    state["optimizer"] = None
-    (out / "state.json").write_text(json.dumps(state, indent=1))
-    return out
+    return write_checkpoint(out, {k: v.half() for k, v in load_file(str(path / WEIGHTS)).items()}, None, state, WEIGHTS)
 
 
 def _prefixed(prefix: str, sd: dict) -> dict:
@@ -268,7 +230,7 @@ def train_vae(folders: Sequence[str | Path], workdir: str | Path, cfg: BaseConfi
 
     workdir = Path(workdir)
     out, ckpt_root = workdir / "vae", workdir / "ckpt" / "vae"
-    dev = device()
+    dev = pick_device()
     images, _ = load_folders(folders)
     vae = make_vae(cfg).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -307,12 +269,9 @@ def train_vae(folders: Sequence[str | Path], workdir: str | Path, cfg: BaseConfi
     metrics = vae_metrics(vae, images, cfg)
     vae.register_to_config(scaling_factor=metrics["scaling_factor"])
     log("vae: " + json.dumps(metrics))
-    tmp = workdir / ".vae-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(str(tmp))
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        vae.save_pretrained(str(tmp))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return out
 
 
@@ -352,16 +311,15 @@ def encode_latents(vae_dir: str | Path, folders: Sequence[str | Path], out_file:
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    dev = device()
+    dev = pick_device()
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(dev).eval()
     images, captions = load_folders(folders)
     with torch.no_grad():
         lat = torch.cat([vae.encode(_to_tensor(images[i:i + 256], dev)).latent_dist.mean.cpu()
                          for i in range(0, len(images), 256)])
     out_file = Path(out_file)
-    tmp = out_file.with_suffix(".tmp")
-    save_file({"latents": lat.contiguous()}, str(tmp), metadata={"captions": json.dumps(captions)})
-    os.replace(tmp, out_file)
+    with atomic_path(out_file) as tmp:
+        save_file({"latents": lat.contiguous()}, str(tmp), metadata={"captions": json.dumps(captions)})
     return out_file
 
 
@@ -380,7 +338,7 @@ def train_unet(workdir: str | Path, cfg: BaseConfig, log: Log = print, stop_at: 
 
     workdir = Path(workdir)
     ckpt_root = workdir / "ckpt" / "unet"
-    dev = device()
+    dev = pick_device()
     with safe_open(str(workdir / "latents.safetensors"), "pt") as f:
         latents = f.get_tensor("latents")
         captions = json.loads(f.metadata()["captions"])
@@ -478,7 +436,7 @@ def _pipeline_from_ema(ema: dict, cfg: BaseConfig, workdir: Path, tokenizer):
                                    scheduler=make_scheduler(cfg), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device())
+    return pipe.to(pick_device())
 
 
 def export_pipeline(workdir: str | Path, out: str | Path, cfg: BaseConfig | None = None, fp16: bool = True) -> Path:
@@ -494,16 +452,13 @@ def export_pipeline(workdir: str | Path, out: str | Path, cfg: BaseConfig | None
     tokenizer = load_tokenizer(workdir / "tokenizer", cfg.max_length)
     ema = {k[4:]: v for k, v in load_file(str(ck / "weights.safetensors")).items() if k.startswith("ema.")}
     pipe = _pipeline_from_ema(ema, cfg, workdir, tokenizer).to("cpu")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp))
-    if fp16:  # UNet and VAE weights in half precision; diffusers loads them as float32 unless told otherwise
-        for file in (tmp / "unet" / "diffusion_pytorch_model.safetensors", tmp / "vae" / "diffusion_pytorch_model.safetensors"):
-            save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(file)).items()},
-                      str(file), metadata={"format": "pt"})
-    (tmp / "mixdiff_base.json").write_text(json.dumps({"step": state["step"], "config": asdict(cfg)}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(str(tmp))
+        if fp16:  # UNet and VAE weights in half precision; diffusers loads them as float32 unless told otherwise
+            for file in (tmp / "unet" / "diffusion_pytorch_model.safetensors", tmp / "vae" / "diffusion_pytorch_model.safetensors"):
+                save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(file)).items()},
+                          str(file), metadata={"format": "pt"})
+        (tmp / "mixdiff_base.json").write_text(json.dumps({"step": state["step"], "config": asdict(cfg)}, indent=1))
     return out
 
 
@@ -518,7 +473,7 @@ def check_export(workdir: str | Path, exported: str | Path, n_per_domain: int = 
     cfg = BaseConfig.from_json(json.loads((ck / "state.json").read_text())["config"])
     ema = {k[4:]: v for k, v in load_file(str(ck / "weights.safetensors")).items() if k.startswith("ema.")}
     fp32 = _pipeline_from_ema(ema, cfg, workdir, load_tokenizer(workdir / "tokenizer", cfg.max_length))
-    stored = StableDiffusionPipeline.from_pretrained(str(exported)).to(device())
+    stored = StableDiffusionPipeline.from_pretrained(str(exported)).to(pick_device())
     stored.set_progress_bar_config(disable=True)
     prompts = [s.caption for d in demo_data.DOMAINS for s in demo_data.generate(d, 4, seed=30_000)]
     kw = dict(num_inference_steps=20, guidance_scale=5.0, output_type="np")

@@ -15,7 +15,6 @@ in, a dict out. Heavy frameworks are imported inside the functions that run mode
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import math
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mixdiff_cli import __version__
 from mixdiff_cli.core.errors import MixdiffError, UsageError
+from mixdiff_cli.routing.labels import Labeled, check_labels, read_labeled
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,91 +49,10 @@ class GateFailed(MixdiffError):
 # --- input files ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Labeled:
-    """A prompt and the expert that should serve it; `where` is FILE:LINE for error messages."""
-
-    prompt: str
-    expert: str
-    where: str = ""
-
-
-def _rows(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
-    """(FILE:LINE, row) of a .jsonl or .csv file."""
-    if not path.exists():
-        raise EvaluateError(f"prompt file {path} does not exist", "pass an existing .jsonl or .csv file")
-    if path.is_dir():
-        raise EvaluateError(f"prompt file {path} is a folder", "pass a .jsonl or .csv file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise EvaluateError(f"{path} is not UTF-8 text", "save the prompt file as UTF-8") from None
-    suffix = path.suffix.lower()
-    rows: list[tuple[str, dict[str, Any]]] = []
-    if suffix in (".jsonl", ".ndjson"):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvaluateError(f"{where}: not valid JSON ({exc.msg})", "write one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise EvaluateError(f"{where}: expected a JSON object", _example(columns))
-            rows.append((where, row))
-    elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(), dialect="excel-tab" if suffix == ".tsv" else "excel")
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        missing = [c for c in columns if c not in header and not (c == "expert" and "label" in header)]
-        if header and missing:
-            raise EvaluateError(f"{path}: no column {missing[0]!r} in the header {header}", f"start the file with the header line '{','.join(columns)}'")
-        for row in reader:
-            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                continue
-            rows.append((f"{path}:{reader.line_num}", row))
-    else:
-        raise EvaluateError(f"{path}: unknown labelled-prompt file type {path.suffix or '(none)'!r}", f"use .jsonl or .csv; {_example(columns)}")
-    if not rows:
-        raise EvaluateError(f"no prompts in {path}", _example(columns))
-    return rows
-
-
 def _example(columns: tuple[str, ...]) -> str:
     if columns == ("prompt",):
         return 'write one prompt per line (.txt), {"prompt": "..."} lines (.jsonl) or a "prompt" column (.csv)'
     return 'write lines like {"prompt": "a red circle", "expert": "shapes"} (.jsonl) or a csv with the header prompt,expert'
-
-
-def _field(row: Mapping[str, Any], key: str, where: str, columns: tuple[str, ...]) -> str:
-    value = row.get(key)
-    if value is None and key == "expert":
-        value = row.get("label")
-    if not isinstance(value, str) or not value.strip():
-        raise EvaluateError(f"{where}: no {key!r}", _example(columns))
-    return " ".join(value.split())
-
-
-def read_labeled(path: str | Path) -> list[Labeled]:
-    """Labelled prompts from a .jsonl ({"prompt", "expert"}) or .csv (header prompt,expert) file."""
-    columns = ("prompt", "expert")
-    return [
-        Labeled(_field(row, "prompt", where, columns), _field(row, "expert", where, columns), where)
-        for where, row in _rows(Path(path), columns)
-    ]
-
-
-def check_labels(items: Sequence[Labeled], experts: Sequence[str], catalog_path: Any = None) -> None:
-    """Every label must name an expert of the catalog."""
-    known = set(experts)
-    for item in items:
-        if item.expert not in known:
-            where = f"{item.where}: " if item.where else ""
-            raise EvaluateError(
-                f"{where}unknown expert {item.expert!r} in the labels" + (f" (catalog {catalog_path})" if catalog_path else ""),
-                f"known experts: {', '.join(experts) or 'none'}; fix the label or add the expert with 'mixdiff add-expert'",
-            )
 
 
 def parse_data_specs(specs: Sequence[str]) -> dict[str, Path]:
@@ -560,12 +479,15 @@ def routing_figures(metrics: Mapping[str, Any]) -> dict[str, Image.Image]:
     return {"confusion.png": confusion, "usage.png": usage_fig, "calibration.png": calib}
 
 
+def _md_document(title: str, data: Mapping[str, Any], body: list[str]) -> str:
+    """A report's Markdown: header, gates, then `body`."""
+    return "\n".join(_md_header(title, data) + _md_gates(data) + body)
+
+
 def routing_markdown(data: Mapping[str, Any]) -> str:
-    m = data["metrics"]
+    m, cal = data["metrics"], data["metrics"]["calibration"]
     names = m["experts"]
-    cal = m["calibration"]
-    lines = _md_header("Routing evaluation", data) + _md_gates(data)
-    lines += [
+    lines = [
         "## Accuracy",
         "",
         _md_table(["prompts", "top-1", f"top-{m['top_k']}", "balanced", "macro F1"],
@@ -611,7 +533,7 @@ def routing_markdown(data: Mapping[str, Any]) -> str:
                             [[p.get("prompt", ""), p["label"], p["top1"], p["confidence"]] for p in errors[:50]]), ""]
         if len(errors) > 50:
             lines += [f"... and {len(errors) - 50} more (report.json lists them all).", ""]
-    return "\n".join(lines)
+    return _md_document("Routing evaluation", data, lines)
 
 
 # --- experts: held-out denoising loss ------------------------------------------------------------
@@ -637,16 +559,18 @@ class HeldoutLoss:
     def __init__(self, engine: Any, records: Sequence[Any], evals: int):
         from diffusers import DDPMScheduler
 
-        from mixdiff_cli.training.finetune import FineTuneConfig, _build_cache, _make_valset, _Text
+        from mixdiff_cli.models.text import is_sdxl
+        from mixdiff_cli.training.encoding import CaptionEncoder
+        from mixdiff_cli.training.loss import make_heldout
 
         self.engine = engine
-        self.text = _Text(engine.pipe, "sdxl" if getattr(engine.pipe, "text_encoder_2", None) is not None else "sd")
+        self.text = CaptionEncoder(engine.pipe, "sdxl" if is_sdxl(engine.pipe) else "sd")
         self.scheduler = DDPMScheduler.from_config(engine.pipe.scheduler.config)
         size = engine.unet.config.sample_size
         self.resolution = int((size if isinstance(size, int) else size[0]) * engine.pipe.vae_scale_factor)
-        cfg = FineTuneConfig(train_text_encoder=True)  # keep token ids: text is encoded per model (LoRAs on the encoder)
-        cache = _build_cache(engine.pipe, self.text, list(records), cfg, self.resolution, 0, engine.device)
-        self.val = _make_valset(cache.latents, cache.ids, cache.time_ids, self.scheduler.config.num_train_timesteps, evals)
+        # token ids kept: the text is encoded per model (LoRAs on the encoder)
+        self.val = make_heldout(engine.pipe, self.text, records, self.resolution, engine.device, self.scheduler.config.num_train_timesteps,
+                                evals=evals)
         self.rows: list[int] = self.val.rows.tolist()
 
     def __len__(self) -> int:
@@ -656,36 +580,20 @@ class HeldoutLoss:
         """Per-triple MSE with `experts` (equal weights; none: the bare base) active through the mixture
         module. Summed by callers in float64 in a fixed order, so the batch size changes nothing but
         float32 rounding."""
-        import torch
-        import torch.nn.functional as F
-
         from mixdiff_cli.sampling.engine import Active
-        from mixdiff_cli.training.finetune import _target
         from mixdiff_cli.sampling.mixture import Blend
+        from mixdiff_cli.training.loss import heldout_losses
 
-        engine, val = self.engine, self.val
+        engine = self.engine
         cat = engine.catalog
         members = [Active(cat.expert(n), 1.0) for n in experts]
         engine.ensure_loaded([m.name for m in members])
         slices, models, weights = engine.plan(members, "noise")[:3]
         blend = Blend(slices=slices, models=models, weights=weights)
-        unet, dtype = engine.mixture, engine.unet.dtype
-        per: list[float] = []
-        with torch.no_grad(), unet.routed(blend):
-            hidden, pooled = self.text.encode(val.ids)  # (n, T, D), (n, P) SDXL
-            for i in range(0, val.latents.shape[0], batch_size):
-                rows = val.rows[i : i + batch_size]
-                latents, noise, t = val.latents[i : i + batch_size], val.noise[i : i + batch_size], val.timesteps[i : i + batch_size]
-                h = hidden.index_select(0, rows.to(hidden.device)).to(dtype)
-                added = None
-                if pooled is not None:
-                    added = {"text_embeds": pooled.index_select(0, rows.to(pooled.device)).to(dtype),
-                             "time_ids": val.time_ids.index_select(0, rows).to(dtype)}
-                noisy = self.scheduler.add_noise(latents, noise, t)
-                pred = unet(noisy.to(dtype), t, h, added_cond_kwargs=added, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), _target(self.scheduler, latents, noise, t).float(), reduction="none")
-                per.extend(loss.mean(dim=tuple(range(1, loss.ndim))).double().cpu().tolist())
-        return per
+        unet = engine.mixture
+        with unet.routed(blend):
+            chunks = heldout_losses(unet, self.scheduler, self.text, self.val, chunk=batch_size, dtype=engine.unet.dtype)
+        return [x for losses in chunks for x in losses.double().cpu().tolist()]
 
     def loss(self, experts: Sequence[str] = (), batch_size: int = 16) -> float:
         per = self.losses(experts, batch_size)
@@ -712,7 +620,7 @@ def evaluate_experts(
     """
     from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.training.dataset import scan_dataset
-    from mixdiff_cli.training.finetune import VAL_EVALS, VAL_SEED
+    from mixdiff_cli.training.loss import VAL_EVALS, VAL_SEED
 
     cat = catalog if not isinstance(catalog, (str, Path)) else load_catalog(catalog)
     domains_in = dict(data) if isinstance(data, Mapping) else parse_data_specs(data)
@@ -789,10 +697,8 @@ def loss_figure(base: Mapping[str, float], losses: Mapping[str, Mapping[str, flo
 def experts_markdown(data: Mapping[str, Any]) -> str:
     m = data["metrics"]
     base, losses = data["losses"][BASE_LABEL], data["losses"]["experts"]
-    domains = m["domains"]
-    s = m["summary"]
-    lines = _md_header("Expert specialisation: held-out denoising loss", data) + _md_gates(data)
-    lines += [
+    domains, s = m["domains"], m["summary"]
+    return _md_document("Expert specialisation: held-out denoising loss", data, [
         "## Domains",
         "",
         _md_table(["domain", "folder", "images", "evaluations", "dataset sha256"],
@@ -814,8 +720,7 @@ def experts_markdown(data: Mapping[str, Any]) -> str:
         "",
         "![loss matrix](losses.png)",
         "",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 # --- samples --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from mixdiff_cli.catalog.schema import (
     load_catalog,
     save_catalog,
     catalog_lock,
+    check_writable,
     slugify,
 )
 from mixdiff_cli.core.errors import CatalogError, DuplicateExpert, MixdiffError, MixdiffWarning, UsageError, VerifyFailed
@@ -89,18 +90,20 @@ class Inspected:
     file: Path | None  # the weights file hashed (None for folders hashed as a whole)
 
 
-def inspect_candidate(
-    cat: Catalog,
-    source: str,
-    *,
-    name: str | None = None,
-    kind: str | None = None,
-    prompts: list[str] | None = None,
-    trigger: list[str] | None = None,
-    description: str | None = None,
-    weight: float | None = None,
-    tags: list[str] | None = None,
-) -> Inspected:
+@dataclass
+class ExpertOptions:
+    """What the user says about an expert being added; None: what its files say, else the default."""
+
+    name: str | None = None  # default: a slug of the file's title or name
+    kind: str | None = None  # the kind the source must be (lora, model)
+    prompts: list[str] | None = None  # what the router learns from
+    trigger: list[str] | None = None
+    description: str | None = None
+    weight: float | None = None  # default weight in a blend
+    tags: list[str] | None = None
+
+
+def inspect_candidate(cat: Catalog, source: str, options: ExpertOptions | None = None) -> Inspected:
     """Read headers, detect format/architecture, hash, check fit with the base. Writes nothing."""
     from mixdiff_cli.catalog.formats import ARCH_LABELS, ArchitectureMismatch, fits_base, inspect_source
 
@@ -111,8 +114,9 @@ def inspect_candidate(
         local = Path(source).expanduser()
         stored = cat.relative_source(local)
     info = inspect_source(local)
-    if kind is not None and kind != info.kind:
-        raise UsageError(f"{source} is a {info.kind}, not a {kind}", f"drop --kind or pass --kind {info.kind}")
+    opts = options or ExpertOptions()
+    if opts.kind is not None and opts.kind != info.kind:
+        raise UsageError(f"{source} is a {info.kind}, not a {opts.kind}", f"drop --kind or pass --kind {info.kind}")
 
     base_cfg = base_unet_config(cat)
     if base_cfg is not None:
@@ -126,7 +130,7 @@ def inspect_candidate(
         )
 
     stem = local.stem if local.is_file() else local.name
-    expert_name = check_name(name) if name is not None else slugify(info.title or stem)
+    expert_name = check_name(opts.name) if opts.name is not None else slugify(info.title or stem)
     if expert_name in cat.names:
         raise DuplicateExpert(f"an expert named {expert_name!r} already exists in {cat.path}", "pass --name with another name, or remove the old one first")
     expert = Expert(
@@ -138,11 +142,11 @@ def inspect_candidate(
         rank=info.rank,
         alpha=info.alpha,
         arch=info.arch or (cat.base.arch if cat.base else None),
-        description=description if description is not None else (info.description or ""),
-        prompts=list(prompts or []),
-        trigger=list(trigger) if trigger else list(info.trigger or []),
-        default_weight=weight if weight is not None else float(info.preferred_weight or 1.0),
-        tags=list(tags or []),
+        description=opts.description if opts.description is not None else (info.description or ""),
+        prompts=list(opts.prompts or []),
+        trigger=list(opts.trigger) if opts.trigger else list(info.trigger or []),
+        default_weight=opts.weight if opts.weight is not None else float(info.preferred_weight or 1.0),
+        tags=list(opts.tags or []),
         added=_now(),
     )
     return Inspected(expert=expert, local_path=local, file=info.file)
@@ -163,10 +167,9 @@ def add_expert(
 ) -> Expert:
     """Inspect `source`, then append it to the catalog under the lock (optionally copying it beside the catalog)."""
     catalog_path = Path(catalog_path)
-    found = inspect_candidate(
-        load_catalog(catalog_path), source, name=name, kind=kind, prompts=prompts, trigger=trigger,
-        description=description, weight=weight, tags=tags,
-    )
+    check_writable(catalog_path)  # before hashing anything: the packaged demo is read-only
+    options = ExpertOptions(name, kind, prompts, trigger, description, weight, tags)
+    found = inspect_candidate(load_catalog(catalog_path), source, options)
     expert = found.expert
     with edit_catalog(catalog_path) as cat:
         if expert.name in cat.names:  # another process added it since we looked
@@ -180,7 +183,7 @@ def add_expert(
 
 def _copy_into(cat: Catalog, local: Path, name: str) -> Path:
     """Copy an expert's files into `experts/` beside the catalog (atomically: copy, then rename)."""
-    from mixdiff_cli.core.fsutil import atomic_path
+    from mixdiff_cli.core.fsutil import atomic_folder, atomic_path
 
     dest_dir = cat.root / "experts"
     dest = dest_dir / (f"{name}{local.suffix}" if local.is_file() else name)
@@ -193,10 +196,8 @@ def _copy_into(cat: Catalog, local: Path, name: str) -> Path:
             if sidecar.is_file():
                 shutil.copyfile(sidecar, dest_dir / (dest.stem + ".json" if sidecar.name != "adapter_config.json" else sidecar.name))
     else:
-        tmp = dest_dir / f".{name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(local, tmp)
-        tmp.rename(dest)
+        with atomic_folder(dest) as tmp:
+            shutil.copytree(local, tmp, dirs_exist_ok=True)
     return dest
 
 
@@ -213,13 +214,14 @@ def _router_after_change(cat: Catalog, *, added: str | None = None, removed: str
     """Keep a trained router in step with the catalog without retraining (no forgetting)."""
     if cat.router is None:
         return
-    from mixdiff_cli.routing import router
+    from mixdiff_cli.routing.sync import drop_router_row, extend_router
 
     try:
+        check_writable(cat.router_path())  # e.g. a catalog whose router is the packaged demo's
         if added:
-            router.extend_router(load_catalog(cat.path), added)
+            extend_router(load_catalog(cat.path), added)
         if removed:
-            router.drop_router_row(load_catalog(cat.path), removed)
+            drop_router_row(load_catalog(cat.path), removed)
     except MixdiffError as exc:
         change = f"added {added}" if added else f"removed {removed}"
         warnings.warn(f"{change}, but the router checkpoint was not updated: {exc}. Run 'mixdiff router train'", MixdiffWarning, stacklevel=2)

@@ -10,19 +10,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from mixdiff_cli.core.errors import MixdiffError
 
 if TYPE_CHECKING:
     import torch
 
     from mixdiff_cli.catalog.schema import Catalog
-
-
-class BaseModelError(MixdiffError):
-    """The base model could not be loaded."""
 
 
 @dataclass
@@ -171,42 +164,7 @@ def load_text_encoders(catalog: Catalog, device: str | None = None, dtype: str |
     """The base's tokenizer(s) and text encoder(s) only (no UNet, no VAE), as a pipeline object whose
     `encode_prompt` works. For `mixdiff route`."""
     from mixdiff_cli.core.runtime import pick_device, pick_dtype
+    from mixdiff_cli.models.pipeline import load_base
 
     dev = pick_device(device)
-    return load_pipeline(catalog, dev, pick_dtype(dtype, dev), text_only=True)
-
-
-def load_pipeline(catalog: Catalog, device: Any, dtype: Any, *, text_only: bool = False) -> Any:
-    """The base text-to-image pipeline of `catalog` (local diffusers folder, single file or hf://)."""
-    from mixdiff_cli.catalog import sources
-
-    if catalog.base is None:
-        raise BaseModelError(f"catalog {catalog.path} has no base model", "set one with 'mixdiff init --base PATH --force' or edit 'base:'")
-    path = Path(sources.resolve(catalog, catalog.base.source))
-    if not path.exists():
-        raise BaseModelError(f"base model {path} does not exist", f"fix 'base: source:' in {catalog.path}")
-    skip = {"unet": None, "vae": None} if text_only else {}
-    try:
-        if path.is_dir():
-            from diffusers import AutoPipelineForText2Image
-
-            if not (path / "model_index.json").is_file():
-                raise BaseModelError(f"{path} is not a diffusers pipeline folder (no model_index.json)", "point 'base:' at a diffusers folder or a .safetensors checkpoint")
-            pipe = AutoPipelineForText2Image.from_pretrained(
-                path, dtype=dtype, local_files_only=True, use_safetensors=True, **skip
-            )
-        else:
-            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-            if path.suffix != ".safetensors":
-                raise BaseModelError(f"{path} is not a .safetensors checkpoint", "mixdiff never unpickles; convert it to safetensors")
-            cls = StableDiffusionXLPipeline if catalog.base.arch == "sdxl" else StableDiffusionPipeline
-            pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
-            if text_only:
-                pipe.unet = None
-                pipe.vae = None
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise BaseModelError(f"could not load the base model {path}: {str(exc).splitlines()[0]}", "check 'base:' in the catalog") from None
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_base(catalog, dev, pick_dtype(dtype, dev), text_only=True)

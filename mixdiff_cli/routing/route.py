@@ -13,10 +13,11 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from mixdiff_cli.core.errors import ExpertNotFound, UsageError
 
+OnStale = Literal["error", "prototypes"]  # a router checkpoint made for other experts: refuse, or route by prototypes
 WEIGHT_DIGITS = 4  # route weights are rounded so that near-identical routes share a key
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # = catalog.schema.NAME_RE
 EXAMPLE = "write NAME or NAME:WEIGHT with a positive weight, e.g. --expert watercolor:0.7"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.catalog.schema import Catalog, load_catalog
-from mixdiff_cli.core.errors import MixdiffError, UsageError
+from mixdiff_cli.core.errors import ExpertNotFound, MixdiffError, UsageError
 from mixdiff_cli.catalog.formats import sha256_file as file_sha256
 from mixdiff_cli.sampling.invariant import batch_invariant, invariant_models
 from mixdiff_cli.routing.route import check_known, explicit_route, parse_members
@@ -233,11 +233,11 @@ def _distributed_state(device: str | None) -> Any:
     """accelerate's PartialState when launched with several processes (torchrun / accelerate launch)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    import torch
     from accelerate import PartialState
 
-    cpu = (device or "").startswith("cpu") or (device is None and not torch.cuda.is_available())
-    return PartialState(cpu=cpu)  # a plain PartialState() under torchrun on CPU reports one process
+    from mixdiff_cli.core.runtime import pick_device
+
+    return PartialState(cpu=pick_device(device).type == "cpu")  # a plain PartialState() under torchrun on CPU reports one process
 
 
 def _split_work(todo: list[_Work], state: Any) -> list[_Work]:
@@ -375,13 +375,10 @@ def _valid_items(cat: Catalog, parsed: Any) -> tuple[list[PromptItem], list[Prom
     errors: list[PromptFileError] = list(parsed.errors)
     items: list[PromptItem] = []
     for item in parsed.items:
-        unknown = [n for n, _ in item.experts if n not in cat.names]
-        if unknown:
-            known = ", ".join(cat.names) or "none"
-            errors.append(PromptFileError(
-                f"{parsed.path}:{item.line}: unknown expert {unknown[0]!r}",
-                f"known experts: {known}; or pass --keep-going to skip it", line=item.line,
-            ))
+        try:
+            check_known(parse_members(item.experts), cat.names)
+        except ExpertNotFound as exc:
+            errors.append(PromptFileError(f"{parsed.path}:{item.line}: {exc.message}", f"{exc.hint}; or pass --keep-going to skip it", line=item.line))
         else:
             items.append(item)
     errors.sort(key=lambda e: e.line or 0)

@@ -119,7 +119,7 @@ class Engine:
         compile: bool = False,
         memory_fraction: float = 0.9,
     ):
-        from mixdiff_cli.models.text import load_pipeline
+        from mixdiff_cli.models.pipeline import load_base
         from mixdiff_cli.sampling.mixture import MixtureUNet
 
         if max_loaded < 1:
@@ -130,7 +130,7 @@ class Engine:
         self.max_loaded = max_loaded
         self.memory_fraction = memory_fraction
         self.compile = compile
-        self.pipe = load_pipeline(self.catalog, self.device, self.dtype)
+        self.pipe = load_base(self.catalog, self.device, self.dtype)
         self.unet = self.pipe.unet  # the base UNet; adapters live in it
         self.mixture = MixtureUNet(self.unet)
         self.loads: list[str] = []  # every expert load, in order (tests and benchmarks read this)

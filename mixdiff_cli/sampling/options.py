@@ -8,11 +8,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
 from mixdiff_cli.core.errors import UsageError
-from mixdiff_cli.routing.route import Member, check_routing, parse_members
+from mixdiff_cli.routing.route import Member, OnStale, check_routing, parse_members
 
 SchedulerName = Literal["ddim", "euler", "euler-a", "dpm++"]
 BlendMode = Literal["noise", "merge"]
-OnStale = Literal["error", "prototypes"]
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 BLEND_MODES: tuple[str, ...] = get_args(BlendMode)
 MAX_SEED = 2**32 - 1

@@ -10,13 +10,13 @@ PIL and numpy only at import time; torch is imported by the functions that retur
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.core.jsonl import iter_jsonl
 from mixdiff_cli.catalog.formats import sha256_file
 
 if TYPE_CHECKING:
@@ -104,15 +104,10 @@ def _caption_records(root: Path) -> tuple[list[Record], list[Path]]:
 
 def _metadata_records(root: Path, meta: Path) -> tuple[list[Record], list[Path]]:
     records, uncaptioned, missing = [], [], []
-    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{meta}:{lineno}: not valid JSON ({exc.msg})", "write one JSON object per line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise DatasetError(f"{meta}:{lineno}: no \"file_name\"", 'each line needs {"file_name": "0001.png", "text": "a caption"}')
+    example = 'each line needs {"file_name": "0001.png", "text": "a caption"}'
+    for lineno, row in iter_jsonl(meta, hint=example, error=DatasetError):
+        if not isinstance(row.get("file_name"), str):
+            raise DatasetError(f"{meta}:{lineno}: no \"file_name\"", example)
         path = root / row["file_name"]
         text = row.get("text", row.get("caption"))
         if not path.is_file():

@@ -1,9 +1,10 @@
 """Train a LoRA expert on a captioned image folder against the catalog's base, and register it.
 
-The objective is the standard one of diffusers' `train_text_to_image_lora.py`: noise the VAE latents of
-an image at a random timestep and regress the UNet's output onto the noise (or the velocity, as the
-scheduler's `prediction_type` says), optionally with min-SNR-gamma weighting (Hang et al. 2023,
-arXiv:2303.09556). Only PEFT LoRA weights train; latents and text embeddings are computed once.
+The objective (`training/loss.py`) is the standard one of diffusers' `train_text_to_image_lora.py`:
+noise the VAE latents of an image at a random timestep and regress the UNet's output onto the noise (or
+the velocity, as the scheduler's `prediction_type` says), optionally with min-SNR-gamma weighting (Hang
+et al. 2023, arXiv:2303.09556). Only PEFT LoRA weights train; latents and text embeddings are computed
+once (`training/encoding.py`).
 
 Every random draw is a pure function of (seed, what, index): the data order of each epoch, and the
 noise/timesteps of each micro-batch. A checkpoint is therefore just tensors (safetensors) and numbers
@@ -22,15 +23,18 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mixdiff_cli import __version__
-from mixdiff_cli.training.dataset import Crop, Dataset, load_image, scan_dataset, to_tensor, with_trigger
+from mixdiff_cli.core.checkpoints import read_checkpoint, write_checkpoint
 from mixdiff_cli.core.errors import DuplicateExpert, MixdiffError, UsageError
-from mixdiff_cli.core.quiet import quiet_frameworks
+from mixdiff_cli.models.pipeline import BaseInfo, BaseModelError, inspect_base, load_pipeline
+from mixdiff_cli.training.dataset import Crop, Dataset, scan_dataset, to_tensor
+from mixdiff_cli.training.encoding import Cache, CacheSpec, CaptionEncoder, build_cache, derive, encode_images, generator, time_ids
+from mixdiff_cli.training.loss import heldout_loss, make_heldout, per_sample_loss, snr_weights
 
 if TYPE_CHECKING:
     import torch
@@ -42,12 +46,10 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 CHECKPOINT_FORMAT = "mixdiff-finetune-checkpoint/1"
+LORA_FILE = "lora.safetensors"  # the LoRA parameters in a checkpoint folder
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-VAL_SEED = 20261126  # validation noise/timesteps are fixed across runs and seeds
-VAL_EVALS = 64  # (image, timestep) pairs in the validation loss at least
 
 
 class FineTuneError(MixdiffError):
@@ -56,10 +58,6 @@ class FineTuneError(MixdiffError):
 
 class InvalidConfig(UsageError):
     """A fine-tuning setting is out of range (exit 2)."""
-
-
-class BaseModelError(MixdiffError):
-    """The base model is missing or not a trainable Stable Diffusion pipeline."""
 
 
 class CheckpointError(MixdiffError):
@@ -165,6 +163,10 @@ class FineTuneConfig:
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
 
+    def cache_spec(self) -> CacheSpec:
+        """How the training images and captions are prepared once (a frozen text encoder's embeddings cached)."""
+        return CacheSpec(tuple(self.trigger), self.crop, self.latents, self.random_flip, cache_text=not self.train_text_encoder)
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -198,6 +200,13 @@ Event = StepEvent | CheckpointEvent | Note
 
 
 @dataclass
+class Registration:
+    """How a finished run enters the catalog (`fine_tune(register=...)`)."""
+
+    description: str | None = None  # None: "LoRA fine-tuned on N images of DIR (S steps)"
+
+
+@dataclass
 class FineTuneResult:
     name: str
     lora_path: Path | None  # None when the run stopped early (stop_after)
@@ -223,62 +232,7 @@ class FineTuneResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-# --- randomness: every draw is a function of (seed, salt) -----------------------------------------
-
-
-def _derive(seed: int, *salt: object) -> int:
-    digest = hashlib.blake2b(repr((seed, *salt)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _generator(seed: int, *salt: object) -> "torch.Generator":
-    import torch
-
-    return torch.Generator().manual_seed(_derive(seed, *salt))
-
-
 # --- the base model -------------------------------------------------------------------------------
-
-
-@dataclass
-class BaseInfo:
-    """What we know about a base from its configs, before loading any weights."""
-
-    path: Path
-    family: Literal["sd", "sdxl"]
-    arch: str  # sd1, sd2, sdxl
-    vae_scale: int
-    unet_multiple: int  # latent sides must be multiples of this
-    native_resolution: int
-
-
-def inspect_base(path: str | Path) -> BaseInfo:
-    """Check that `path` is a diffusers SD/SDXL folder and read its geometry (configs only)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise BaseModelError(f"base model {path} does not exist", "pass --base with a diffusers pipeline folder, or fix the catalog's base")
-    if path.is_file():
-        raise BaseModelError(
-            f"base {path} is a single-file checkpoint", "fine-tune needs a diffusers folder: convert it with diffusers' from_single_file(...).save_pretrained(DIR)"
-        )
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise BaseModelError(f"{path} has no model_index.json", "pass a diffusers pipeline folder (as written by save_pretrained)")
-    try:
-        cls = json.loads(index.read_text())["_class_name"]
-        unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-        vae_cfg = json.loads((path / "vae" / "config.json").read_text())
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise BaseModelError(f"cannot read the configs of base {path}: {exc}", "check the folder is a complete diffusers pipeline") from None
-    if cls not in SUPPORTED_PIPELINES:
-        raise BaseModelError(f"base {path} is a {cls}", "fine-tune trains LoRAs for StableDiffusionPipeline and StableDiffusionXLPipeline bases")
-    family = SUPPORTED_PIPELINES[cls]
-    arch = "sdxl" if family == "sdxl" else ("sd2" if unet_cfg.get("cross_attention_dim") == 1024 else "sd1")
-    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
-    size = unet_cfg.get("sample_size", 64)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    unet_multiple = 2 ** (len(unet_cfg.get("block_out_channels", [0])) - 1)
-    return BaseInfo(path, family, arch, vae_scale, unet_multiple, int(size) * vae_scale)
 
 
 def base_hash(path: str | Path) -> str:
@@ -293,141 +247,7 @@ def base_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _load_pipeline(info: BaseInfo):
-    try:
-        with quiet_frameworks():
-            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-            if info.family == "sd":
-                pipe = StableDiffusionPipeline.from_pretrained(info.path, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            else:
-                pipe = StableDiffusionXLPipeline.from_pretrained(info.path)  # float32
-    except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot load base {info.path}: {str(exc).splitlines()[0]}", "check the folder is a complete diffusers pipeline") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-class _Text:
-    """Prompt encoding the way diffusers' training scripts do it (SD: last hidden state; SDXL: the
-    penultimate hidden states of both encoders concatenated, plus the second encoder's pooled output)."""
-
-    def __init__(self, pipe, family: str):
-        self.family = family
-        if family == "sd":
-            self.tokenizers, self.encoders = [pipe.tokenizer], [pipe.text_encoder]
-        else:
-            self.tokenizers, self.encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
-
-    def tokenize(self, captions: Sequence[str]) -> list["torch.Tensor"]:
-        return [
-            tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            for tok in self.tokenizers
-        ]
-
-    def encode(self, ids: list["torch.Tensor"], encoders: Sequence[Any] | None = None) -> tuple["torch.Tensor", "torch.Tensor | None"]:
-        """Token ids per tokenizer -> (hidden (B, T, D), pooled (B, P) or None)."""
-        import torch
-
-        encoders = encoders or self.encoders
-        if self.family == "sd":
-            enc = encoders[0]
-            return enc(ids[0].to(_device_of(enc)), return_dict=False)[0], None
-        hidden, pooled = [], None
-        for enc, tok_ids in zip(encoders, ids):
-            out = enc(tok_ids.to(_device_of(enc)), output_hidden_states=True, return_dict=False)
-            pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, P); the last one wins
-            hidden.append(out[-1][-2])  # (B, T, D_i)
-        return torch.cat(hidden, dim=-1), pooled
-
-
-def _device_of(module) -> "torch.device":
-    return next(module.parameters()).device
-
-
 # --- data on the device ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Cache:
-    """Per-image tensors computed once (N images). Flipped variants only with random_flip."""
-
-    latents: "torch.Tensor | None"  # (N, C, h, w), None when random crops are encoded per step
-    latents_flipped: "torch.Tensor | None"
-    hidden: "torch.Tensor | None"  # (N, T, D), None when the text encoder trains
-    pooled: "torch.Tensor | None"  # (N, P) SDXL
-    ids: list["torch.Tensor"]  # token ids per tokenizer, (N, T)
-    time_ids: "torch.Tensor | None"  # (N, 6) SDXL: original size, crop top-left, target size
-    time_ids_flipped: "torch.Tensor | None"
-    images: list[Any]  # resized (not cropped) PIL images, for random crops
-    sizes: list[tuple[int, int]]  # original (h, w)
-
-
-def _encode_images(vae, pixels: "torch.Tensor", mode: str, generator=None) -> "torch.Tensor":
-    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f)."""
-    import torch
-
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(_device_of(vae), dtype=vae.dtype)).latent_dist
-        z = dist.mean if mode == "mean" else dist.sample(generator)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((z - shift) * vae.config.scaling_factor).float()
-
-
-def _time_ids(size: tuple[int, int], top: int, left: int, resolution: int) -> list[float]:
-    return [size[0], size[1], top, left, resolution, resolution]
-
-
-def _build_cache(pipe, text: _Text, records, cfg: FineTuneConfig, resolution: int, seed: int, device, chunk: int = 8) -> _Cache:
-    import torch
-    from PIL import Image
-
-    captions = [with_trigger(r.caption, cfg.trigger) for r in records]
-    ids = text.tokenize(captions)
-    sizes, resized = [], []
-    for rec in records:
-        with Image.open(rec.path) as im:
-            sizes.append((im.height, im.width))
-    cache = _Cache(None, None, None, None, ids, None, None, [], sizes)
-    if cfg.crop == "center":
-        lat, lat_f = [], []
-        for i in range(0, len(records), chunk):
-            part = records[i : i + chunk]
-            gen = _generator(seed, "latents", i) if cfg.latents == "sample" else None
-            lat.append(_encode_images(pipe.vae, to_tensor([load_image(r.path, resolution) for r in part]), cfg.latents, gen))
-            if cfg.random_flip:
-                imgs = [load_image(r.path, resolution, flip=True) for r in part]
-                lat_f.append(_encode_images(pipe.vae, to_tensor(imgs), cfg.latents, gen))
-        cache.latents = torch.cat(lat).to(device)
-        cache.latents_flipped = torch.cat(lat_f).to(device) if lat_f else None
-    else:
-        for rec in records:
-            with Image.open(rec.path) as im:
-                im = im.convert("RGB")
-                scale = resolution / min(im.size)
-                resized.append(im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), Image.Resampling.BICUBIC))
-        cache.images = resized
-    if text.family == "sdxl":
-        tids, tids_f = [], []
-        for (h, w) in sizes:
-            scale = resolution / min(h, w)
-            rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-            top, left = round((rh - resolution) / 2), round((rw - resolution) / 2)
-            tids.append(_time_ids((h, w), top, left, resolution))
-            tids_f.append(_time_ids((h, w), top, rw - left - resolution, resolution))
-        cache.time_ids = torch.tensor(tids, dtype=torch.float32, device=device)
-        cache.time_ids_flipped = torch.tensor(tids_f, dtype=torch.float32, device=device)
-    if not cfg.train_text_encoder:
-        hid, pooled = [], []
-        with torch.no_grad():
-            for i in range(0, len(records), 32):
-                h, p = text.encode([t[i : i + 32] for t in ids])
-                hid.append(h.float())
-                if p is not None:
-                    pooled.append(p.float())
-        cache.hidden = torch.cat(hid).to(device)
-        cache.pooled = torch.cat(pooled).to(device) if pooled else None
-    return cache
 
 
 @dataclass
@@ -446,7 +266,7 @@ class _Stream:
     """The infinite training stream: sample position p -> image perm_{p // N}[p % N]; micro-batch k holds
     positions [k*G, (k+1)*G) for a global batch G, and each process takes its slice of them."""
 
-    def __init__(self, cache: _Cache, n: int, cfg: FineTuneConfig, seed: int, num_train_timesteps: int,
+    def __init__(self, cache: Cache, n: int, cfg: FineTuneConfig, seed: int, num_train_timesteps: int,
                  global_batch: int, rank: int, device, vae, resolution: int):
         self.cache, self.n, self.cfg, self.seed = cache, n, cfg, seed
         self.T, self.G, self.rank, self.device = num_train_timesteps, global_batch, rank, device
@@ -458,7 +278,7 @@ class _Stream:
 
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(self.n, generator=_generator(self.seed, "epoch", epoch))
+            self._perms[epoch] = torch.randperm(self.n, generator=generator(self.seed, "epoch", epoch))
         return self._perms[epoch]
 
     def indices(self, k: int) -> list[int]:
@@ -469,7 +289,7 @@ class _Stream:
         import torch
 
         cfg, G = self.cfg, self.G
-        gen = _generator(self.seed, "batch", k)
+        gen = generator(self.seed, "batch", k)
         noise = torch.randn((G, *latent_shape), generator=gen)  # (G, C, h, w)
         timesteps = torch.randint(0, self.T, (G,), generator=gen)
         if cfg.noise_offset:
@@ -521,89 +341,9 @@ class _Stream:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 left = im.width - right
             crops.append(crop)
-            tids.append(_time_ids(self.cache.sizes[i], top, left, self.resolution))
-        latents = _encode_images(self.vae, to_tensor(crops), "mean")
+            tids.append(time_ids(self.cache.sizes[i], top, left, self.resolution))
+        latents = encode_images(self.vae, to_tensor(crops), "mean")
         return latents.to(self.device), torch.tensor(tids, dtype=torch.float32, device=self.device)
-
-
-# --- the objective --------------------------------------------------------------------------------
-
-
-def _target(scheduler, latents, noise, timesteps):
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise FineTuneError(f"unsupported prediction_type {kind!r} in the base's scheduler", "use a base whose scheduler predicts epsilon, v or sample")
-
-
-def _per_sample_loss(unet, scheduler, latents, noise, timesteps, hidden, pooled, time_ids) -> "torch.Tensor":
-    """Unweighted denoising MSE per sample, (B,)."""
-    import torch.nn.functional as F
-
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
-    pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
-    loss = F.mse_loss(pred.float(), _target(scheduler, latents, noise, timesteps).float(), reduction="none")
-    return loss.mean(dim=tuple(range(1, loss.ndim)))
-
-
-def _snr_weights(scheduler, timesteps, gamma: float) -> "torch.Tensor":
-    """min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v (Hang et al. 2023, Eq. 5)."""
-    import torch
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=gamma)
-    kind = scheduler.config.prediction_type
-    return weights / snr if kind == "epsilon" else weights / (snr + 1) if kind == "v_prediction" else weights
-
-
-@dataclass
-class _ValSet:
-    """A fixed held-out batch: M (image, noise, timestep) triples, stratified timesteps."""
-
-    latents: "torch.Tensor"  # (M, C, h, w)
-    noise: "torch.Tensor"
-    timesteps: "torch.Tensor"
-    rows: "torch.Tensor"  # (M,) which image each triple uses
-    ids: list["torch.Tensor"]  # token ids per tokenizer, (n, T)
-    time_ids: "torch.Tensor | None"  # (n, 6)
-
-
-def _make_valset(latents: "torch.Tensor", ids, time_ids, num_train_timesteps: int, evals: int = VAL_EVALS) -> _ValSet:
-    import torch
-
-    n = latents.shape[0]
-    repeats = max(1, math.ceil(evals / n))
-    m = n * repeats
-    gen = torch.Generator().manual_seed(VAL_SEED)
-    rows = torch.arange(n).repeat(repeats)
-    strata = (torch.arange(m) + torch.rand(m, generator=gen)) / m  # one timestep per stratum of [0, 1)
-    timesteps = (strata[torch.randperm(m, generator=gen)] * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
-    noise = torch.randn((m, *latents.shape[1:]), generator=gen)
-    dev = latents.device
-    return _ValSet(latents.index_select(0, rows.to(dev)), noise.to(dev), timesteps.to(dev), rows.to(dev), ids, time_ids)
-
-
-def _val_loss(unet, scheduler, text: _Text, val: _ValSet, encoders=None, chunk: int = 32) -> float:
-    import torch
-
-    with torch.no_grad():
-        hidden, pooled = text.encode(val.ids, encoders)
-        hidden = hidden.float()
-        total = 0.0
-        for i in range(0, val.latents.shape[0], chunk):
-            rows = val.rows[i : i + chunk]
-            h = hidden.index_select(0, rows.to(hidden.device))
-            p = None if pooled is None else pooled.float().index_select(0, rows.to(pooled.device))
-            t_ids = None if val.time_ids is None else val.time_ids.index_select(0, rows)
-            losses = _per_sample_loss(unet, scheduler, val.latents[i : i + chunk], val.noise[i : i + chunk], val.timesteps[i : i + chunk], h, p, t_ids)
-            total += float(losses.sum())
-    return total / val.latents.shape[0]
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -630,68 +370,21 @@ def find_checkpoint(output_dir: str | Path, resume: str | Path) -> Path:
     return path
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
-    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest). Nothing pickled."""
-    import torch
-
-    tensors, scalars = {}, {}
-    for pid, slots in state["state"].items():
-        for key, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, "torch.Tensor"], rest: dict[str, Any]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, pid, slot = key.split(".", 2)
-        state.setdefault(int(pid), {})[slot] = value
-    for key, value in rest["scalars"].items():
-        pid, slot = key.split(".", 1)
-        state.setdefault(int(pid), {})[slot] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
-
-
 def _write_checkpoint(folder: Path, params: dict[str, "torch.Tensor"], optimizer_state: dict, meta: dict, keep: int) -> Path:
-    """Write checkpoint-NNNNNN atomically (a hidden sibling folder renamed into place), keep the last `keep`."""
-    from safetensors.torch import save_file
-
-    from mixdiff_cli.core.fsutil import fsync_dir
-
-    target = folder / f"checkpoint-{meta['step']:06d}"
-    for stale in folder.glob(".checkpoint-*.partial-*"):  # left by a killed run
+    """Write checkpoint-NNNNNN atomically, keep the last `keep`."""
+    for stale in folder.glob(".checkpoint-*.partial*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder / f".{target.name}.partial-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, tmp / "lora.safetensors")
-        tensors, rest = _flatten_optimizer(optimizer_state)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**meta, "optimizer": rest}, indent=1))
-        for file in tmp.iterdir():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        fsync_dir(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    target = write_checkpoint(folder / f"checkpoint-{meta['step']:06d}", params, optimizer_state, meta, LORA_FILE)
     for old in _checkpoint_dirs(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, "torch.Tensor"], dict, dict]:
-    from safetensors.torch import load_file
-
     try:
-        meta = json.loads((path / "state.json").read_text())
-        params = load_file(path / "lora.safetensors")
-        opt = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+        params, opt, meta = read_checkpoint(path, LORA_FILE)
+        if opt is None:
+            raise KeyError("optimizer")
     except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({exc})", "resume from an earlier checkpoint-NNNNNN folder") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -801,11 +494,12 @@ def _split(ds: Dataset, fraction: float) -> tuple[list, list]:
 
 
 def _make_accelerator(cfg: FineTuneConfig, device: str | None):
-    import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    from mixdiff_cli.core.runtime import pick_device
+
+    cpu = pick_device(device).type == "cpu"
     if cfg.mixed_precision == "fp16" and cpu:
         raise InvalidConfig("fp16 mixed precision needs a CUDA GPU", "use --mixed-precision bf16 or no on CPU")
     kwargs = {"mixed_precision": cfg.mixed_precision, "gradient_accumulation_steps": cfg.grad_accum, "cpu": cpu}
@@ -851,16 +545,18 @@ class _Plan:
 
 
 def _plan(catalog_path, data, name: str, cfg: FineTuneConfig, *, base, output, output_dir, register: bool, resume) -> _Plan:
-    from mixdiff_cli.catalog.schema import check_name, load_catalog
+    from mixdiff_cli.catalog.schema import check_name, check_writable, is_packaged, load_catalog
 
     cfg.validate()
     check_name(name)
     cat = load_catalog(catalog_path) if catalog_path is not None else None
     if register and cat is None:
         raise UsageError("no catalog to register the expert in", "pass --catalog PATH, or --no-register with --base")
+    if register:
+        check_writable(cat.path)  # the packaged demo is read-only
     if register and name in cat.names:
         raise DuplicateExpert(f"an expert named {name!r} already exists in {cat.path}", "pass another --name, or remove the old one first")
-    root = cat.root if cat is not None else Path.cwd()
+    root = cat.root if cat is not None and not is_packaged(cat.path) else Path.cwd()
     base_path = _resolve_base(cat, base)
     info = inspect_base(base_path)
     if register and base is not None and cat.base is not None:
@@ -876,6 +572,7 @@ def _plan(catalog_path, data, name: str, cfg: FineTuneConfig, *, base, output, o
         raise InvalidConfig(f"resolution {resolution} does not fit this base", f"use a multiple of {info.vae_scale * info.unet_multiple}")
     output = Path(output).expanduser() if output is not None else root / "experts" / f"{name}.safetensors"
     output_dir = Path(output_dir).expanduser() if output_dir is not None else root / "runs" / name
+    check_writable(output, output_dir)
     if output.suffix != ".safetensors":
         raise UsageError(f"output {output} must end in .safetensors", "pass --output NAME.safetensors")
     if output.exists():
@@ -923,8 +620,8 @@ class _Trainer:
 
         # the model: frozen weights in the compute dtype, LoRA weights in float32 (as diffusers' scripts)
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-        self.pipe = pipe = _load_pipeline(info)
-        self.unet, self.text = pipe.unet, _Text(pipe, info.family)
+        self.pipe = pipe = load_pipeline(info.path, safety_checker=False)
+        self.unet, self.text = pipe.unet, CaptionEncoder(pipe, info.family)
         for module in (self.unet, pipe.vae, *self.text.encoders):
             module.requires_grad_(False)
         cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
@@ -934,7 +631,7 @@ class _Trainer:
         self.unet_lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=cfg.target_modules())
         self.te_lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=list(TEXT_TARGETS))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_derive(seed, "lora-init"))
+            torch.manual_seed(derive(seed, "lora-init"))
             try:
                 self.unet.add_adapter(self.unet_lora)
             except ValueError:
@@ -964,7 +661,7 @@ class _Trainer:
             raise FineTuneError(f"the base's scheduler predicts {self.noise_scheduler.config.prediction_type!r}", "use a base that predicts epsilon, v or sample")
 
         # the data, once
-        cache = _build_cache(pipe, self.text, plan.train, cfg, plan.resolution, seed, dev)
+        cache = build_cache(pipe, self.text, plan.train, cfg.cache_spec(), plan.resolution, seed, dev)
         side = plan.resolution // info.vae_scale
         self.latent_shape = (pipe.vae.config.latent_channels, side, side)
         self.stream = _Stream(cache, len(plan.train), cfg, seed, T, global_batch, accelerator.process_index, dev, pipe.vae, plan.resolution)
@@ -975,9 +672,7 @@ class _Trainer:
                 self.empty = self.text.encode(self.empty_ids)
         self.valset = None
         if plan.val:
-            val_cfg = FineTuneConfig(**{**cfg.to_dict(), "crop": "center", "random_flip": False, "train_text_encoder": True, "latents": "mean"})
-            vc = _build_cache(pipe, self.text, plan.val, val_cfg, plan.resolution, seed, dev)
-            self.valset = _make_valset(vc.latents, vc.ids, vc.time_ids, T)
+            self.valset = make_heldout(pipe, self.text, plan.val, plan.resolution, dev, T, trigger=cfg.trigger)
 
         # the learning-rate scheduler is stepped by hand, once per optimizer step: not prepared
         prepared = accelerator.prepare(*self.trained, optimizer)
@@ -1013,7 +708,7 @@ class _Trainer:
         _lora_enabled(self.trained, lora)
         try:
             with self.acc.autocast():
-                return _val_loss(self.unet, self.noise_scheduler, self.text, self.valset)
+                return heldout_loss(self.unet, self.noise_scheduler, self.text, self.valset)
         finally:
             _lora_enabled(self.trained, True)
             for m, mode in zip(self.trained, modes):
@@ -1036,9 +731,9 @@ class _Trainer:
                     keep = ~b.drop
                     hidden = torch.where(keep[:, None, None], hidden, self.empty[0].to(hidden))
                     pooled = None if pooled is None else torch.where(keep[:, None], pooled, self.empty[1].to(pooled))
-                losses = _per_sample_loss(unet_w, self.noise_scheduler, b.latents, b.noise, b.timesteps, hidden, pooled, b.time_ids)
+                losses = per_sample_loss(unet_w, self.noise_scheduler, b.latents, b.noise, b.timesteps, hidden, pooled, b.time_ids)
                 if cfg.snr_gamma is not None:
-                    losses = losses * _snr_weights(self.noise_scheduler, b.timesteps, cfg.snr_gamma)
+                    losses = losses * snr_weights(self.noise_scheduler, b.timesteps, cfg.snr_gamma)
                 loss = losses.mean()
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -1059,7 +754,7 @@ class _Trainer:
         cfg, paths = self.cfg, []
         with self.acc.autocast(), torch.no_grad():
             for i, prompt in enumerate(cfg.validation_prompts):
-                gen = torch.Generator().manual_seed(_derive(self.plan.seed, "sample", i))
+                gen = torch.Generator().manual_seed(derive(self.plan.seed, "sample", i))
                 image = self.pipe(prompt, num_inference_steps=cfg.validation_inference_steps, height=self.plan.resolution,
                                   width=self.plan.resolution, generator=gen).images[0]
                 target = self.plan.output_dir / "samples" / f"step-{step:06d}-{i}.png"
@@ -1101,8 +796,7 @@ def fine_tune(
     base: str | Path | None = None,
     output: str | Path | None = None,
     output_dir: str | Path | None = None,
-    register: bool = True,
-    description: str | None = None,
+    register: bool | Registration = True,
     resume: str | Path | None = None,
     stop_after: int | None = None,
     device: str | None = None,
@@ -1110,6 +804,7 @@ def fine_tune(
 ) -> FineTuneResult:
     """Train a LoRA on the captioned images in `data` and register it in the catalog as `name`.
 
+    register: True, a Registration (with its catalog description) or False (write the LoRA only).
     base: train against this diffusers folder instead of the catalog's base (then register=False
     unless it is the same). output: the LoRA file (default experts/NAME.safetensors beside the
     catalog). output_dir: checkpoints and sample images (default runs/NAME beside the catalog).
@@ -1118,6 +813,7 @@ def fine_tune(
     StepEvent / CheckpointEvent / Note on the main process.
     """
     cfg = config or FineTuneConfig()
+    registration = Registration() if register is True else register or None
     if stop_after is not None and stop_after < 1:
         raise InvalidConfig("stop-after must be at least 1", "pass the number of steps to run before stopping")
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate launch set RANK
@@ -1126,7 +822,7 @@ def fine_tune(
         if on_event is not None and main:
             on_event(event)
 
-    plan = _plan(catalog_path, data, name, cfg, base=base, output=output, output_dir=output_dir, register=register, resume=resume)
+    plan = _plan(catalog_path, data, name, cfg, base=base, output=output, output_dir=output_dir, register=registration is not None, resume=resume)
     for path, why in plan.ds.skipped:
         emit(Note(f"skipped {path.relative_to(plan.ds.root)}: cannot decode ({why})", "warn"))
     accelerator = _make_accelerator(cfg, device)
@@ -1163,62 +859,17 @@ def fine_tune(
     )
     if finished and tr.is_main:
         result.lora_path = tr.export(lora_loss)
-        if register:
+        if registration is not None:
             from mixdiff_cli.experts.manage import add_expert
 
             ds = plan.ds
             add_expert(
                 plan.cat.path, str(result.lora_path), name=name, trigger=list(cfg.trigger),
                 prompts=list(dict.fromkeys(r.caption for r in ds.records))[:32],  # what the router learns from
-                description=description if description is not None else f"LoRA fine-tuned on {len(ds)} images of {ds.root.name} ({tr.total} steps)",
+                description=registration.description if registration.description is not None else f"LoRA fine-tuned on {len(ds)} images of {ds.root.name} ({tr.total} steps)",
             )
             result.registered = True
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         accelerator.end_training()
     return result
-
-
-# --- evaluation on any dataset --------------------------------------------------------------------
-
-
-@dataclass
-class LossReport:
-    base: float  # held-out denoising loss of the bare base
-    lora: float | None  # the same with the LoRA loaded through plain diffusers
-    n_images: int
-
-    @property
-    def improvement(self) -> float | None:
-        """Relative loss reduction, (base - lora) / base."""
-        return None if self.lora is None else (self.base - self.lora) / self.base
-
-
-def denoising_loss(
-    base: str | Path, data: str | Path, lora: str | Path | None = None, *, resolution: int | None = None,
-    trigger: Sequence[str] = (), max_images: int | None = None, evals: int = VAL_EVALS, device: str | None = None,
-) -> LossReport:
-    """The fixed-noise denoising loss of `base` on a captioned folder, with and without a LoRA file
-    loaded by diffusers' `load_lora_weights`: how much an expert helps on a domain."""
-    import torch
-
-    info = inspect_base(base)
-    ds = scan_dataset(data)
-    records = ds.records[:max_images] if max_images else ds.records
-    resolution = resolution or info.native_resolution
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = _load_pipeline(info)
-    pipe.to(dev)
-    text = _Text(pipe, info.family)
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    cfg = FineTuneConfig(trigger=list(trigger), train_text_encoder=True)
-    cache = _build_cache(pipe, text, records, cfg, resolution, 0, dev)
-    valset = _make_valset(cache.latents, cache.ids, cache.time_ids, scheduler.config.num_train_timesteps, evals)
-    base_loss = _val_loss(pipe.unet, scheduler, text, valset)
-    lora_loss = None
-    if lora is not None:
-        pipe.load_lora_weights(str(lora), adapter_name="expert")
-        lora_loss = _val_loss(pipe.unet, scheduler, text, valset)
-    return LossReport(base_loss, lora_loss, len(records))

@@ -1,0 +1,209 @@
+"""`router train`: learn the gate's rows, a bias and a scale from each expert's prompts (and a labelled-
+prompts file), report held-out accuracy, save the checkpoint and point the catalog's `router:` at it."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mixdiff_cli.catalog.schema import load_catalog
+from mixdiff_cli.routing.checkpoint import ROUTER_FILE, for_catalog, save_checkpoint
+from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
+from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
+from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, forward_features, forward_logits, prototype_gate, row_matrix
+from mixdiff_cli.routing.labels import check_labels, expert_texts, read_labeled
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class TrainConfig:
+    hidden: int = 0  # 0: linear cosine gate; N: one hidden layer of N units (residual MLP)
+    epochs: int = 300  # full passes over the training prompts (mini-batches of `batch_size`)
+    lr: float = 0.01  # Adam
+    seed: int = 0
+    val_split: float = 0.2  # held-out fraction per expert (experts with < 2 prompts keep all for training)
+    balance: float = 0.01  # load-balancing loss coefficient (Switch Transformer, Fedus et al. 2021, eq. 4)
+    batch_size: int = 512
+    top_k: int = 2  # also report top-k accuracy
+    encoder: str = "base"
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    names: list[str]
+    n_train: int
+    n_val: int
+    top1: float | None  # held-out top-1 accuracy (None without a held-out set)
+    topk: float | None
+    k: int
+    train_top1: float
+    confusion: list[list[int]]  # held-out counts: rows = true expert, columns = routed expert
+    loss: float
+    config: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "experts": self.names,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "top1": self.top1,
+            f"top{self.k}": self.topk,
+            "train_top1": self.train_top1,
+            "confusion": {t: dict(zip(self.names, row)) for t, row in zip(self.names, self.confusion)},
+            "loss": self.loss,
+            "config": asdict(self.config),
+        }
+
+
+def _split(examples: list[tuple[str, int]], n_experts: int, val_split: float, seed: int):
+    """Stratified: each expert with >= 2 prompts gives round(val_split * n) (at least 1) to the held-out set."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for e in range(n_experts):
+        mine = [x for x in examples if x[1] == e]
+        rng.shuffle(mine)
+        n_val = 0 if len(mine) < 2 or val_split <= 0 else min(len(mine) - 1, max(1, round(val_split * len(mine))))
+        val += mine[:n_val]
+        train += mine[n_val:]
+    return train, val
+
+
+def fit_gate(
+    x: torch.Tensor, y: torch.Tensor, n_experts: int, config: TrainConfig, progress: Callable[[int, float], None] | None = None
+) -> tuple[Gate, float]:
+    """Train a cosine gate on (N, D) vectors and labels (N,); rows start at the class prototypes."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(config.seed)
+    gate = prototype_gate([x[y == e] for e in range(n_experts)])
+    d, h = x.shape[1], config.hidden
+    params: dict[str, torch.Tensor] = {
+        "weight": gate.weight.clone(),
+        "bias": torch.zeros(n_experts),
+        "log_scale": torch.tensor(math.log(PROTOTYPE_SCALE)),
+    }
+    if h:
+        params["w1"] = torch.randn(h, d, generator=gen) / math.sqrt(d)
+        params["b1"] = torch.zeros(h)
+        params["w2"] = torch.zeros(d, h)  # the MLP starts as the identity: rows stay prototypes
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=config.lr)
+    mlp = lambda: (params.get("w1"), params.get("b1"), params.get("w2"))  # noqa: E731
+    n = len(x)
+    loss_value = float("nan")
+    for epoch in range(config.epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            feats = forward_features(x[idx], gate.mean, *mlp())  # (B, D)
+            logits = forward_logits(feats, row_matrix(params["weight"], params["log_scale"].exp()), params["bias"])  # (B, E)
+            probs = logits.softmax(-1)
+            # Switch load balancing: E * sum_i f_i * P_i, f = fraction routed to i, P = mean router prob of i
+            frac = F.one_hot(probs.argmax(-1), n_experts).float().mean(0)
+            aux = n_experts * (frac * probs.mean(0)).sum()
+            loss = F.cross_entropy(logits, y[idx]) + config.balance * aux
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+        if progress:
+            progress(epoch + 1, loss_value)
+    with torch.no_grad():
+        w1, b1, w2 = (None if t is None else t.detach().clone() for t in mlp())
+        trained = Gate(
+            mean=gate.mean, weight=params["weight"].detach().clone(), bias=params["bias"].detach().clone(),
+            scale=float(params["log_scale"].exp()), w1=w1, b1=b1, w2=w2,
+        )
+        cos = trained.features(x) @ row_matrix(trained.weight, 1.0)  # (N, E)
+        trained.own_cos = torch.stack([cos[y == e, e].mean() for e in range(n_experts)])
+    return trained, loss_value
+
+
+def _accuracy(gate: Gate, x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, float, torch.Tensor]:
+    """(top-1 accuracy, top-k accuracy, (N,) top-1 predictions) of `gate` on vectors `x`, labels `y`."""
+    import torch
+
+    with torch.no_grad():
+        logits = gate.logits(x)
+    top = logits.topk(k, dim=-1).indices
+    return float((top[:, 0] == y).float().mean()), float((top == y[:, None]).any(-1).float().mean()), top[:, 0]
+
+
+def _check_config(config: TrainConfig) -> None:
+    if config.hidden < 0 or config.epochs < 1 or not config.lr > 0 or not 0 <= config.val_split < 1 or config.balance < 0:
+        raise RouteOptionError("bad training options", "use --hidden >= 0, --epochs >= 1, --lr > 0, 0 <= --val-split < 1")
+    check_encoder(config.encoder)
+
+
+def train_router(
+    catalog_path: str | Path,
+    *,
+    prompts_file: str | Path | None = None,
+    config: TrainConfig | None = None,
+    output: str | Path | None = None,
+    encoder: Encoder | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Learn the gate from each expert's prompts, trigger words (and `prompts_file`), report held-out
+    accuracy, save the checkpoint atomically and point the catalog's `router:` at it."""
+    import torch
+
+    from mixdiff_cli.catalog.schema import check_writable, edit_catalog
+
+    check_writable(catalog_path, output)  # before training: the packaged demo is read-only
+    config = config or TrainConfig()
+    cat = load_catalog(catalog_path)
+    if len(cat.experts) < 2:
+        raise RouterError(f"the catalog {cat.path} has {len(cat.experts)} expert(s); a router needs at least 2", "add experts with 'mixdiff add-expert'")
+    _check_config(config)
+    k = max(1, min(config.top_k, len(cat.experts)))
+    enc = encoder or get_encoder(cat, config.encoder)
+    names = cat.names
+    pairs = [(t, e.name) for e in cat.experts for t in expert_texts(e)]
+    if prompts_file is not None:
+        labeled = read_labeled(prompts_file)
+        check_labels(labeled, names, cat.path)
+        pairs += [(x.prompt, x.expert) for x in labeled]
+    pairs = list(dict.fromkeys(pairs))  # drop exact duplicates, keep order
+    index = {n: i for i, n in enumerate(names)}
+    train, val = _split([(t, index[n]) for t, n in pairs], len(names), config.val_split, config.seed)
+
+    texts = [t for t, _ in train + val]
+    vecs = enc(texts)
+    x_train, x_val = vecs[: len(train)], vecs[len(train) :]
+    y_train = torch.tensor([e for _, e in train], dtype=torch.long)
+    y_val = torch.tensor([e for _, e in val], dtype=torch.long)
+    gate, loss = fit_gate(x_train, y_train, len(names), config, progress)
+
+    train_top1 = round(_accuracy(gate, x_train, y_train, k)[0], 4)
+    confusion = [[0] * len(names) for _ in names]
+    top1 = topk = None
+    if len(val):
+        top1, topk, pred = _accuracy(gate, x_val, y_val, k)
+        top1, topk = round(top1, 4), round(topk, 4)
+        for t, p in zip(y_val.tolist(), pred.tolist()):
+            confusion[t][p] += 1
+
+    out_path = Path(output) if output else cat.root / ROUTER_FILE
+    training = {"epochs": config.epochs, "lr": config.lr, "seed": config.seed, "val_split": config.val_split,
+                "balance": config.balance, "n_train": len(train), "n_val": len(val), "top1": top1, f"top{k}": topk}
+    ckpt = for_catalog(gate, cat, enc.id, training=training)
+    with edit_catalog(cat.path) as live:
+        if live.hash() != ckpt.catalog_hash:
+            raise StaleRouter("the catalog's experts changed while the router trained", "run 'mixdiff router train' again")
+        save_checkpoint(ckpt, out_path)
+        live.router = live.relative_source(out_path)
+    return TrainResult(
+        checkpoint=out_path, names=names, n_train=len(train), n_val=len(val), top1=top1, topk=topk, k=k,
+        train_top1=train_top1, confusion=confusion, loss=loss, config=config,
+    )
