@@ -4,7 +4,9 @@
 
 Ratios (targets): top-1 mixdiff / plain diffusers with the same LoRA (<= 1.03); peak RSS with 32
 experts in the catalog / with 1 (<= 1.05, separate processes); noise blend k=2 / top-1 (<= 1.6);
-merge k=2 / top-1 (<= 1.05); router decision per prompt, text encoder excluded (< 1 ms).
+merge k=2 / top-1 (<= 1.05); two disjoint timestep bands / top-1 (<= 1.03); a 20% band overlap / the
+price predicted from top-1 and noise k=2 on those steps only (~1.0); router decision per prompt, text
+encoder excluded (< 1 ms).
 
 Times are medians of interleaved repetitions (A B A B ...), as process CPU time (robust when other
 jobs share the cores) and wall time; one intra-op thread.
@@ -95,6 +97,9 @@ def bench_speed(fx: dict[str, Path], steps: int, reps: int) -> dict[str, float]:
         "top1": lambda: engine.generate(req(), [("l0", 1.0)]),
         "noise2": lambda: engine.generate(req(), [("l0", 0.5), ("l1", 0.5)], blend="noise"),
         "merge2": lambda: engine.generate(req(), [("l0", 0.5), ("l1", 0.5)], blend="merge"),
+        # timestep bands: two disjoint halves (each step runs one expert), and 20% of the run overlapped
+        "bands2": lambda: engine.generate(req(), ["l0@:0.5", "l1@0.5:"]),
+        "overlap": lambda: engine.generate(req(), ["l0@:0.6", "l1@0.4:"]),
     }
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 4, 32, 32, generator=gen)
@@ -108,6 +113,9 @@ def bench_speed(fx: dict[str, Path], steps: int, reps: int) -> dict[str, float]:
         out[f"top1_over_plain_{m}"] = round(t["top1"][m] / t["plain"][m], 3)
         out[f"noise2_over_top1_{m}"] = round(t["noise2"][m] / t["top1"][m], 3)
         out[f"merge2_over_top1_{m}"] = round(t["merge2"][m] / t["top1"][m], 3)
+        out[f"bands2_over_top1_{m}"] = round(t["bands2"][m] / t["top1"][m], 3)
+        # an overlap should cost noise-blend prices on its 20% of the steps only: 0.8 top-1 + 0.2 noise k=2
+        out[f"overlap_over_predicted_{m}"] = round(t["overlap"][m] / (0.8 * t["top1"][m] + 0.2 * t["noise2"][m]), 3)
         # the compute floor of a k=2 noise blend: the same UNet on twice the batch (CFG halves x 2)
         out[f"unet_batch4_over_batch2_{m}"] = round(t["unet_b4"][m] / t["unet_b2"][m], 3)
     assert engine.loads == ["l0", "l1"], engine.loads  # adapters loaded once, never per image

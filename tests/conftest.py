@@ -9,6 +9,7 @@ file lock: parallel or killed runs never see half a fixture.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from importlib import metadata
@@ -27,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_VERSION = "1"  # bump to force a rebuild without a source change
 # Sources whose change invalidates the cache (formats.py: the single-file writer uses its name map).
-BUILDER_SOURCES = ("mixdiff_cli/testing.py", "mixdiff_cli/core/tokenizer.py", "mixdiff_cli/catalog/formats.py")
+BUILDER_SOURCES = ("mixdiff_cli/testing.py", "mixdiff_cli/core/tokenizer.py", "mixdiff_cli/catalog/formats.py", "mixdiff_cli/catalog/geometry.py")
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "safetensors")
 
 # (arch, format) -> how each fixture LoRA is made; every one is rank 4 on to_q/to_k/to_v/to_out.0.
@@ -171,6 +172,73 @@ def full_model(_full_dir) -> Path:
 def full_model_file(_full_dir) -> Path:
     """The same UNet as ``full_model`` as one original-layout ``.safetensors`` (model.diffusion_model.*)."""
     return _full_dir / "tiny-sd-other.safetensors"
+
+
+# The compatibility corpus (tests/test_compat.py): (arch, layout) -> seed of a rank-4 LoRA with alpha 2, in
+# mixdiff_cli.testing.make_layout's layouts. Pairs that share a seed hold the same weights: the reference for a
+# layout diffusers cannot load is the same LoRA in one it can (attn-procs ~ diffusers-noalpha, alphas ~ kohya).
+COMPAT_SPECS: dict[tuple[str, str], int] = {
+    ("sd1", "diffusers-peft"): 101, ("sd1", "diffusers-noalpha"): 102, ("sd1", "attn-procs"): 102,
+    ("sd1", "diffusers-script"): 103, ("sd1", "kohya"): 104, ("sd1", "diffusers-alphas"): 104, ("sd1", "kohya-locon"): 105,
+    ("sd1", "kohya-fp16"): 106, ("sd1", "kohya-bf16"): 107, ("sd1", "kohya-te"): 108, ("sd1", "peft"): 109,
+    ("sd1", "peft-modules-to-save"): 110,
+    ("sdxl", "diffusers-script"): 201, ("sdxl", "kohya"): 202, ("sdxl", "kohya-te"): 203, ("sdxl", "diffusers-peft"): 204,
+}  # fmt: skip
+COMPAT_ALPHA, COMPAT_SCALE = 2.0, 0.1
+FULL_LAYOUTS = (("sd1", "fp16-variant"), ("sd1", "single-file"), ("sdxl", "single-file"), ("sd1", "v-prediction"),
+                ("sd1", "inpainting"), ("sd1", "inpainting-file"))  # fmt: skip
+
+
+def _compat_name(arch: str, layout: str) -> str:
+    folder = layout.startswith("peft") or layout in ("fp16-variant", "v-prediction", "inpainting")
+    return f"{arch}-{layout}" + ("" if folder else ".safetensors")
+
+
+def _build_compat(folder: Path, pipes: dict[str, Path]) -> None:
+    from mixdiff_cli.testing import REFUSED, make_full_layout, make_layout, make_refused
+
+    for (arch, layout), seed in COMPAT_SPECS.items():
+        make_layout(pipes[arch], folder / _compat_name(arch, layout), layout, seed=seed, alpha=COMPAT_ALPHA, scale=COMPAT_SCALE)
+    for kind in REFUSED:
+        make_refused(pipes["sd1"], folder / _compat_name("sd1", kind), kind)
+    for arch, kind in FULL_LAYOUTS:
+        make_full_layout(pipes[arch], folder / _compat_name(arch, kind), kind)
+
+
+@pytest.fixture(scope="session")
+def compat_files(tiny_sd, tiny_sdxl) -> dict[tuple[str, str], Path]:
+    """(arch, layout) -> a file (or folder) of the compatibility corpus: COMPAT_SPECS' LoRAs, the refused
+    adapter kinds (testing.REFUSED, on sd1) and FULL_LAYOUTS' full models."""
+    from mixdiff_cli.testing import REFUSED
+
+    folder = cached("compat", lambda f: _build_compat(f, {"sd1": tiny_sd, "sdxl": tiny_sdxl}))
+    keys = [*COMPAT_SPECS, *(("sd1", k) for k in REFUSED), *FULL_LAYOUTS]
+    return {key: folder / _compat_name(*key) for key in keys}
+
+
+def _build_real(folder: Path) -> None:
+    from mixdiff_cli.catalog.geometry import PUBLIC
+    from mixdiff_cli.testing import write_real_checkpoint, write_real_lora
+
+    for name, configs in PUBLIC.items():
+        for layout in ("kohya", "diffusers-script"):
+            write_real_lora(name, folder / f"{name}-{layout}.safetensors", layout)
+        write_real_checkpoint(name, folder / f"{name}-checkpoint.safetensors")
+        write_real_checkpoint(name, folder / f"{name}-inpainting.safetensors", in_channels=9)
+        base = folder / f"{name}-base"  # a pipeline folder of configs only: enough for init and add-expert
+        for component, config in configs.items():
+            file = base / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+            file.parent.mkdir(parents=True)
+            file.write_text(json.dumps(config))
+        (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline"}))
+
+
+@pytest.fixture(scope="session")
+def real_geometry() -> Path:
+    """Header-only files in the real SD 1.5 / SD 2.1 / SDXL geometry (sparse data: a header costs the disk):
+    ``<name>-kohya``, ``<name>-diffusers-script`` LoRAs, ``<name>-checkpoint`` / ``<name>-inpainting`` single
+    files, and ``<name>-base`` pipeline folders holding only the public configs."""
+    return cached("real-geometry", _build_real)
 
 
 @pytest.fixture(autouse=True)

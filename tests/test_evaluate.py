@@ -291,7 +291,7 @@ def test_routing_counts_trigger_words_and_abstentions_apart_from_the_gate(tiny_s
     make_lora(tiny_sd, lora, seed=3)
     add_expert(catalog, str(lora), name="animals", prompts=["a photo of a cat", "a dog in the grass"], trigger=["zoo"])
     add_expert(catalog, str(lora), name="city", prompts=["a city street at night", "an old house and a car"])
-    items = [Labeled("a cat and a dog", "animals"), Labeled("a street with a car at the zoo", "city"),
+    items = [Labeled("a cat and a dog", "animals"), Labeled("a city street with a car at the zoo", "city"),
              Labeled("a street in the city", "city")]
     report = E.evaluate_routing(catalog, items, encoder="words", top_k=1, threshold=0.9)
     m = report.data["metrics"]

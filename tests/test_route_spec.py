@@ -18,7 +18,10 @@ from mixdiff_cli.sampling.options import GenerationOptions
 runner = CliRunner()
 
 # the spellings `a`, `a:0.5`, `a=0.5`, ... with real expert names (PEFT misreads a one-letter adapter name)
-ACCEPTED = {"ink": [["ink", 1.0]], "ink:0.5": [["ink", 1.0]], "ink:2,pixel:6": [["ink", 0.25], ["pixel", 0.75]]}
+ACCEPTED = {
+    "ink": [["ink", 1.0]], "ink:0.5": [["ink", 1.0]], "ink:2,pixel:6": [["ink", 0.25], ["pixel", 0.75]],
+    "ink@:0.5,pixel:3@0.5:": [["ink", 0.25, [0.0, 0.5]], ["pixel", 0.75, [0.5, 1.0]]],  # timestep bands
+}
 REFUSED = {
     "ink=0.5": "'ink=0.5' is not an expert name",
     "ink:-1": "the weight must be a positive number",
@@ -28,6 +31,8 @@ REFUSED = {
     "ink:heavy": "the weight is not a number",
     "ink:1,ink:2": "expert ink is given twice",
     "nobody": "'nobody' is not in the catalog",
+    "ink@0.7:0.2": "the band's start 0.7 is not before its end 0.2",
+    "ink@0.5": "the band '0.5' has no ':'",
 }
 
 
@@ -46,12 +51,12 @@ def by_cli_route(catalog: Path, specs: list[str]) -> tuple[list | None, str]:
     if res.exit_code:
         assert res.exit_code in (1, 2) and len(res.stderr.strip().splitlines()) == 1, res.output  # 2: a usage error
         return None, res.stderr
-    return [[c["expert"], c["weight"]] for c in json.loads(res.stdout)[0]["chosen"]], ""
+    return [[c["expert"], c["weight"]] + ([c["band"]] if "band" in c else []) for c in json.loads(res.stdout)[0]["chosen"]], ""
 
 
 def by_prompt_file(catalog: Path, specs: list[str], folder: Path) -> tuple[list | None, str]:
     prompts = folder / "p.txt"
-    prompts.write_text("a cat " + " ".join(f"--expert {s}" for s in specs) + " --seed 1 --steps 1\n")
+    prompts.write_text("a cat " + " ".join(f"--expert {s}" for s in specs) + " --seed 1 --steps 2\n")
     res = runner.invoke(app, ["generate", "--prompts", str(prompts), "--catalog", str(catalog), "--out", str(folder / "out"), "--json"])
     if res.exit_code:
         assert res.exit_code == 1 and f"{prompts}:1:" in res.stderr, res.output
@@ -64,11 +69,11 @@ def by_python(catalog: Path, specs: list[str], folder: Path) -> tuple[list | Non
     from mixdiff_cli.sampling.generate import generate_images
 
     try:
-        options = GenerationOptions(experts=tuple(specs), steps=1, seed=1)
+        options = GenerationOptions(experts=tuple(specs), steps=2, seed=1)
         result = generate_images(catalog, "a cat", options, out_dir=folder / "py")
     except MixdiffError as exc:
         return None, exc.message
-    return [[c["expert"], c["weight"]] for c in result.route["chosen"]], ""
+    return [[c["expert"], c["weight"]] + ([c["band"]] if "band" in c else []) for c in result.route["chosen"]], ""
 
 
 @pytest.mark.parametrize("spelling", [*ACCEPTED, *REFUSED])

@@ -184,18 +184,18 @@ def test_prototypes_are_cached_beside_the_catalog(tmp_path):
     cat = load_catalog(path)
     first = CountingEncoder()
     R.prototype_router(cat, first)
-    assert first.texts == 14  # 12 prompts + 2 trigger words, embedded once
+    assert first.texts == 17  # 12 prompts + 2 trigger words + 3 file names (= the names), embedded once
     cache = tmp_path / ".experts.prototypes.safetensors"
     assert cache.is_file()
     second = CountingEncoder()
     again = R.prototype_router(load_catalog(path), second)
     assert second.texts == 0 and again.route(["a cat"])[0].chosen == [("animals", 1.0)]
-    # a changed prompt (not part of the catalog hash) or another encoder invalidates the cache
+    # a changed prompt (not part of the catalog hash) re-embeds that expert's texts only
     with edit_catalog(path) as live:
         live.experts[1].prompts.append("a green star")
     third = CountingEncoder()
     R.prototype_router(load_catalog(path), third)
-    assert third.texts == 15
+    assert third.texts == 6  # shapes: 5 prompts + its file name
     meta = read_checkpoint(cache)
     assert meta.kind == "prototypes" and meta.encoder == "words" and meta.catalog_hash == load_catalog(path).hash()
 

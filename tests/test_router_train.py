@@ -100,7 +100,7 @@ def test_train_four_domains_reaches_95_percent(tmp_path, tiny_sd, capsys):
     with capsys.disabled():
         print(f"\n[router] 4 domains, words encoder: val top-1 {res.top1}, top-2 {res.topk} (n={res.n_val}); "
               f"held-out wording top-1 {total:.3f} {acc}")
-    assert res.n_val == 32 and res.n_train == 128  # 20% of each expert's 40 prompts held out
+    assert res.n_val == 32 and res.n_train == 128 + 4  # 20% of each expert's 40 prompts held out; + each one's file name
     assert res.top1 >= 0.95 and res.topk >= res.top1
     assert total >= 0.95 and min(acc.values()) >= 0.85
     assert sum(map(sum, res.confusion)) == res.n_val
@@ -142,7 +142,7 @@ def test_labeled_prompts_file_adds_examples_and_bad_lines_name_the_line(tmp_path
     good = tmp_path / "labeled.jsonl"
     good.write_text("\n".join(json.dumps({"prompt": p, "expert": "shapes"}) for p in captions("shapes", 10, "heldout")) + "\n\n")
     res = train_router(path, prompts_file=good, config=TrainConfig(encoder="words", epochs=20, val_split=0))
-    assert res.n_train == 5 + 5 + 10 and res.n_val == 0 and res.top1 is None
+    assert res.n_train == 5 + 5 + 10 + 2 and res.n_val == 0 and res.top1 is None  # + the experts' file names
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a cat", "expert": "animals"}\n{"prompt": "a dog", "expert": "dogs"}\n')
     before = path.read_bytes()

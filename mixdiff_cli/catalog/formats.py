@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mixdiff_cli.catalog.convert import LoraKey, parse_key
+from mixdiff_cli.catalog.geometry import PUBLIC, PUBLIC_ARCH, Geometry, text_module_shape
 from mixdiff_cli.core.errors import MixdiffError
 
 ARCH_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# Cross-attention width (text-encoder hidden size) of the real checkpoints.
-CROSS_DIM_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Cross-attention width (text-encoder hidden size) of the real checkpoints, from their public configs:
+# 768 (SD 1.x), 1024 (SD 2.x), 2048 (SDXL).
+CROSS_DIM_ARCH = {PUBLIC[name]["unet"]["cross_attention_dim"]: arch for name, arch in PUBLIC_ARCH.items()}
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library refuses headers above 100 MB too
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -60,6 +63,14 @@ class ArchitectureMismatch(MixdiffError):
     pass
 
 
+class UnsupportedLora(UnknownLoraFormat):
+    """A known adapter format that mixdiff cannot apply exactly (LoHa, LoKr, (IA)^3, OFT, DoRA, ...)."""
+
+
+class MalformedLora(MixdiffError):
+    """LoRA keys that do not pair up (A without B, down without up) or whose ranks disagree."""
+
+
 class BadSidecar(MixdiffError):
     """An A1111 ``<name>.json`` beside the weights that is not a JSON object."""
 
@@ -85,6 +96,11 @@ class SourceInfo:
     unet_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     unet_config: dict | None = None  # full diffusers models only
     metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's __metadata__
+    text_shapes: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (text encoder, module) -> (in, out)
+    saved_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # PEFT modules_to_save -> (in, out)
+    layout: str | None = None  # LoRA key layout: kohya | peft | diffusers-peft | diffusers-script | attn-procs
+    convert: bool = False  # diffusers cannot load this layout as it is: catalog.convert makes it exact
+    prediction_type: str | None = None  # full models: epsilon | v_prediction, when known
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the per-module shapes)."""
@@ -93,6 +109,7 @@ class SourceInfo:
             "rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
             "has_text_encoder": self.has_text_encoder, "title": self.title, "trigger": list(self.trigger),
             "description": self.description, "preferred_weight": self.preferred_weight, "sha256": self.sha256,
+            "layout": self.layout, "modules_to_save": sorted(self.saved_shapes), "prediction_type": self.prediction_type,
         }  # fmt: skip
 
 
@@ -158,16 +175,68 @@ def read_header(file: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     if not isinstance(header, dict):
         raise CorruptSafetensors(f"{file} has a damaged header (not a JSON object)", "download or copy it again")
     metadata = header.pop("__metadata__", None) or {}
-    try:
-        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise CorruptSafetensors(f"{file} has a damaged header (a tensor without data_offsets)", "download or copy it again") from None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptSafetensors(f"{file} has a damaged header (__metadata__ is not a map of strings)", "download or copy it again")
+    end = _check_tensors(file, header)
     if 8 + n + end > size:
         raise CorruptSafetensors(
             f"{file} is truncated: its header describes {end} bytes of tensor data but the file holds {size - 8 - n}",
             "the file is incomplete or damaged; download or copy it again",
         )
-    return header, {str(k): str(v) for k, v in metadata.items()}
+    if 8 + n + end < size:
+        raise CorruptSafetensors(
+            f"{file} has {size - 8 - n - end} bytes after the {end} bytes of tensor data its header describes",
+            "the file is damaged or was written by a broken tool; export it again with safetensors",
+        )
+    return header, metadata
+
+
+# Bits per element of every safetensors dtype (the safetensors 0.8 parser knows exactly these 22).
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
+
+
+def _tensor_error(file: Path, name: str, problem: str) -> CorruptSafetensors:
+    return CorruptSafetensors(f"{file} has a malformed header: tensor {name!r} {problem}", "the file is damaged or was written by a broken tool; export it again with safetensors")
+
+
+def _check_tensors(file: Path, header: dict) -> int:
+    """Validate every entry as strictly as the safetensors parser does; returns the data section's length.
+
+    Each tensor names a known dtype, a shape of non-negative integers whose byte size fits 64 bits and
+    equals its ``data_offsets`` span, and the spans tile the data section from 0 without gap or overlap.
+    """
+    spans = []
+    for name, t in header.items():
+        if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= set(t):
+            raise _tensor_error(file, name, "lacks a dtype, shape or data_offsets")
+        dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+        if dtype not in DTYPE_BITS:
+            raise _tensor_error(file, name, f"has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise _tensor_error(file, name, f"has a shape that is not a list of integers ({shape!r})")
+        if any(d < 0 for d in shape):
+            raise _tensor_error(file, name, f"has a negative shape {shape}")
+        ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
+        if not ok or offsets[1] < offsets[0]:
+            raise _tensor_error(file, name, f"has invalid data_offsets {offsets!r}")
+        bits = DTYPE_BITS[dtype]
+        for d in shape:
+            bits *= d
+        if bits >= 1 << 64:
+            raise _tensor_error(file, name, f"has a shape {shape} whose size overflows")
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            raise _tensor_error(file, name, f"has shape {shape} ({bits / 8:g} bytes of {dtype}) but {offsets[1] - offsets[0]} bytes of data")
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise _tensor_error(file, name, f"starts at byte {begin} of the data, " + ("overlapping another tensor" if begin < position else f"leaving a gap after byte {position}"))
+        position = end
+    return position
 
 
 _SCALAR = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
@@ -246,44 +315,113 @@ class _Module:
     out_features: int
 
 
-def _lora_modules(header: dict[str, dict], fmt: str) -> tuple[list[_Module], list[str]]:
-    """LoRA modules (one per down/A matrix) and the names of kohya ``.alpha`` tensors."""
-    mods, alphas = [], []
+@dataclass
+class _Parsed:
+    """The LoRA modules of one file, once every key is accounted for."""
+
+    modules: list[_Module]
+    alphas: list[str]  # keys of the alpha scalars (kohya ``.alpha``, diffusers network alphas)
+    layout: str  # kohya | peft | diffusers-peft | diffusers-script | attn-procs
+    saved: dict[str, tuple[int, int]]  # PEFT modules_to_save: module -> (in, out) of the saved weight
+
+
+_KOHYA = (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"))
+_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+# how each layout names its two matrices, for messages
+_MATRICES = {"kohya": ("lora_down", "lora_up"), "peft": ("lora_A", "lora_B"), "script": ("lora.down", "lora.up"),
+             "attn-procs": ("_lora.down", "_lora.up")}  # fmt: skip
+_REEXPORT = "the file is incomplete or was written by a broken tool; export the LoRA again"
+
+# Adapter kinds other than plain LoRA / LoCon, by a key they always have: refused by name, never half-applied.
+_VARIANTS = (
+    (r"\.hada_w[12]_[ab]|\.hada_t[12]", "a LyCORIS LoHa network"),
+    (r"\.lokr_w[12]|\.lokr_t2", "a LyCORIS LoKr network"),
+    (r"\.on_input$|\.ia3_l(\.|$)", "an (IA)^3 adapter"),
+    (r"\.b?oft_|\.oft_blocks", "an OFT/BOFT adapter"),
+    (r"\.lora_mid\.", "a LyCORIS LoCon with Tucker factors (lora_mid)"),
+    (r"\.diff(_b)?$", "a LyCORIS full-weight difference (.diff)"),
+    (r"\.dora_scale$|\.lora_magnitude_vector", "a DoRA LoRA (dora_scale / lora_magnitude_vector)"),
+)
+
+
+_PEFT_TYPES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "(IA)^3", "ADALORA": "AdaLoRA"}
+
+
+def _kohya_key(key: str) -> LoraKey | None:
+    stem, _, suffix = key.partition(".")
+    role = _KOHYA_ROLES.get(suffix)
+    for prefix, component in _KOHYA:
+        if role and stem.startswith(prefix):
+            return LoraKey(component, kohya_to_dotted(stem[len(prefix) :]), role, "kohya", True)
+    return None
+
+
+def _refuse_variant(file: Path, keys: list[str], peft_config: dict | None) -> None:
+    """Raise UnsupportedLora, naming the format, for adapters that are not plain LoRA."""
+    kind = None
+    peft_type = str((peft_config or {}).get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        kind = f"a PEFT {_PEFT_TYPES.get(peft_type, peft_type)} adapter"
+    elif peft_config is not None and peft_config.get("use_dora"):
+        kind = "a DoRA LoRA (use_dora)"
+    for pattern, name in _VARIANTS:
+        if kind is None and any(re.search(pattern, k) for k in keys):
+            kind = name
+    if kind is None:
+        return
+    why = "mixdiff applies plain LoRA and LoCon only"
+    if "DoRA" in kind:  # PEFT refuses DoRA in mixed-adapter batches; diffusers drops kohya's dora_scale
+        why = "a per-sample blend cannot apply DoRA's magnitudes exactly"
+    raise UnsupportedLora(f"{file} is {kind}; {why}", "merge or extract it into a plain LoRA (lora_down/lora_up) and add that")
+
+
+def _saved_module(key: str, saved: list[str]) -> str | None:
+    """The module of a PEFT ``modules_to_save`` weight (``base_model.model.conv_out.weight``), else None."""
+    module, _, leaf = key.removeprefix("base_model.model.").rpartition(".")
+    if leaf in ("weight", "bias") and any(module == m or module.endswith("." + m) for m in saved):
+        return module
+    return None
+
+
+def _lora_modules(file: Path, header: dict[str, dict], fmt: str, saved: list[str] | None = None) -> _Parsed:
+    """Every key of a LoRA file as a module's down/up matrix, bias or alpha; a key that is none of these,
+    a matrix without its partner, or ranks that disagree raise MalformedLora."""
+    groups: dict[tuple[str, str], dict[str, tuple[str, list[int]]]] = {}  # module -> role -> (key, shape)
+    names: dict[tuple[str, str], tuple[str, str]] = {}  # module -> how its layout names the two matrices
+    layouts, saved_shapes = set(), {}
     for key, t in header.items():
-        shape = t.get("shape") or []
-        if len(shape) < 2 and not key.endswith(".alpha"):  # not a weight matrix / conv kernel
+        p = _kohya_key(key) if fmt == "kohya" else parse_key(key)
+        if p is None and (module := _saved_module(key, saved or [])):
+            if key.endswith(".weight") and len(t["shape"]) not in (2, 4):
+                raise UnsupportedLora(f"{file} saves module {module} whole (modules_to_save), which is not a Linear or Conv2d layer",
+                                      "train the adapter without modules_to_save, or with Linear / Conv2d modules only")
+            if key.endswith(".weight"):
+                saved_shapes[module] = (t["shape"][1], t["shape"][0])
             continue
-        if fmt == "kohya":
-            if key.endswith(".alpha"):
-                alphas.append(key)
-                continue
-            if not key.endswith(".lora_down.weight"):
-                continue
-            stem = key[: -len(".lora_down.weight")]
-            up = header.get(stem + ".lora_up.weight", {}).get("shape") or [0]
-            for prefix, comp in (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder")):
-                if stem.startswith(prefix):
-                    mods.append(_Module(comp, kohya_to_dotted(stem[len(prefix) :]), shape[0], shape[1], up[0]))
-                    break
-            continue
-        m = re.match(r"(.*)\.lora_A(?:\.[^.]+)?\.weight$", key) or re.match(r"(.*)\.processor\.(\w+)_lora\.down\.weight$", key)
-        if not m:
-            continue
-        if ".lora_A" in key:
-            path = m.group(1)
-            b_key = key.replace(".lora_A", ".lora_B")
-        else:  # legacy diffusers attention-processor LoRA: ...attn1.processor.to_q_lora.down.weight
-            path = f"{m.group(1)}.{'to_out.0' if m.group(2) == 'to_out' else m.group(2)}"
-            b_key = key.replace("_lora.down.", "_lora.up.")
-        out_f = (header.get(b_key, {}).get("shape") or [0])[0]
-        path = path.removeprefix("base_model.model.")
-        comp, _, rest = path.partition(".")
-        if comp in ("unet", "text_encoder", "text_encoder_2"):
-            path = rest
-        else:
-            comp = "text_encoder" if path.startswith("text_model.") else "unet"
-        mods.append(_Module(comp, path, shape[0], shape[1], out_f))
-    return mods, alphas
+        if p is None:
+            raise MalformedLora(f"{file}: {key!r} is not part of a LoRA (a down/up or A/B matrix or an alpha)", _REEXPORT)
+        groups.setdefault((p.component, p.module), {})[p.role] = (key, list(t["shape"]))
+        if p.role in ("down", "up"):
+            names[(p.component, p.module)] = _MATRICES.get(p.layout, _MATRICES["peft"])
+            layouts.add("attn-procs" if p.layout == "attn-procs" else f"{fmt}-{p.layout}" if fmt == "diffusers" else fmt)
+    modules, alphas = [], []
+    for (component, path), g in groups.items():
+        down, up = g.get("down"), g.get("up")
+        a, b = names.get((component, path), _MATRICES["peft"])
+        if down is None or up is None:
+            have = b if up else a if down else "an alpha" if "alpha" in g else "a bias"
+            raise MalformedLora(f"{file}: LoRA module {path} has {have} without its {a if up else b if down else 'matrices'}", _REEXPORT)
+        (_, d), (_, u) = down, up
+        # down (r, in[, kh, kw]), up (out, r[, 1, 1])
+        paired = len(d) in (2, 4) and len(u) == len(d) and d[0] > 0 and u[1] == d[0] and (len(u) == 2 or u[2:] == [1, 1])
+        if not paired:
+            rank = u[1] if len(u) > 1 else "?"
+            raise MalformedLora(f"{file}: LoRA module {path} has {a} {d} and {b} {u}, which do not pair up (rank {d[0]} vs {rank})", _REEXPORT)
+        modules.append(_Module(component, path, d[0], d[1], u[0]))
+        if "alpha" in g:
+            alphas.append(g["alpha"][0])
+    layout = next((x for x in ("attn-procs", "diffusers-script", "diffusers-peft", "peft", "kohya") if x in layouts), fmt)
+    return _Parsed(modules, alphas, layout, saved_shapes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +462,8 @@ def _arch_of_lora(mods: list[_Module], meta: dict[str, str], sidecar: dict) -> t
         return "sdxl", "keys"
     if any(int(k) >= 1 for m in unet for k in re.findall(r"transformer_blocks\.(\d+)", m.path)):
         return "sdxl", "keys"
+    if any(m.path.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for m in unet):
+        return "sdxl", "keys"  # kohya names SGM blocks for SDXL only (SD 1.x/2.x files use diffusers names)
     cross = {m.in_features for m in unet if re.search(r"attn2\.to_[kv]$", m.path)}
     for width in cross:
         if width in CROSS_DIM_ARCH:
@@ -406,36 +546,41 @@ def _describe(info: SourceInfo, meta: dict[str, str], sidecar: dict) -> SourceIn
 # inspection
 
 
+def _alpha(file: Path, header: dict[str, dict], meta: dict[str, str], parsed: _Parsed, peft_config: dict | None) -> float | None:
+    """The LoRA's (most common) alpha: its alpha tensors, the PEFT config, diffusers' adapter metadata or
+    kohya's ``ss_network_alpha``; None where the file states none (loaders then use alpha = rank)."""
+    values = _read_scalars(file, header, parsed.alphas) if parsed.alphas else []
+    if values:
+        return Counter(values).most_common(1)[0][0]
+    try:
+        if parsed.layout == "kohya":  # kohya's convention for a missing alpha: alpha = rank
+            return float(meta.get("ss_network_alpha") or max(m.rank for m in parsed.modules))
+        if peft_config is not None:
+            return float(peft_config["lora_alpha"]) if peft_config.get("lora_alpha") is not None else None
+        if meta.get("lora_adapter_metadata"):
+            packed = json.loads(meta["lora_adapter_metadata"])
+            return float(packed.get("unet.lora_alpha", packed.get("lora_alpha")))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
 def _inspect_lora(file: Path, header: dict[str, dict], meta: dict[str, str], fmt: str, peft_config: dict | None) -> SourceInfo:
-    mods, alpha_keys = _lora_modules(header, fmt)
+    parsed = _lora_modules(file, header, fmt, (peft_config or {}).get("modules_to_save"))
+    mods = parsed.modules
     if not mods:
         raise UnknownLoraFormat(f"{file} has LoRA-like keys but no down/A matrices", "export the LoRA again with diffusers, PEFT or kohya")
     sidecar = _sidecar(file)
     arch, arch_from = _arch_of_lora(mods, meta, sidecar)
-    rank = max(m.rank for m in mods)
-    alpha: float | None = None
-    if fmt == "kohya":
-        values = _read_scalars(file, header, alpha_keys) if alpha_keys else []
-        if values:
-            alpha = Counter(values).most_common(1)[0][0]
-        elif meta.get("ss_network_alpha"):
-            alpha = float(meta["ss_network_alpha"])
-        else:  # kohya's convention for a missing alpha
-            alpha = float(rank)
-    elif peft_config is not None:
-        alpha = float(peft_config["lora_alpha"]) if peft_config.get("lora_alpha") is not None else None
-    elif fmt == "diffusers" and meta.get("lora_adapter_metadata"):
-        try:
-            packed = json.loads(meta["lora_adapter_metadata"])
-            alpha = float(packed.get("unet.lora_alpha", packed.get("lora_alpha")))
-        except (ValueError, TypeError):
-            alpha = None
     info = SourceInfo(
-        kind="lora", format=fmt, arch=arch, arch_from=arch_from, file=file, rank=rank, alpha=alpha,
-        targets=sorted({module_type(m.path) for m in mods}),
+        kind="lora", format=fmt, arch=arch, arch_from=arch_from, file=file, rank=max(m.rank for m in mods),
+        alpha=_alpha(file, header, meta, parsed, peft_config), targets=sorted({module_type(m.path) for m in mods}),
         has_text_encoder=any(m.component != "unet" for m in mods),
         unet_shapes={m.path: (m.in_features, m.out_features) for m in mods if m.component == "unet"},
-        metadata=meta,
+        text_shapes={(m.component, m.path): (m.in_features, m.out_features) for m in mods if m.component != "unet"},
+        saved_shapes=parsed.saved, layout=parsed.layout, metadata=meta,
+        # layouts diffusers loads wrongly or not at all go through catalog.convert
+        convert=fmt == "peft" or parsed.layout == "attn-procs" or (fmt == "diffusers" and bool(parsed.alphas)),
     )  # fmt: skip
     return _describe(info, meta, sidecar)
 
@@ -443,18 +588,33 @@ def _inspect_lora(file: Path, header: dict[str, dict], meta: dict[str, str], fmt
 def _classify(header: dict[str, dict]) -> str | None:
     keys = list(header)
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
-        if any(re.search(r"\.(hada_|lokr_|oft_)", k) for k in keys):
-            return "lycoris"
         return "kohya"
-    if any(".lora_A." in k for k in keys):
-        return "lora_A"
-    if any(re.search(r"\.processor\.\w+_lora\.down\.weight$", k) for k in keys):
-        return "diffusers"
-    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.")) for k in keys):
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.", "cond_stage_model.")) for k in keys):
         return "single-file"
     if "conv_in.weight" in header and any(k.startswith("time_embedding.") for k in keys):
         return "diffusers-unet"
-    return None
+    parsed = [p for k in keys if (p := parse_key(k)) is not None and p.role in ("down", "up")]
+    if not parsed:
+        return None
+    # PEFT keys name no component (base_model.model.<module>); diffusers files prefix unet. / text_encoder.
+    return "peft" if all(p.layout == "peft" and not p.prefixed for p in parsed) else "diffusers"
+
+
+def _prediction_type(meta: dict[str, str]) -> str | None:
+    """What a single-file checkpoint predicts, when its metadata says (modelspec, kohya)."""
+    spec = (meta.get("modelspec.prediction_type") or "").lower()
+    if spec in ("v", "v_prediction") or meta.get("ss_v_parameterization") == "True":
+        return "v_prediction"
+    return "epsilon" if spec == "epsilon" else None
+
+
+def _checkpoint_shapes(header: dict[str, dict], prefix: str) -> dict[str, tuple[int, int]]:
+    """(in, out) of every Linear / Conv2d weight of a UNet in a single file (SGM or diffusers names)."""
+    return {
+        k[len(prefix) : -len(".weight")]: (t["shape"][1], t["shape"][0])
+        for k, t in header.items()
+        if k.startswith(prefix) and k.endswith(".weight") and len(t["shape"]) in (2, 4)
+    }
 
 
 def _inspect_file(file: Path, checksum: bool) -> SourceInfo:
@@ -462,27 +622,22 @@ def _inspect_file(file: Path, checksum: bool) -> SourceInfo:
         raise PickleRefused(f"{file} is a pickled PyTorch checkpoint ({file.suffix}); mixdiff never unpickles", _PICKLE_HINT)
     header, meta = read_header(file)
     kind = _classify(header)
-    peft_config = None
-    if kind == "kohya":
-        info = _inspect_lora(file, header, meta, "kohya", None)
-    elif kind in ("lora_A", "diffusers"):
-        config_file = file.parent / PEFT_CONFIG
-        if kind == "lora_A" and config_file.is_file():
-            peft_config = _read_json(config_file)
-            info = _inspect_lora(file, header, meta, "peft", peft_config)
-        elif kind == "lora_A" and not any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in header):
-            info = _inspect_lora(file, header, meta, "peft", None)  # PEFT keys without their adapter_config.json
-        else:
-            info = _inspect_lora(file, header, meta, "diffusers", None)
+    config_file = file.parent / PEFT_CONFIG
+    peft_config = _read_json(config_file) if config_file.is_file() and kind in ("peft", None) else None
+    if kind not in ("single-file", "diffusers-unet"):
+        _refuse_variant(file, list(header), peft_config)
+    if kind in ("kohya", "peft", "diffusers"):
+        info = _inspect_lora(file, header, meta, kind, peft_config)
     elif kind in ("single-file", "diffusers-unet"):
-        config_file = file.parent / "config.json"
-        if kind == "diffusers-unet" and config_file.is_file():
+        if kind == "diffusers-unet" and (file.parent / "config.json").is_file():
             return _inspect_model_folder(file.parent, checksum)
         arch, arch_from = _arch_of_checkpoint(header, meta)
-        info = SourceInfo(kind="model", format="single-file", arch=arch, arch_from=arch_from, file=file, metadata=meta)
+        info = SourceInfo(
+            kind="model", format="single-file", arch=arch, arch_from=arch_from, file=file, metadata=meta,
+            unet_shapes=_checkpoint_shapes(header, "model.diffusion_model." if kind == "single-file" else ""),
+            prediction_type=_prediction_type(meta),
+        )  # fmt: skip
         info = _describe(info, meta, _sidecar(file))
-    elif kind == "lycoris":
-        raise UnknownLoraFormat(f"{file} is a LyCORIS LoHa/LoKr/OFT network; only plain LoRA is supported", "export a plain LoRA (lora_down/lora_up) instead")
     else:
         first = ", ".join(list(header)[:3]) or "none"
         raise UnknownLoraFormat(
@@ -530,9 +685,11 @@ def _inspect_model_folder(folder: Path, checksum: bool) -> SourceInfo:
     meta = {}
     if file.name.endswith(".safetensors"):
         _, meta = read_header(file)  # also catches a truncated download
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    prediction = _read_json(scheduler).get("prediction_type", "epsilon") if unet_dir != folder and scheduler.is_file() else None
     info = SourceInfo(
         kind="model", format="diffusers-model", arch=arch_of_unet_config(cfg), arch_from="config", file=file,
-        unet_config=cfg, metadata=meta,
+        unet_config=cfg, metadata=meta, prediction_type=prediction,
     )  # fmt: skip
     if checksum:
         info.sha256 = sha256_file(file)
@@ -673,10 +830,10 @@ def diffusers_to_sgm(path: str, cfg: dict) -> str:
     return f"output_blocks.{base + j}.{0 if kind == 'resnets' else 1}.{inner(kind, rest)}"
 
 
-def _expected_shape(path: str, cfg: dict) -> tuple[int, int] | None | str:
+def _expected_shape(path: str, cfg: dict) -> tuple[int, int] | None:
     """(in, out) features of a UNet module in a diffusers UNet2DConditionModel with config ``cfg``.
 
-    None: no such module in that UNet. "?": a module type we do not check.
+    None: no Linear / Conv2d of that name in that UNet (LoRA targets nothing else).
     """
     ch = list(cfg["block_out_channels"])
     nb = len(ch)
@@ -700,13 +857,13 @@ def _expected_shape(path: str, cfg: dict) -> tuple[int, int] | None | str:
                 "attn1.to_q": (c, c), "attn1.to_k": (c, c), "attn1.to_v": (c, c), "attn1.to_out.0": (c, c),
                 "attn2.to_q": (c, c), "attn2.to_k": (x, c), "attn2.to_v": (x, c), "attn2.to_out.0": (c, c),
                 "ff.net.0.proj": (c, 8 * c), "ff.net.2": (4 * c, c),
-            }.get(m.group(2), "?")  # fmt: skip
-        return {"proj_in": (c, c), "proj_out": (c, c)}.get(rest, "?")
+            }.get(m.group(2))  # fmt: skip
+        return {"proj_in": (c, c), "proj_out": (c, c)}.get(rest)
 
     def resnet(rest: str, cin: int, cout: int):
         if rest == "conv_shortcut":
             return (cin, cout) if cin != cout else None
-        return {"conv1": (cin, cout), "conv2": (cout, cout), "time_emb_proj": (temb, cout * (temb_out // temb))}.get(rest, "?")
+        return {"conv1": (cin, cout), "conv2": (cout, cout), "time_emb_proj": (temb, cout * (temb_out // temb))}.get(rest)
 
     top = {"conv_in": (cfg.get("in_channels", 4), ch[0]), "conv_out": (ch[0], cfg.get("out_channels", 4)),
            "time_embedding.linear_1": (ch[0], temb), "time_embedding.linear_2": (temb, temb)}  # fmt: skip
@@ -715,7 +872,7 @@ def _expected_shape(path: str, cfg: dict) -> tuple[int, int] | None | str:
     if path.startswith("add_embedding."):
         if cfg.get("addition_embed_type") != "text_time":
             return None
-        return {"linear_1": (cfg.get("projection_class_embeddings_input_dim"), temb), "linear_2": (temb, temb)}.get(path.split(".", 1)[1], "?")
+        return {"linear_1": (cfg.get("projection_class_embeddings_input_dim"), temb), "linear_2": (temb, temb)}.get(path.split(".", 1)[1])
     m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$", path)
     if m:
         where, i, part, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
@@ -753,37 +910,73 @@ def _expected_shape(path: str, cfg: dict) -> tuple[int, int] | None | str:
         if part == "attentions":
             return attention(rest, c, cross[-1], tlayers[-1]) if j == 0 else None
         return resnet(rest, c, c) if j < 2 else None
-    return "?"
-
-
-def fits_base(info: SourceInfo, base_unet_config: dict) -> str | None:
-    """None if ``info`` fits a base with this UNet config, else why not (one line)."""
-    base = arch_of_unet_config(base_unet_config)
-    noun = "LoRA" if info.kind == "lora" else "model"
-    if info.arch and info.arch_from != "default" and info.arch != base:
-        return f"{noun} for {ARCH_LABELS[info.arch]}, base is {ARCH_LABELS[base]}"
-    if info.kind == "model":
-        if info.unet_config is None:
-            return None
-        for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim"):
-            if info.unet_config.get(key) != base_unet_config.get(key):
-                return f"model UNet {key} is {info.unet_config.get(key)}, the base UNet's is {base_unet_config.get(key)}"
-        return None
-    for path, (fin, fout) in sorted(info.unet_shapes.items()):
-        diffusers_path = _sgm_to_diffusers(path, base_unet_config)
-        want = _expected_shape(diffusers_path, base_unet_config) if diffusers_path else None
-        if want == "?":
-            continue
-        if want is None:
-            return f"LoRA module {path} does not exist in the base UNet"
-        if fin != want[0] or (fout and fout != want[1]):
-            return f"LoRA shapes ({path}: {fin}->{fout}) do not match the base UNet ({want[0]}->{want[1]})"
     return None
 
 
-def require_fit(info: SourceInfo, base_unet_config: dict) -> None:
-    """Raise ArchitectureMismatch unless ``info`` fits the base UNet."""
-    if reason := fits_base(info, base_unet_config):
+def _unet_fit(shapes: dict[str, tuple[int, int]], cfg: dict, noun: str) -> str | None:
+    """Why modules with these (in, out) shapes (SGM or diffusers names) do not all exist in a UNet, or None."""
+    for path, (fin, fout) in sorted(shapes.items()):
+        diffusers_path = _sgm_to_diffusers(path, cfg)
+        want = _expected_shape(diffusers_path, cfg) if diffusers_path else None
+        if want is None:
+            return f"{noun} module {path} does not exist in the base UNet"
+        if fin != want[0] or (fout and fout != want[1]):
+            return f"{noun} shapes ({path}: {fin}->{fout}) do not match the base UNet ({want[0]}->{want[1]})"
+    return None
+
+
+def _text_fit(shapes: dict[tuple[str, str], tuple[int, int]], encoders: dict[str, dict]) -> str | None:
+    """Why text-encoder LoRA modules do not fit the base's text encoders (skipped when their configs are unknown)."""
+    if not encoders:
+        return None
+    for (component, path), (fin, fout) in sorted(shapes.items()):
+        if component not in encoders:
+            return f"LoRA adapts {component}, which the base does not have"
+        want = text_module_shape(path, encoders[component])
+        if want is None:
+            return f"LoRA module {component}.{path} does not exist in the base's {component}"
+        if (fin, fout) != want:
+            return f"LoRA shapes ({component}.{path}: {fin}->{fout}) do not match the base's {component} ({want[0]}->{want[1]})"
+    return None
+
+
+def _model_fit(info: SourceInfo, base: Geometry) -> str | None:
+    """Why a full model cannot stand in for the base UNet: input channels, conditioning, shapes, prediction type."""
+    cfg, theirs = base.unet, info.unet_config
+    if info.prediction_type and base.prediction_type and info.prediction_type != base.prediction_type:
+        return f"model predicts {info.prediction_type}, the base predicts {base.prediction_type}"
+    conv_in = info.unet_shapes.get("input_blocks.0.0") or info.unet_shapes.get("conv_in")
+    channels = theirs.get("in_channels", 4) if theirs is not None else conv_in[0] if conv_in else None
+    if channels is not None and channels != cfg.get("in_channels", 4):
+        inpainting = " (an inpainting UNet)" if channels == 9 else ""
+        return f"model UNet takes {channels} input channels{inpainting}, the base UNet takes {cfg.get('in_channels', 4)}"
+    if theirs is None:
+        return _unet_fit(info.unet_shapes, cfg, "model")
+    for key in ("out_channels", "cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim"):
+        if theirs.get(key) != cfg.get(key):
+            return f"model UNet {key} is {theirs.get(key)}, the base UNet's is {cfg.get(key)}"
+    return None
+
+
+def fits_base(info: SourceInfo, base: dict | Geometry) -> str | None:
+    """None if ``info`` fits the base (its UNet config, or its whole ``Geometry``), else why not (one line).
+
+    Every module a LoRA targets must exist in the base with the same (in, out) features, text encoders
+    included when their configs are known; a full model must take the base's inputs and conditioning.
+    """
+    base = base if isinstance(base, Geometry) else Geometry(base)
+    arch = arch_of_unet_config(base.unet)
+    noun = "LoRA" if info.kind == "lora" else "model"
+    if info.arch and info.arch_from != "default" and info.arch != arch:
+        return f"{noun} for {ARCH_LABELS[info.arch]}, base is {ARCH_LABELS[arch]}"
+    if info.kind == "model":
+        return _model_fit(info, base)
+    return _unet_fit({**info.unet_shapes, **info.saved_shapes}, base.unet, "LoRA") or _text_fit(info.text_shapes, base.text_encoders)
+
+
+def require_fit(info: SourceInfo, base: dict | Geometry) -> None:
+    """Raise ArchitectureMismatch unless ``info`` fits the base (a UNet config or a ``Geometry``)."""
+    if reason := fits_base(info, base):
         raise ArchitectureMismatch(reason, "add it to a catalog whose base has the same architecture")
 
 
@@ -792,31 +985,21 @@ def require_fit(info: SourceInfo, base_unet_config: dict) -> None:
 
 
 def lora_for_diffusers(info: SourceInfo) -> str | dict:
-    """The argument for ``pipe.load_lora_weights`` that loads this LoRA with its own alpha.
+    """The argument for ``pipe.load_lora_weights`` that loads this LoRA exactly, with its own alpha.
 
-    diffusers and kohya files load from their path. diffusers does not read PEFT folders: their keys
-    get a ``unet.`` prefix and alpha/r is folded into lora_B (exact: B' A = (alpha/r) B A).
+    Layouts diffusers reads as they are (its own, kohya) load from their path. The others become a state
+    dict through ``catalog.convert.diffusers_lora``: PEFT folders (diffusers does not read them),
+    attention-processor files (diffusers 0.42 silently loads nothing) and diffusers files with network
+    alphas (refused by diffusers); each module's alpha/r is folded into lora_B.
     """
     if info.kind != "lora":
         raise ValueError(f"{info.file} is a {info.kind}, not a LoRA")
-    if info.format != "peft":
+    if not info.convert:
         return str(info.file)
     from safetensors.torch import load_file
 
+    from mixdiff_cli.catalog.convert import diffusers_lora
+
     config_file = info.file.parent / PEFT_CONFIG
-    config = _read_json(config_file) if config_file.is_file() else {}
-    state = load_file(info.file)
-    alpha = config.get("lora_alpha")
-    patterns = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora"))
-    out = {}
-    for key, tensor in state.items():
-        path = key.removeprefix("base_model.model.")
-        comp = "text_encoder" if path.startswith("text_model.") else "unet"
-        if ".lora_B." in key and alpha is not None:
-            module = re.sub(r"\.lora_B(\.[^.]+)?\.weight$", "", path)
-            a = next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), alpha)
-            r = tensor.shape[1]
-            tensor = tensor * (a / (r**0.5 if rslora else r))
-        out[f"{comp}.{path}"] = tensor
-    return out
+    config = _read_json(config_file) if info.format == "peft" and config_file.is_file() else None
+    return diffusers_lora(load_file(info.file), config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,23 @@ def fetch(source: str) -> Path:
         raise HubError(f"{ref} is not in the local Hugging Face cache", hint) from None
     except HfHubHTTPError as exc:
         raise HubError(f"could not fetch {ref}: {str(exc).splitlines()[0]}", "check the repo id, file and revision") from None
+
+
+def pin(source: str, local: Path) -> str:
+    """``source`` pinned to the commit its cached copy ``local`` came from: hf://org/repo[/file]@<40-hex sha>.
+
+    huggingface_hub keeps every download under ``snapshots/<commit>/``, so a branch or tag (or no
+    revision: main) resolves to the commit actually hashed; a later push to the branch cannot change
+    what the catalog names. A path outside that layout leaves ``source`` as it is.
+    """
+    ref = parse_hub(source)
+    parts = Path(local).parts
+    if "snapshots" not in parts[:-1]:
+        return source
+    commit = parts[len(parts) - 1 - parts[::-1].index("snapshots") + 1]
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return source
+    return str(HubRef(ref.repo_id, ref.filename, commit))
 
 
 def resolve(catalog, source: str) -> Path:

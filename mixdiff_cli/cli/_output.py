@@ -7,6 +7,7 @@ import sys
 from typing import Any, Literal
 
 Mode = Literal["human", "json", "quiet"]
+LONG = 100  # JSON lists longer than this print compact (one line)
 
 
 def _jsonable(value: Any) -> Any:
@@ -37,7 +38,10 @@ class Output:
 
     def data(self, value: Any) -> None:
         """Machine-readable result: JSON in json mode, else pretty-printed mapping/list."""
-        if self.mode == "json":
+        if self.mode == "json" and isinstance(value, list) and len(value) > LONG:
+            # compact: json's indenting encoder is pure Python, 4x slower than the C one on 10,000 catalog rows
+            sys.stdout.write(json.dumps(value, default=_jsonable) + "\n")
+        elif self.mode == "json":
             sys.stdout.write(json.dumps(value, default=_jsonable, indent=2) + "\n")
         elif self.mode == "human":
             if isinstance(value, dict):

@@ -59,7 +59,7 @@ def routing(
     catalog: CatalogOpt = None,
     out_dir: OutOpt = Path("eval/routing"),
     top_k: TopKOpt = 2,
-    threshold: Annotated[float, typer.Option("--threshold", help="Confidence split for calibration, and the router's threshold (experts below it are not chosen).")] = 0.5,
+    threshold: Annotated[float, typer.Option("--threshold", help="The router's threshold, as generate --threshold (experts below it are not chosen), and the calibration's confidence split (0.5 when 0).")] = 0.0,
     temperature: TemperatureOpt = 1.0,
     encoder: Annotated[Optional[str], typer.Option("--encoder", help="Prompt encoder: base, minilm or words (default: the router checkpoint's).")] = None,
     bins: Annotated[int, typer.Option("--bins", min=1, help="Confidence bins of the reliability table.")] = 5,
@@ -83,19 +83,25 @@ def routing(
             encoder=encoder, bins=bins, device=device, min_accuracy=min_accuracy,
         )
     m = report.data["metrics"]
+    head = m["headline"]
+    shown = list(m["per_expert"].items())
+    if len(shown) > 30:  # a library: the experts routed worst (report.md and report.json have the rest)
+        shown = sorted(((e, p) for e, p in shown if p["support"]), key=lambda ep: (ep[1]["recall"], -ep[1]["support"]))[:20]
     rows = [
         {"expert": e, "support": p["support"], "routed": p["predicted"], "precision": _num(p["precision"]),
          "recall": _num(p["recall"]), "f1": _num(p["f1"]), "top-1 share": _pct(m["usage"]["top1"][e])}
-        for e, p in m["per_expert"].items()
+        for e, p in shown
     ]
     cal = m["calibration"]
     lines = [
-        f"[bold]top-1 {_pct(m['top1_accuracy'])}[/bold], top-{m['top_k']} {_pct(m['topk_accuracy'])} on {m['n']} prompts; "
-        f"balance {m['usage']['balance']:.2f} (1 = even use)",
+        f"[bold]top-1 {_pct(head['top1_accuracy'])}[/bold], top-{m['top_k']} {_pct(head['topk_accuracy'])} on {m['n']} prompts over "
+        f"{len(m['experts'])} experts (the route generate would use; the gate alone: top-1 {_pct(m['top1_accuracy'])}, "
+        f"top-{m['top_k']} {_pct(m['topk_accuracy'])}); balance {m['usage']['balance']:.2f} (1 = even use)",
         f"calibration: {cal['confident']['n']} prompts with p >= {cal['threshold']:g} ({_pct(cal['confident']['accuracy'])} right), "
         f"{cal['below_threshold']} below ({_pct(cal['unconfident']['accuracy'])} right); ECE {cal['ece']:.3f}",
     ]
-    _finish(report, out_dir, rows, ["expert", "support", "routed", "precision", "recall", "f1", "top-1 share"], "routing", lines)
+    title = "routing" if len(shown) == len(m["per_expert"]) else f"routing: the {len(shown)} experts routed worst of {len(m['per_expert'])}"
+    _finish(report, out_dir, rows, ["expert", "support", "routed", "precision", "recall", "f1", "top-1 share"], title, lines)
 
 
 def experts(
@@ -143,6 +149,23 @@ def experts(
     _finish(report, out_dir, rows, ["model", *domains, "best domain", "specialised"], "held-out denoising loss (x ratio to base)", lines)
 
 
+def _sweep(spec: str | None, boundaries: str) -> Any:
+    """--sweep FIRST:SECOND --boundaries 0,0.5,1 -> a Sweep (None without --sweep)."""
+    if spec is None:
+        return None
+    from mixdiff_cli.core.errors import UsageError
+    from mixdiff_cli.evaluation.evaluate import Sweep
+
+    first, sep, second = spec.partition(":")
+    try:
+        bounds = tuple(float(b) for b in boundaries.split(",") if b.strip())
+    except ValueError:
+        bounds = ()
+    if not (sep and first and second) or not bounds:
+        raise UsageError(f"bad --sweep {spec!r} / --boundaries {boundaries!r}", "write e.g. --sweep layout:detail --boundaries 0,0.2,0.4,0.6,0.8,1")
+    return Sweep(first, second, bounds)
+
+
 def samples(
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file (.txt, .jsonl, .csv, .yaml, as for generate).", show_default=False)],
     catalog: CatalogOpt = None,
@@ -160,11 +183,16 @@ def samples(
     temperature: TemperatureOpt = 1.0,
     blend: Annotated[Optional[Literal["noise", "merge"]], typer.Option("--blend", help="How the routed experts mix: noise or merge.")] = None,
     clip: Annotated[Optional[Path], typer.Option("--clip", help="A local CLIP model folder: adds CLIP scores (never downloads).")] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="FIRST:SECOND: sweep a timestep-band boundary between two experts (FIRST before it, SECOND after), one column per --boundaries value, instead of the routed and single-expert columns.")] = None,
+    boundaries: Annotated[str, typer.Option("--boundaries", help="With --sweep: the boundaries, fractions of the run.")] = "0,0.2,0.4,0.6,0.8,1",
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json_mode: JsonOpt = False,
 ) -> None:
     """Contact sheet: each prompt with the routed mixture, the base and each single expert, at fixed seeds.
+
+    With --sweep FIRST:SECOND, one column per boundary b instead: FIRST over the run before b, SECOND after
+    (b = 0: SECOND alone; b = 1: FIRST alone).
 
     Optional CLIP score with a local CLIP model folder (--clip).
 
@@ -179,7 +207,8 @@ def samples(
         out.configure(json_mode=True)
     with quiet_frameworks():
         options = GenerationOptions.from_values({**locals(), "experts": tuple(expert or ())})
-        report = evaluate_samples(load_catalog(find_catalog(catalog)), prompts, options, routed=routed, clip=clip)
+        report = evaluate_samples(load_catalog(find_catalog(catalog)), prompts, options, routed=routed and sweep is None, clip=clip,
+                                  sweep=_sweep(sweep, boundaries))
     summary = report.data["summary"]
     rows = []
     for c in summary["columns"]:

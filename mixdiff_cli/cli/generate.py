@@ -36,11 +36,13 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="Router softmax temperature (lower is sharper).")] = 1.0,
     threshold: Annotated[float, typer.Option("--threshold", help="Router abstains (bare base) when no expert has p >= this.")] = 0.0,
     blend: BlendOpt = None,
-    expert: Annotated[Optional[list[str]], typer.Option("--expert", "-e", help="NAME[:WEIGHT]; repeatable. Overrides the router.")] = None,
+    bands: Annotated[Literal["none", "auto"], typer.Option("--bands", help="auto: the router's top-k experts take consecutive parts of the sampling run (ordered by their catalog 'band', as wide as their weights), so k experts cost one. none: each expert's own band (NAME@START:END, else the catalog's), else the whole run.")] = "none",
+    expert: Annotated[Optional[list[str]], typer.Option("--expert", "-e", help="NAME[:WEIGHT][@START:END]; repeatable. Overrides the router. @START:END: the fractions of the sampling run it takes (e.g. layout@:0.4 detail@0.4:).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs"),
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help="Experts kept loaded (LRU).")] = 4,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Bytes the loaded experts may take (e.g. 6GB, 512MiB): least recently used ones are unloaded first; device memory on CUDA, process memory on CPU. Beside --max-loaded.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (LoRA hotswap keeps it compiled).")] = False,
     catalog: CatalogOpt = None,
     json_mode: JsonOpt = False,
@@ -48,6 +50,10 @@ def generate(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (a prompt per line, inline --seed/--steps/--expert overrides), .jsonl, .csv (header row) or .yaml (README: 'Batch prompt files').")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="With --prompts: skip images already in the output's manifest.")] = False,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="With --prompts: skip failing items instead of stopping.")] = False,
+    region: Annotated[Optional[list[str]], typer.Option("--region", "-r", metavar="BOX=TEXT", help="A region of the canvas with its own prompt: BOX x0:x1,y0:y1 in fractions of the canvas, TEXT a prompt routed to its own experts or pinned with inline --expert NAME[:W]; repeatable. PROMPT (may be \"\") is then the background.")] = None,
+    background_weight: Annotated[float, typer.Option("--background-weight", min=0.0, help="With --region: the background PROMPT's weight against a region's 1.")] = 0.1,
+    feather: Annotated[float, typer.Option("--feather", min=0.0, max=1.0, help="With --region: width of a region's soft edge, a fraction of the canvas side (0: hard edges).")] = 0.05,
+    tile_overlap: Annotated[Optional[int], typer.Option("--tile-overlap", min=0, help="With --region: pixels neighbouring native-size tiles share on a larger canvas (default: a quarter of the native size).")] = None,
 ) -> None:
     """Generate images: the router picks the top-k experts for PROMPT, the engine blends them.
 
@@ -57,24 +63,34 @@ def generate(
 
       mixdiff generate "a fox" --expert watercolor:0.7 --expert ink:0.3 --blend merge
 
+      mixdiff generate "a fox" -e layout@:0.4 -e detail@0.4:    (timestep bands: the cost of one expert)
+
       mixdiff generate --from outputs/00001-1.png
 
       mixdiff generate --prompts prompts.txt --out run1 --batch-size 4 --resume
+
+      mixdiff generate "" -W 128 -r "0:0.5,0:1=a landscape" -r "0.5:1,0:1=stripes --expert stripes"    (regions)
     """
     from mixdiff_cli.core.errors import UsageError
-    from mixdiff_cli.sampling.options import GenerationOptions
+    from mixdiff_cli.sampling.options import GenerationOptions, parse_size
 
     if json_mode:
         out.configure(json_mode=True)
-    options = GenerationOptions.from_values({**locals(), "experts": tuple(expert or ())})
+    options = GenerationOptions.from_values({**locals(), "experts": tuple(expert or ()),
+                                             "max_memory": None if max_memory is None else parse_size(max_memory)})
     cat_path = _catalog_for(catalog, from_image)
     if prompts is not None:
         if prompt is not None or from_image is not None:
             raise UsageError("--prompts replaces PROMPT and --from", "pass either a prompt file or one prompt")
+        if region:
+            raise UsageError("--region does not apply to --prompts", "pass the regions with one PROMPT instead of a prompt file")
         _batch(cat_path, prompts, out_dir, options, resume=resume, keep_going=keep_going)
         return
     if resume or keep_going:
         raise UsageError("--resume and --keep-going apply to --prompts", "add --prompts FILE or drop them")
+    if region or (from_image is not None and _has_regions(from_image)):
+        _canvas(cat_path, prompt, region or (), options, out_dir, from_image, (background_weight, feather, tile_overlap))
+        return
     if prompt is None and from_image is None:
         raise UsageError("no prompt given", "pass a PROMPT, --from IMAGE.png or --prompts FILE")
 
@@ -101,6 +117,27 @@ def _catalog_for(catalog: Path | None, from_image: Path | None) -> Path:
         if recorded.name and recorded.is_file():
             return recorded
     return find_catalog(catalog)
+
+
+def _has_regions(image: Path) -> bool:
+    from mixdiff_cli.sampling.pngmeta import read_record
+
+    return bool(read_record(image).get("regions"))
+
+
+def _canvas(cat_path: Path, prompt: str | None, regions: Any, options: Any, out_dir: Path, from_image: Path | None,
+            settings: tuple[float, float, int | None]) -> None:
+    """`--region BOX=TEXT`: mixdiff_cli.sampling.canvas.generate_canvas does the work."""
+    from mixdiff_cli.core.quiet import quiet_frameworks
+    from mixdiff_cli.sampling.canvas import generate_canvas
+    from mixdiff_cli.sampling.regions import CanvasOptions
+
+    canvas = CanvasOptions(background_weight=settings[0], feather=settings[1], tile_overlap=settings[2])
+    with quiet_frameworks(), _progress() as tick:
+        result = generate_canvas(cat_path, prompt, regions, options, canvas, out_dir=out_dir, from_image=from_image, progress=tick)
+    for r in result.route["regions"]:
+        out.info(f"{r['name']} {r['box']}: " + (", ".join(f"{c['expert']} ({c['weight']:.2f})" for c in r["chosen"] or []) or "none (bare base)"))
+    out.result("\n".join(str(p) for p in result.paths), result.to_dict())
 
 
 def _batch(cat_path: Path, prompts: Path, out_dir: Path, options: Any, *, resume: bool, keep_going: bool) -> None:
@@ -167,12 +204,17 @@ def inspect(
         out.result(meta.parameters)
     rec = meta.record
     if rec:
-        experts = ", ".join(f"{e['name']} ({e['weight']:.3g})" for e in rec.get("experts", [])) or "none (bare base)"
+        experts = ", ".join(
+            f"{e['name']} ({e['weight']:.3g}" + (f" over {e['band'][0]:g}-{e['band'][1]:g} of the run)" if e.get("band") else ")")
+            for e in rec.get("experts", [])
+        ) or "none (bare base)"
         out.data({
             "experts": experts,
             "blend": rec.get("blend"),
             "route": (rec.get("route") or {}).get("source"),
             "scheduler": rec.get("scheduler"),
+            **({"regions": "; ".join(f"{r['box']}={r['prompt']} (" + (", ".join(f"{e['name']} {e['weight']:.3g}" for e in r["experts"]) or "bare base") + ")"
+                                     for r in rec["regions"])} if rec.get("regions") else {}),
             "catalog": (rec.get("catalog") or {}).get("hash", "")[:16],
             "base": (rec.get("base") or {}).get("source"),
             "device": f"{rec.get('device')} {rec.get('dtype')}",

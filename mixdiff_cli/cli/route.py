@@ -23,6 +23,7 @@ EncoderOpt = Annotated[
     Optional[str],
     typer.Option("--encoder", help="Prompt encoder: base (the base's text encoder), minilm or words. Default: the checkpoint's, else base."),
 ]
+SHOWN = 10  # experts in the table of a decision (the chosen ones and the most probable others)
 OnStaleOpt = Annotated[
     Literal["error", "prototypes"],
     typer.Option("--on-stale", help="When the router checkpoint does not match the catalog: error, or fall back to prototype routing."),
@@ -69,9 +70,11 @@ def route(
         rows = [
             {"expert": n, "p": f"{r.probs[n]:.3f}" if n in r.probs else "", "weight": f"{weights[n]:.3f}" if n in weights else "",
              "strength": f"{strength[n]:g}" if n in weights else "", "why": r.reasons.get(n, "")}
-            for n in sorted(router.names, key=lambda n: (n not in weights, -r.probs.get(n, 0.0)))
+            for n in sorted(router.names, key=lambda n: (n not in weights, -r.probs.get(n, 0.0)))[: max(SHOWN, len(weights))]
         ]
         out.table(rows, ["expert", "p", "weight", "strength", "why"], title=r.prompt)
+        if len(router.names) > len(rows):
+            out.info(f"[dim]... and {len(router.names) - len(rows)} less probable experts (--json lists them all)[/dim]")
         chosen = ", ".join(f"{n} ({w:.2f})" for n, w in r.chosen) or "none: the bare base"
         out.info(f"[bold]-> {chosen}[/bold]  [dim]({router.kind} router, {router.encoder_id} encoder)[/dim]")
 

@@ -47,7 +47,10 @@ def train(
         return
     pct = lambda v: "n/a (no held-out prompts)" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     out.info(f"trained on {res.n_train} prompts for {len(res.names)} experts; held out {res.n_val}")
-    if res.n_val:
+    if res.n_val and not res.confusion:  # too many experts for a matrix: the pairs the router mixes up most
+        rows = [{"expert": t, "routed to": r, "prompts": str(n)} for t, r, n in res.confused[:20]]
+        out.table(rows, ["expert", "routed to", "prompts"], title=f"most-confused held-out pairs ({len(res.confused)} in all)")
+    elif res.n_val:
         rows = [
             {"expert": t, **{p: str(c) for p, c in zip(res.names, row)}, "n": str(sum(row)),
              "acc": pct(row[i] / sum(row)) if sum(row) else ""}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 ReportKind = Literal["routing", "experts", "samples"]
 REPORT_FORMAT = "mixdiff-evaluate/1"
 BASE_LABEL = "base"  # the bare base model's row / column in reports
+CONFUSION_MAX = 30  # experts up to which routing reports carry the confusion matrix (else the most-confused pairs)
+CONFUSED_SHOWN = 50  # most-confused pairs a routing report lists
 
 
 class EvaluateError(MixdiffError):
@@ -88,7 +91,7 @@ def _div(a: float, b: float) -> float | None:
 
 def routing_metrics(
     labels: Sequence[str],
-    probs: Sequence[Mapping[str, float]],
+    probs: Sequence[Mapping[str, float]] | Any,
     experts: Sequence[str],
     *,
     top_k: int = 2,
@@ -98,10 +101,14 @@ def routing_metrics(
     """Accuracy, per-expert precision/recall, confusion, usage and calibration of routing decisions.
 
     `labels[i]` is the right expert for prompt i and `probs[i]` the router's probabilities over
-    `experts`. The top-1 choice is the most probable expert; its probability is the confidence.
-    `threshold` splits confident from unconfident prompts; `bins` equal-width confidence bins give the
-    reliability table and the expected calibration error (Guo et al. 2017, Eq. 3).
+    `experts` (a mapping per prompt, or an (N, E) array in `experts` order). The top-1 choice is the most
+    probable expert (ties: catalog order); its probability is the confidence. `threshold` splits confident
+    from unconfident prompts; `bins` equal-width confidence bins give the reliability table and the expected
+    calibration error (Guo et al. 2017, Eq. 3). Above `CONFUSION_MAX` experts the confusion matrix is left
+    out: `confused` (the most-confused pairs) and `topn` (top-1..top-10 accuracy) stay readable at any size.
     """
+    import numpy as np
+
     n, names = len(labels), list(experts)
     if n == 0:
         raise ValueError("no labelled prompts")
@@ -113,36 +120,41 @@ def routing_metrics(
     if unknown:
         raise ValueError(f"labels name unknown experts: {unknown}")
     idx = {e: i for i, e in enumerate(names)}
-    k = max(1, min(top_k, len(names)))
-    ranks = [ranking(p, names) for p in probs]
-    top1 = [r[0] for r in ranks]
-    conf = [float(p.get(t, 0.0)) for p, t in zip(probs, top1)]
-    hit1 = [t == y for t, y in zip(top1, labels)]
-    hitk = [y in r[:k] for r, y in zip(ranks, labels)]
+    e_count, k = len(names), max(1, min(top_k, len(names)))
+    p = np.asarray(probs, dtype=np.float64) if not isinstance(probs[0], Mapping) else np.array([[float(row.get(e, 0.0)) for e in names] for row in probs])
+    y = np.array([idx[label] for label in labels])  # (N,)
+    ranks = np.argsort(-p, axis=1, kind="stable")  # (N, E): ties keep catalog order
+    top1 = ranks[:, 0]
+    conf = p[np.arange(n), top1]  # (N,)
+    hit1 = top1 == y
+    hitk = (ranks[:, :k] == y[:, None]).any(1)
+    label_rank = (ranks == y[:, None]).argmax(1)  # (N,) where the label is in each ranking
 
-    confusion = [[0] * len(names) for _ in names]  # rows: label, columns: top-1 choice
-    for y, t in zip(labels, top1):
-        confusion[idx[y]][idx[t]] += 1
+    pairs: dict[tuple[int, int], int] = {}
+    for t, c in zip(y.tolist(), top1.tolist()):
+        pairs[t, c] = pairs.get((t, c), 0) + 1
+    support, predicted = np.bincount(y, minlength=e_count), np.bincount(top1, minlength=e_count)
+    correct = np.bincount(y[hit1], minlength=e_count)
     per_expert: dict[str, dict[str, Any]] = {}
-    for e in names:
-        tp = confusion[idx[e]][idx[e]]
-        support = sum(confusion[idx[e]])
-        predicted = sum(row[idx[e]] for row in confusion)
-        precision, recall = _div(tp, predicted), _div(tp, support)
+    for i, e in enumerate(names):
+        tp, sup, pred = int(correct[i]), int(support[i]), int(predicted[i])
+        precision, recall = _div(tp, pred), _div(tp, sup)
         f1 = None
         if precision is not None and recall is not None:
             f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_expert[e] = {"support": support, "predicted": predicted, "correct": tp, "precision": precision, "recall": recall, "f1": f1}
+        per_expert[e] = {"support": sup, "predicted": pred, "correct": tp, "precision": precision, "recall": recall, "f1": f1}
     labelled = [e for e in names if per_expert[e]["support"]]
 
-    counts = [sum(1 for t in top1 if t == e) for e in names]
+    counts = predicted.tolist()
     shares = [c / n for c in counts]
     entropy = -sum(s * math.log(s) for s in shares if s > 0)
     mean = n / len(names)
+    in_topk = np.bincount(ranks[:, :k].ravel(), minlength=e_count)
+    mean_prob = p.sum(0) / n
     usage = {
         "top1": {e: s for e, s in zip(names, shares)},
-        "topk": {e: sum(1 for r in ranks if e in r[:k]) / n for e in names},
-        "mean_prob": {e: math.fsum(float(p.get(e, 0.0)) for p in probs) / n for e in names},
+        "topk": {e: int(c) / n for e, c in zip(names, in_topk)},
+        "mean_prob": {e: float(m) for e, m in zip(names, mean_prob)},
         # normalised entropy of the top-1 shares: 1 = every expert used equally, 0 = one expert only
         "balance": entropy / math.log(len(names)) if len(names) > 1 else 1.0,
         "max_share": max(shares),
@@ -150,43 +162,59 @@ def routing_metrics(
         "cv": math.sqrt(sum((c - mean) ** 2 for c in counts) / len(names)) / mean,  # coefficient of variation
     }
 
-    confident = [i for i in range(n) if conf[i] >= threshold]
-    unsure = [i for i in range(n) if conf[i] < threshold]
+    conf_l, hit_l = conf.tolist(), hit1.tolist()
+    confident = [i for i in range(n) if conf_l[i] >= threshold]
+    unsure = [i for i in range(n) if conf_l[i] < threshold]
     table = []
     ece = 0.0
     for b in range(bins):
         lo, hi = b / bins, (b + 1) / bins
-        members = [i for i in range(n) if min(int(conf[i] * bins), bins - 1) == b]
-        acc = _div(sum(hit1[i] for i in members), len(members))
-        mean_conf = _div(math.fsum(conf[i] for i in members), len(members))
+        members = [i for i in range(n) if min(int(conf_l[i] * bins), bins - 1) == b]
+        acc = _div(sum(hit_l[i] for i in members), len(members))
+        mean_conf = _div(math.fsum(conf_l[i] for i in members), len(members))
         if members:
             ece += len(members) / n * abs(acc - mean_conf)
         table.append({"lo": lo, "hi": hi, "n": len(members), "confidence": mean_conf, "accuracy": acc})
     calibration = {
         "threshold": threshold,
-        "confident": {"n": len(confident), "accuracy": _div(sum(hit1[i] for i in confident), len(confident))},
-        "unconfident": {"n": len(unsure), "accuracy": _div(sum(hit1[i] for i in unsure), len(unsure))},
+        "confident": {"n": len(confident), "accuracy": _div(sum(hit_l[i] for i in confident), len(confident))},
+        "unconfident": {"n": len(unsure), "accuracy": _div(sum(hit_l[i] for i in unsure), len(unsure))},
         "below_threshold": len(unsure),
         "below_threshold_fraction": len(unsure) / n,
-        "mean_confidence": math.fsum(conf) / n,
+        "mean_confidence": math.fsum(conf_l) / n,
         "bins": table,
         "ece": ece,
     }
+    confusion: dict[str, Any] = {"labels": names, "matrix": None}
+    if e_count <= CONFUSION_MAX:
+        confusion["matrix"] = [[pairs.get((t, c), 0) for c in range(e_count)] for t in range(e_count)]
+    confused = sorted(((names[t], names[c], m) for (t, c), m in pairs.items() if t != c), key=lambda x: (-x[2], idx[x[0]], idx[x[1]]))
     return {
         "n": n,
         "experts": names,
         "top_k": k,
-        "top1_accuracy": sum(hit1) / n,
-        "topk_accuracy": sum(hitk) / n,
+        "top1_accuracy": float(hit1.mean()),
+        "topk_accuracy": float(hitk.mean()),
+        "topn": topn_curve(label_rank, e_count),
         "balanced_accuracy": math.fsum(per_expert[e]["recall"] for e in labelled) / len(labelled),
         "macro_f1": math.fsum(per_expert[e]["f1"] or 0.0 for e in labelled) / len(labelled),
         "per_expert": per_expert,
-        "confusion": {"labels": names, "matrix": confusion},
+        "confusion": confusion,
+        "confused": [{"label": t, "top1": c, "n": m} for t, c, m in confused[:CONFUSED_SHOWN]],
         "usage": usage,
         "calibration": calibration,
-        "predictions": [{"label": y, "top1": t, "confidence": c, "ranking": r[:k]} for y, t, c, r in zip(labels, top1, conf, ranks)],
-        "errors": [i for i in range(n) if not hit1[i]],
+        "predictions": [{"label": labels[i], "top1": names[top1[i]], "confidence": conf_l[i], "ranking": [names[j] for j in ranks[i, :k]]}
+                        for i in range(n)],
+        "errors": [i for i in range(n) if not hit_l[i]],
     }
+
+
+def topn_curve(label_rank: Any, n_experts: int, up_to: int = 10) -> dict[str, float]:
+    """{"1": top-1 accuracy, ..., "10": top-10} from each prompt's 0-based rank of its label."""
+    import numpy as np
+
+    ranks = np.asarray(label_rank)
+    return {str(m): float((ranks < m).mean()) for m in range(1, min(up_to, n_experts) + 1)}
 
 
 def loss_matrix_metrics(base: Mapping[str, float], experts: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
@@ -252,7 +280,7 @@ def gates(metrics: Mapping[str, Any], *, min_accuracy: float | None = None, max_
     (every expert's loss on its own domain <= max_loss_ratio x the base's)."""
     result = []
     if min_accuracy is not None:
-        acc = metrics["top1_accuracy"]
+        acc = metrics.get("headline", metrics)["top1_accuracy"]  # the route generate would use, when evaluated
         result.append({
             "name": "min_accuracy", "limit": min_accuracy, "value": acc, "passed": acc >= min_accuracy,
             "detail": f"top-1 routing accuracy {acc:.3f} {'>=' if acc >= min_accuracy else '<'} --min-accuracy {min_accuracy:g}",
@@ -401,7 +429,7 @@ def evaluate_routing(
     labeled: str | Path | Sequence[Labeled],
     *,
     top_k: int = 2,
-    threshold: float = 0.5,
+    threshold: float = 0.0,
     temperature: float = 1.0,
     encoder: str | None = None,
     bins: int = 5,
@@ -410,7 +438,9 @@ def evaluate_routing(
 ) -> Report:
     """Route every labelled prompt with the catalog's router and measure its probabilities (see
     `routing_metrics`). Trigger words and the threshold act after the gate: the report counts the
-    prompts they forced or left to the bare base separately."""
+    prompts they forced or left to the bare base separately, and its headline (`metrics["headline"]`) is
+    the route `generate` would use with them. `threshold` is the router's (default 0, as generate's); the
+    calibration table splits confidence at it, or at 0.5 when it is 0."""
     from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.routing.router import load_router
 
@@ -430,8 +460,9 @@ def evaluate_routing(
     router = load_router(cat, encoder, device=device)
     k = min(top_k, len(cat.names))
     routes = router.route([it.prompt for it in items], top_k=k, temperature=temperature, threshold=threshold)
-    probs = [{e: float(r.probs.get(e, 0.0)) for e in cat.names} for r in routes]
-    metrics = routing_metrics([it.expert for it in items], probs, cat.names, top_k=k, threshold=threshold, bins=bins)
+    probs = _prob_matrix(routes, cat.names)
+    split = threshold or 0.5  # a threshold of 0 splits nothing
+    metrics = routing_metrics([it.expert for it in items], probs, cat.names, top_k=k, threshold=split, bins=bins)
     forced = 0
     for pred, item, route in zip(metrics["predictions"], items, routes):
         pred["prompt"] = item.prompt
@@ -445,6 +476,16 @@ def evaluate_routing(
         "trigger_forced": forced,
         "chosen_top1_accuracy": sum(1 for r, it in zip(routes, items) if r.chosen and r.chosen[0][0] == it.expert) / len(items),
     }
+    index = {e: i for i, e in enumerate(cat.names)}
+    ranks = [_route_rank([n for n, _ in r.chosen], index[it.expert], row, index) for r, it, row in zip(routes, items, probs)]
+    metrics["headline"] = {
+        "what": "the route generate would use: trigger words first, then the gate's ranking; below --threshold, the bare base",
+        "top1_accuracy": metrics["routes"]["chosen_top1_accuracy"],
+        "topk_accuracy": sum(r < k for r in ranks) / len(items),
+        "topn": topn_curve(ranks, len(cat.names)),
+        "gate_top1_accuracy": metrics["top1_accuracy"],
+        "gate_topk_accuracy": metrics["topk_accuracy"],
+    }
     settings = {"labels": str(labeled) if isinstance(labeled, (str, Path)) else None, "top_k": k, "threshold": threshold,
                 "temperature": temperature, "bins": bins}
     data = _header("routing", cat, settings, {"routing": "deterministic (no sampling)"})
@@ -454,29 +495,74 @@ def evaluate_routing(
     return Report("routing", data, routing_markdown(data), routing_figures(metrics))
 
 
+def _prob_matrix(routes: Sequence[Any], names: Sequence[str]) -> Any:
+    """(N, E) float64 array of the routes' gate probabilities, columns in `names` order."""
+    import numpy as np
+
+    if not routes:
+        return np.zeros((0, len(names)))
+    order = list(routes[0].probs)
+    matrix = np.array([list(r.probs.values()) for r in routes], dtype=np.float64)  # the router's column order
+    return matrix if order == list(names) else matrix[:, [order.index(n) for n in names]]
+
+
+def _route_rank(chosen: Sequence[str], label: int, probs: Any, index: Mapping[str, int]) -> int:
+    """Where the label is in the final route's ranking: the chosen experts in order (the bare base first
+    when none was chosen), then the others in the gate's order (ties: catalog order). 0-based."""
+
+    def gate_rank(i: int) -> int:
+        return int((probs > probs[i]).sum() + (probs[:i] == probs[i]).sum())
+
+    names = [index[n] for n in chosen]
+    if label in names:
+        return names.index(label)
+    mine = gate_rank(label)
+    ahead = sum(1 for i in names if gate_rank(i) < mine)
+    return (len(names) or 1) + mine - ahead
+
+
 def routing_figures(metrics: Mapping[str, Any]) -> dict[str, Image.Image]:
+    """confusion.png (up to CONFUSION_MAX experts; above, confused.png: the most-confused pairs), usage.png
+    (the most used experts above CONFUSION_MAX), calibration.png and topn.png (top-1..top-10 accuracy)."""
     from mixdiff_cli.evaluation.figures import bars, heatmap
 
     names = metrics["experts"]
+    figures = {}
     conf = metrics["confusion"]["matrix"]
-    shade = [[c / sum(row) if sum(row) else None for c in row] for row in conf]
-    confusion = heatmap(
-        conf, names, names, text=[[str(c) for c in row] for row in conf], shade=shade, cmap="blues",
-        title=f"Routing confusion (n={metrics['n']}, top-1 accuracy {_pct(metrics['top1_accuracy'])})",
-        row_title="label", col_title="router's top-1",
-    )
+    if conf is not None:
+        shade = [[c / sum(row) if sum(row) else None for c in row] for row in conf]
+        figures["confusion.png"] = heatmap(
+            conf, names, names, text=[[str(c) for c in row] for row in conf], shade=shade, cmap="blues",
+            title=f"Routing confusion (n={metrics['n']}, top-1 accuracy {_pct(metrics['top1_accuracy'])})",
+            row_title="label", col_title="router's top-1",
+        )
+    else:
+        pairs = metrics["confused"][:15] or [{"label": "-", "top1": "-", "n": 0}]
+        most = max(p["n"] for p in pairs) or 1
+        figures["confused.png"] = bars(
+            [p["n"] / most for p in pairs], [f"{p['label']} -> {p['top1']}" for p in pairs], text=[str(p["n"]) for p in pairs],
+            title=f"Most-confused pairs (label -> router's top-1) of {len(names)} experts, n={metrics['n']}",
+        )
     usage = metrics["usage"]["top1"]
-    usage_fig = bars(
-        [usage[e] for e in names], names, text=[f"{_pct(usage[e])} ({metrics['per_expert'][e]['predicted']})" for e in names],
-        reference=1 / len(names), title=f"Top-1 usage (balance {metrics['usage']['balance']:.2f}; dashed: equal share)",
+    shown = names if len(names) <= CONFUSION_MAX else sorted(names, key=lambda e: -usage[e])[:20]
+    what = "" if len(shown) == len(names) else f"the {len(shown)} most used of {len(names)}; "
+    figures["usage.png"] = bars(
+        [usage[e] for e in shown], shown, text=[f"{_pct(usage[e])} ({metrics['per_expert'][e]['predicted']})" for e in shown],
+        reference=1 / len(names), title=f"Top-1 usage ({what}balance {metrics['usage']['balance']:.2f}; dashed: equal share)",
     )
     table = metrics["calibration"]["bins"]
-    calib = bars(
+    figures["calibration.png"] = bars(
         [b["accuracy"] or 0.0 for b in table], [f"p {b['lo']:.1f}-{b['hi']:.1f}" for b in table],
         text=[f"acc {_pct(b['accuracy'])}, n={b['n']}" for b in table],
         title=f"Accuracy by confidence (ECE {metrics['calibration']['ece']:.3f})",
     )
-    return {"confusion.png": confusion, "usage.png": usage_fig, "calibration.png": calib}
+    head = metrics.get("headline")
+    curve = head["topn"] if head else metrics["topn"]
+    figures["topn.png"] = bars(
+        list(curve.values()), [f"top-{m}" for m in curve], text=[_pct(v) for v in curve.values()],
+        title=f"Top-N accuracy of the {'final route' if head else 'gate'} ({len(names)} experts, n={metrics['n']})",
+    )
+    return figures
 
 
 def _md_document(title: str, data: Mapping[str, Any], body: list[str]) -> str:
@@ -487,33 +573,48 @@ def _md_document(title: str, data: Mapping[str, Any], body: list[str]) -> str:
 def routing_markdown(data: Mapping[str, Any]) -> str:
     m, cal = data["metrics"], data["metrics"]["calibration"]
     names = m["experts"]
+    head = m.get("headline") or {"top1_accuracy": m["top1_accuracy"], "topk_accuracy": m["topk_accuracy"], "topn": m["topn"]}
+    small = m["confusion"]["matrix"] is not None
+    per_expert = list(m["per_expert"].items())
+    if not small:  # the experts routed worst, instead of one row each
+        per_expert = sorted(((e, p) for e, p in per_expert if p["support"]), key=lambda ep: (ep[1]["recall"], -ep[1]["support"]))[:20]
     lines = [
         "## Accuracy",
         "",
-        _md_table(["prompts", "top-1", f"top-{m['top_k']}", "balanced", "macro F1"],
-                  [[m["n"], _pct(m["top1_accuracy"]), _pct(m["topk_accuracy"]), _pct(m["balanced_accuracy"]), m["macro_f1"]]]),
+        _md_table(["prompts", "experts", "top-1", f"top-{m['top_k']}", "gate top-1", f"gate top-{m['top_k']}", "balanced", "macro F1"],
+                  [[m["n"], len(names), _pct(head["top1_accuracy"]), _pct(head["topk_accuracy"]), _pct(m["top1_accuracy"]),
+                    _pct(m["topk_accuracy"]), _pct(m["balanced_accuracy"]), m["macro_f1"]]]),
         "",
-        f"Router: {data['router']['kind']} gate on the {data['router']['encoder']!r} encoder. The accuracy is the gate's; "
-        f"after it, {m['routes']['trigger_forced']} prompts had experts forced by trigger words and {m['routes']['abstained']} "
-        "fell below the threshold (bare base). The final route's first expert matches the label for "
-        f"{_pct(m['routes']['chosen_top1_accuracy'])}.",
+        f"Top-1 and top-{m['top_k']}: the route `generate` would use (trigger words force their experts in, then the "
+        f"{data['router']['kind']} gate on the {data['router']['encoder']!r} encoder ranks the rest; below the threshold, the "
+        f"bare base). Gate: its own ranking alone. {m['routes']['trigger_forced']} prompts had experts forced by trigger words "
+        f"and {m['routes']['abstained']} fell below the threshold.",
+        "",
+        _md_table(["", *[f"top-{n}" for n in head["topn"]]], [["final route", *map(_pct, head["topn"].values())],
+                                                              ["gate", *map(_pct, m["topn"].values())]]),
+        "",
+        "![top-N](topn.png)",
         "",
         *[line for w in data["router"].get("warnings", []) for line in (f"> warning: {w}", "")],
-        "## Per expert",
+        "## Per expert" if small else f"## The {len(per_expert)} experts routed worst (report.json has all {len(names)})",
         "",
         _md_table(["expert", "support", "routed here (top-1)", "precision", "recall", "F1", "top-1 share", "mean p"],
                   [[e, p["support"], p["predicted"], p["precision"], p["recall"], p["f1"], _pct(m["usage"]["top1"][e]),
-                    m["usage"]["mean_prob"][e]] for e, p in m["per_expert"].items()]),
+                    m["usage"]["mean_prob"][e]] for e, p in per_expert]),
         "",
         f"Load balance: normalised entropy of top-1 usage {m['usage']['balance']:.3f} (1 = even), largest share "
-        f"{_pct(m['usage']['max_share'])}, unused: {', '.join(m['usage']['unused']) or 'none'}.",
+        f"{_pct(m['usage']['max_share'])}, unused: {_few(m['usage']['unused'])}.",
         "",
-        "## Confusion matrix (rows: label, columns: router's top-1)",
-        "",
-        _md_table(["label \\ top-1", *names], [[e, *row] for e, row in zip(names, m["confusion"]["matrix"])]),
-        "",
-        "![confusion](confusion.png) ![usage](usage.png)",
-        "",
+    ]
+    if small:
+        lines += ["## Confusion matrix (rows: label, columns: router's top-1)", "",
+                  _md_table(["label \\ top-1", *names], [[e, *row] for e, row in zip(names, m["confusion"]["matrix"])]), "",
+                  "![confusion](confusion.png) ![usage](usage.png)", ""]
+    else:
+        lines += ["## Most-confused pairs (label -> router's top-1)", "",
+                  _md_table(["label", "routed to", "prompts"], [[p["label"], p["top1"], p["n"]] for p in m["confused"][:20]]), "",
+                  "![most-confused pairs](confused.png) ![usage](usage.png)", ""]
+    lines += [
         "## Calibration",
         "",
         f"Threshold {cal['threshold']:g}: {cal['confident']['n']} prompts at or above it (top-1 accuracy "
@@ -528,12 +629,19 @@ def routing_markdown(data: Mapping[str, Any]) -> str:
     ]
     errors = [m["predictions"][i] for i in m["errors"]]
     if errors:
-        lines += ["## Misrouted prompts", "",
+        lines += ["## Misrouted prompts (gate)", "",
                   _md_table(["prompt", "label", "top-1", "confidence"],
                             [[p.get("prompt", ""), p["label"], p["top1"], p["confidence"]] for p in errors[:50]]), ""]
         if len(errors) > 50:
             lines += [f"... and {len(errors) - 50} more (report.json lists them all).", ""]
     return _md_document("Routing evaluation", data, lines)
+
+
+def _few(names: Sequence[str], shown: int = 10) -> str:
+    """Up to `shown` names, then how many more."""
+    if not names:
+        return "none"
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 # --- experts: held-out denoising loss ------------------------------------------------------------
@@ -781,6 +889,25 @@ def _route_label(chosen: Sequence[tuple[str, float]]) -> str:
     return ", ".join(f"{n} {w:.2f}" for n, w in chosen) if chosen else "base (no expert)"
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """A boundary swept between two experts: `first` takes the run before each boundary, `second` after."""
+
+    first: str
+    second: str
+    boundaries: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+    def routes(self) -> dict[str, list[str]]:
+        """Column label -> route (`NAME@START:END` members); 0 and 1 are the second and first alone."""
+        out: dict[str, list[str]] = {}
+        for b in self.boundaries:
+            if not 0.0 <= b <= 1.0:
+                raise UsageError(f"sweep boundary {b:g} is outside 0..1", "pass boundaries such as 0,0.2,0.4,0.6,0.8,1")
+            route = [self.second] if b == 0 else [self.first] if b == 1 else [f"{self.first}@:{b:g}", f"{self.second}@{b:g}:"]
+            out[f"{self.first} -> {self.second} at {b:g}"] = route
+        return out
+
+
 def evaluate_samples(
     catalog: Catalog | str | Path,
     prompts: str | Path | Sequence[str],
@@ -788,13 +915,15 @@ def evaluate_samples(
     *,
     routed: bool = True,
     clip: str | Path | None = None,
+    sweep: Sweep | None = None,
 ) -> Report:
     """Render each prompt with the routed mixture, the bare base and each single expert (the same seed
     in every column: the file's, else `seed + index`) into a contact sheet; CLIP scores when `clip`
     is a local CLIP model folder. `prompts`: a prompt file (as `mixdiff generate --prompts` reads; its
     per-line expert overrides are ignored, since each column fixes its experts) or a list of prompts.
     `options`: steps (default 20), seed (default 0), top-k (default 2), blend and the rest; its experts,
-    when given, are the single-expert columns (default: every expert)."""
+    when given, are the single-expert columns (default: every expert). `sweep`: instead of the routed and
+    single-expert columns, one column per boundary b: `first` over the run before b, `second` after it."""
     from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.sampling.engine import Engine, Request, RouteInfo
     from mixdiff_cli.sampling.options import GenerationOptions
@@ -853,9 +982,10 @@ def evaluate_samples(
                 grid["routed"][i] = image
     columns.append(BASE_LABEL)
     grid[BASE_LABEL] = engine.generate(requests, [], blend, encoded=encoded)  # type: ignore[arg-type]
-    for name in names:
-        columns.append(name)
-        grid[name] = engine.generate(requests, [(name, 1.0)], blend, encoded=encoded)  # type: ignore[arg-type]
+    fixed = sweep.routes() if sweep is not None else {name: [name] for name in names}
+    for label, route in fixed.items():
+        columns.append(label)
+        grid[label] = engine.generate(requests, route, blend, encoded=encoded)  # type: ignore[arg-type]
 
     scores: dict[str, list[float]] | None = None
     if clip is not None:
@@ -871,7 +1001,7 @@ def evaluate_samples(
         if routes:
             row["route"] = {"chosen": [[e, w] for e, w in routes[i].chosen], "probs": routes[i].probs, "reasons": routes[i].reasons}
         for c in columns:
-            rel = f"samples/{i:03d}-{c}.png"
+            rel = f"samples/{i:03d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', c)}.png"
             images[rel] = grid[c][i]
             row["images"][c] = rel
             if c != BASE_LABEL:
@@ -891,7 +1021,8 @@ def evaluate_samples(
                 "scheduler": scheduler, "width": first.width, "height": first.height, "experts": names,
                 "routed": routed, "top_k": top_k if routed else None, "threshold": threshold if routed else None,
                 "temperature": temperature if routed else None, "blend": blend or "noise",
-                "clip": str(clip) if clip else None, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")}
+                "clip": str(clip) if clip else None, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+                "sweep": None if sweep is None else {"first": sweep.first, "second": sweep.second, "boundaries": list(sweep.boundaries)}}
     data = _header("samples", cat, settings, {"base_seed": seed, "per_prompt": [r["seed"] for r in rows]})
     data["samples"] = rows
     data["summary"] = summary

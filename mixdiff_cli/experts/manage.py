@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixdiff_cli.catalog import sources
+from mixdiff_cli.catalog.geometry import Geometry, read_geometry
 from mixdiff_cli.catalog.schema import (
     CATALOG_NAME,
     Base,
@@ -40,16 +41,16 @@ def base_arch(source_path: Path) -> str | None:
     return inspect_source(source_path, checksum=False).arch
 
 
-def base_unet_config(cat: Catalog) -> dict | None:
-    """The base UNet's config.json, when the base is a local diffusers folder (or already cached)."""
+def base_geometry(cat: Catalog) -> Geometry | None:
+    """The base's UNet, text-encoder and scheduler configs, when the base is a local diffusers folder (or
+    already cached); None otherwise."""
     if cat.base is None:
         return None
     try:
         path = sources.resolve(cat, cat.base.source)
     except MixdiffError:
         return None
-    cfg = path / "unet" / "config.json"
-    return json.loads(cfg.read_text()) if cfg.is_file() else None
+    return read_geometry(path) if path.is_dir() else None
 
 
 def init_catalog(path: str | Path | None = None, base: str | None = None, *, force: bool = False) -> Catalog:
@@ -109,7 +110,7 @@ def inspect_candidate(cat: Catalog, source: str, options: ExpertOptions | None =
 
     if sources.is_hub(source):
         local = sources.fetch(source)
-        stored = source
+        stored = sources.pin(source, local)  # hf://...@<commit>: the catalog names exactly what was hashed
     else:
         local = Path(source).expanduser()
         stored = cat.relative_source(local)
@@ -118,9 +119,9 @@ def inspect_candidate(cat: Catalog, source: str, options: ExpertOptions | None =
     if opts.kind is not None and opts.kind != info.kind:
         raise UsageError(f"{source} is a {info.kind}, not a {opts.kind}", f"drop --kind or pass --kind {info.kind}")
 
-    base_cfg = base_unet_config(cat)
-    if base_cfg is not None:
-        reason = fits_base(info, base_cfg)
+    base = base_geometry(cat)
+    if base is not None:
+        reason = fits_base(info, base)
         if reason:
             raise ArchitectureMismatch(reason, "add it to a catalog whose base has the same architecture")
     elif cat.base is not None and cat.base.arch and info.arch and info.arch != cat.base.arch:
@@ -131,6 +132,7 @@ def inspect_candidate(cat: Catalog, source: str, options: ExpertOptions | None =
 
     stem = local.stem if local.is_file() else local.name
     expert_name = check_name(opts.name) if opts.name is not None else slugify(info.title or stem)
+    preview = preview_image(local) if local.is_file() else None
     if expert_name in cat.names:
         raise DuplicateExpert(f"an expert named {expert_name!r} already exists in {cat.path}", "pass --name with another name, or remove the old one first")
     expert = Expert(
@@ -146,10 +148,37 @@ def inspect_candidate(cat: Catalog, source: str, options: ExpertOptions | None =
         prompts=list(opts.prompts or []),
         trigger=list(opts.trigger) if opts.trigger else list(info.trigger or []),
         default_weight=opts.weight if opts.weight is not None else float(info.preferred_weight or 1.0),
-        tags=list(opts.tags or []),
+        tags=list(dict.fromkeys([*(opts.tags or []), *shipped_tags(info.metadata)])),
+        title=info.title,
+        preview=cat.relative_source(preview) if preview else None,
         added=_now(),
     )
     return Inspected(expert=expert, local_path=local, file=info.file)
+
+
+def shipped_tags(metadata: dict[str, str], limit: int = 16) -> list[str]:
+    """The `limit` most frequent of kohya's training-caption tags (`ss_tag_frequency`: {dataset: {tag: count}})."""
+    counts: dict[str, int] = {}
+    try:
+        for tags in json.loads(metadata.get("ss_tag_frequency") or "{}").values():
+            for tag, n in tags.items():
+                if tag := str(tag).strip():
+                    counts[tag] = counts.get(tag, 0) + int(n)
+    except (ValueError, AttributeError, TypeError):
+        return []
+    return [t for t, _ in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))[:limit]]
+
+
+PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".preview.jpeg", ".jpeg", ".preview.webp", ".webp")
+
+
+def preview_image(weights: Path) -> Path | None:
+    """The preview A1111 / ComfyUI show for a weights file: NAME.preview.png, NAME.png (or .jpg, .webp) beside it."""
+    for suffix in PREVIEW_SUFFIXES:
+        path = weights.with_name(weights.stem + suffix)
+        if path.is_file():
+            return path
+    return None
 
 
 def add_expert(
@@ -169,19 +198,20 @@ def add_expert(
     catalog_path = Path(catalog_path)
     check_writable(catalog_path)  # before hashing anything: the packaged demo is read-only
     options = ExpertOptions(name, kind, prompts, trigger, description, weight, tags)
-    found = inspect_candidate(load_catalog(catalog_path), source, options)
+    read = load_catalog(catalog_path)
+    found = inspect_candidate(read, source, options)
     expert = found.expert
-    with edit_catalog(catalog_path) as cat:
+    with edit_catalog(catalog_path, reuse=read) as cat:
         if expert.name in cat.names:  # another process added it since we looked
             raise DuplicateExpert(f"an expert named {expert.name!r} already exists in {cat.path}", "pass --name with another name")
         if copy and not sources.is_hub(source):
-            expert.source = cat.relative_source(_copy_into(cat, found.local_path, expert.name))
+            expert.source = cat.relative_source(copy_into(cat, found.local_path, expert.name))
         cat.experts.append(expert)
-    _router_after_change(cat, added=expert.name)
+    router_after_change(cat, added=expert.name)
     return expert
 
 
-def _copy_into(cat: Catalog, local: Path, name: str) -> Path:
+def copy_into(cat: Catalog, local: Path, name: str) -> Path:
     """Copy an expert's files into `experts/` beside the catalog (atomically: copy, then rename)."""
     from mixdiff_cli.core.fsutil import atomic_folder, atomic_path
 
@@ -206,12 +236,13 @@ def remove_expert(catalog_path: str | Path, name: str) -> Expert:
     with edit_catalog(catalog_path) as cat:
         expert = cat.expert(name)
         cat.experts.remove(expert)
-    _router_after_change(cat, removed=name)
+    router_after_change(cat, removed=name)
     return expert
 
 
-def _router_after_change(cat: Catalog, *, added: str | None = None, removed: str | None = None) -> None:
-    """Keep a trained router in step with the catalog without retraining (no forgetting)."""
+def router_after_change(cat: Catalog, *, added: str | list[str] | None = None, removed: str | None = None) -> None:
+    """Keep a trained router in step with the catalog without retraining (no forgetting); `added`: one
+    name or all the names one write added."""
     if cat.router is None:
         return
     from mixdiff_cli.routing.sync import drop_router_row, extend_router
@@ -223,7 +254,7 @@ def _router_after_change(cat: Catalog, *, added: str | None = None, removed: str
         if removed:
             drop_router_row(load_catalog(cat.path), removed)
     except MixdiffError as exc:
-        change = f"added {added}" if added else f"removed {removed}"
+        change = f"added {added if isinstance(added, str) else ', '.join(added)}" if added else f"removed {removed}"
         warnings.warn(f"{change}, but the router checkpoint was not updated: {exc}. Run 'mixdiff router train'", MixdiffWarning, stacklevel=2)
 
 
@@ -284,13 +315,40 @@ def check_verified(results: list[VerifyResult]) -> None:
         raise VerifyFailed(f"{len(bad)} expert(s) failed verification: {names}", "re-add moved files with 'mixdiff add-expert' or fix the paths in the catalog")
 
 
-def expert_rows(cat: Catalog) -> list[dict]:
-    """Table rows for `experts list`."""
+def expert_rows(cat: Catalog, experts: list[Expert] | None = None) -> list[dict]:
+    """Table rows for `experts list` (of `experts`, default all the catalog's)."""
     return [
         {
             "name": e.name, "kind": e.kind, "format": e.format, "arch": e.arch, "rank": e.rank,
             "weight": e.default_weight, "hash": e.short_hash, "trigger": ", ".join(e.trigger),
-            "source": e.source, "description": e.description,
+            "tags": ", ".join(e.tags), "source": e.source, "description": e.description,
         }
-        for e in cat.experts
+        for e in (cat.experts if experts is None else experts)
     ]
+
+
+@dataclass
+class ExpertQuery:
+    """Which experts `experts list` shows: those with every tag of `tags` (case-insensitive), this `arch`
+    and `format`, and `search` in their name, title, description, trigger words, tags, prompts or source."""
+
+    search: str | None = None
+    tags: list[str] | None = None
+    arch: str | None = None
+    format: str | None = None
+
+
+def select_experts(cat: Catalog, query: ExpertQuery) -> list[Expert]:
+    """The catalog's experts that match `query`, in catalog order."""
+    want_tags = {t.strip().lower() for t in query.tags or []}
+    term = (query.search or "").strip().lower()
+
+    def matches(e: Expert) -> bool:
+        if (query.arch and e.arch != query.arch) or (query.format and e.format != query.format):
+            return False
+        if want_tags and not want_tags <= {t.lower() for t in e.tags}:
+            return False
+        texts = [e.name, e.title or "", e.description, e.source, *e.trigger, *e.tags, *e.prompts]
+        return not term or any(term in t.lower() for t in texts)
+
+    return [e for e in cat.experts if matches(e)]

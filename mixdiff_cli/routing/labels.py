@@ -11,10 +11,11 @@ names FILE:LINE.
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.core.errors import MixdiffError
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from mixdiff_cli.catalog.schema import Expert
 
 COLUMNS = ("prompt", "expert")
+TEXTS_VERSION = 2  # what `expert_texts` returns for the same fields; a change invalidates cached prototypes
 EXAMPLE = 'write lines like {"prompt": "a red circle", "expert": "shapes"} (.jsonl) or a csv with the header prompt,expert'
 
 
@@ -47,12 +49,27 @@ class Labeled:
 
 
 def expert_texts(expert: Expert) -> list[str]:
-    """What the router learns an expert from: its example prompts and trigger words, else its
-    description, else its name."""
-    texts = [t for t in [*expert.prompts, *expert.trigger] if t.strip()]
-    if not texts and expert.description.strip():
-        texts = [expert.description]
-    return texts or [re.sub(r"[-_]+", " ", expert.name)]
+    """What the router learns an expert from: every text it ships with, each once: its example prompts,
+    trigger words, tags (kohya's training-caption tags among them), title, description, file name and name."""
+    pieces = [*expert.prompts, *expert.trigger, *expert.tags, expert.title or "", expert.description, file_words(expert.source),
+              re.sub(r"[-_]+", " ", expert.name)]
+    seen: set[str] = set()
+    return [t for t in (p.strip() for p in pieces) if t and not (t.lower() in seen or seen.add(t.lower()))]
+
+
+def texts_key(expert: Expert) -> str:
+    """A digest of every field `expert_texts` reads: while it is unchanged, so are the expert's texts
+    (and its cached prototype row). Cheap: no texts are built."""
+    fields = [expert.name, expert.title or "", expert.description, expert.source, *expert.prompts, "", *expert.trigger, "", *expert.tags]
+    return hashlib.blake2b("\x1f".join(fields).encode(), digest_size=12).hexdigest()
+
+
+def file_words(source: str) -> str:
+    """The words of a source's file name: `loras/Pixel_Art-v2.safetensors` -> "Pixel Art v2"."""
+    name = source.split("@", 1)[0].rstrip("/") if source.startswith("hf://") else source
+    stem = PurePath(name).name
+    stem = stem[: -len(".safetensors")] if stem.lower().endswith(".safetensors") else stem
+    return " ".join(re.sub(r"[-_.]+", " ", stem).split())
 
 
 def _csv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -2,7 +2,10 @@
 the sampling run and the part of the canvas it covers). One grammar spells a member everywhere, on the
 command line, in prompt files and in the Python API:
 
-    NAME[:WEIGHT]        watercolor, watercolor:0.7
+    NAME[:WEIGHT][@START:END]   watercolor, watercolor:0.7, layout@:0.4, detail:0.5@0.4:
+
+START and END are fractions of the sampling run: step i of n (0-based) is in the band when
+START <= i/n < END; an empty bound is open (0 or 1), so END = 1 includes the last step.
 
 Import-light: no torch here.
 """
@@ -21,6 +24,8 @@ OnStale = Literal["error", "prototypes"]  # a router checkpoint made for other e
 WEIGHT_DIGITS = 4  # route weights are rounded so that near-identical routes share a key
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # = catalog.schema.NAME_RE
 EXAMPLE = "write NAME or NAME:WEIGHT with a positive weight, e.g. --expert watercolor:0.7"
+BAND_EXAMPLE = "write the band as @START:END with 0 <= START < END <= 1, e.g. --expert layout@:0.4 --expert detail@0.4:"
+Band = tuple[float, float]
 
 
 class RouteSpecError(UsageError):
@@ -39,12 +44,53 @@ class Member:
     region: Any = None
 
     def spec(self) -> str:
-        """The member in the `NAME[:WEIGHT]` grammar (weight left out when 1)."""
-        return self.expert if self.weight == 1.0 else f"{self.expert}:{self.weight:g}"
+        """The member in the `NAME[:WEIGHT][@START:END]` grammar (weight 1 and the whole run left out)."""
+        text = self.expert if self.weight == 1.0 else f"{self.expert}:{self.weight:g}"
+        return text + (format_band(self.band) if self.band is not None else "")
+
+    def to_json(self) -> list[Any]:
+        """[name, weight] or, with a band, [name, weight, [start, end]] (prompt items, manifests)."""
+        return [self.expert, self.weight] + ([list(self.band)] if self.band is not None else [])
 
 
-def member(name: Any, weight: Any = 1.0, *, spec: Any = None) -> Member:
-    """A validated member: a catalog-style name and a finite positive weight (a number or its text)."""
+def format_band(band: Band) -> str:
+    """(0.4, 1.0) -> "@0.4:" (open bounds left empty)."""
+    start, end = band
+    return "@" + (f"{start:g}" if start > 0 else "") + ":" + (f"{end:g}" if end < 1 else "")
+
+
+def parse_band(text: Any, shown: Any) -> Band | None:
+    """"START:END" (either may be empty), or [start, end] -> (start, end); the whole run -> None."""
+    if isinstance(text, str):
+        start_text, sep, end_text = text.partition(":")
+        if not sep:
+            raise RouteSpecError(f"bad expert {shown!r}: the band {text!r} has no ':'", BAND_EXAMPLE)
+        bounds: list[Any] = [start_text.strip() or 0.0, end_text.strip() or 1.0]
+    elif isinstance(text, (list, tuple)) and len(text) == 2:
+        bounds = [0.0 if text[0] is None else text[0], 1.0 if text[1] is None else text[1]]
+    else:
+        raise RouteSpecError(f"bad expert {shown!r}: the band is not START:END", BAND_EXAMPLE)
+    try:
+        start, end = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise RouteSpecError(f"bad expert {shown!r}: the band's bounds are not numbers", BAND_EXAMPLE) from None
+    if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+        raise RouteSpecError(f"bad expert {shown!r}: the band's bounds must lie in 0..1", BAND_EXAMPLE)
+    if not start < end:
+        raise RouteSpecError(f"bad expert {shown!r}: the band's start {start:g} is not before its end {end:g}", BAND_EXAMPLE)
+    return None if (start, end) == (0.0, 1.0) else (start, end)
+
+
+def band_steps(band: Band | None, steps: int) -> range | list[int]:
+    """The 0-based steps of an n-step run that `band` covers: START <= i/n < END."""
+    if band is None:
+        return range(steps)
+    return [i for i in range(steps) if band[0] <= i / steps < band[1]]
+
+
+def member(name: Any, weight: Any = 1.0, *, band: Any = None, spec: Any = None) -> Member:
+    """A validated member: a catalog-style name, a finite positive weight (a number or its text) and an
+    optional band (text "START:END" or a pair)."""
     shown = spec if spec is not None else f"{name}:{weight}"
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise RouteSpecError(f"bad expert {shown!r}: {name!r} is not an expert name", EXAMPLE)
@@ -57,21 +103,23 @@ def member(name: Any, weight: Any = 1.0, *, spec: Any = None) -> Member:
         raise RouteSpecError(f"bad expert {shown!r}: the weight is not a number", EXAMPLE)
     if not (math.isfinite(weight) and weight > 0):
         raise RouteSpecError(f"bad expert {shown!r}: the weight must be a positive number", "leave an expert out instead of giving it weight 0 or less; " + EXAMPLE)
-    return Member(name, float(weight))
+    return Member(name, float(weight), None if band is None else parse_band(band, shown))
 
 
 def parse_member(spec: str | Member | Sequence[Any]) -> Member:
     """`NAME` or `NAME:WEIGHT` (or a Member, or a (name, weight) pair; weight None = 1) -> Member. The one parser."""
     if isinstance(spec, Member):
-        return member(spec.expert, spec.weight)
+        return member(spec.expert, spec.weight, band=spec.band)
     if isinstance(spec, (list, tuple)):
-        if len(spec) != 2:
-            raise RouteSpecError(f"bad expert {list(spec)!r}: give [name, weight]", EXAMPLE)
-        return member(spec[0], 1.0 if spec[1] is None else spec[1], spec=list(spec))
+        if len(spec) not in (2, 3):
+            raise RouteSpecError(f"bad expert {list(spec)!r}: give [name, weight] or [name, weight, [start, end]]", EXAMPLE)
+        band = spec[2] if len(spec) == 3 else None
+        return member(spec[0], 1.0 if spec[1] is None else spec[1], band=band, spec=list(spec))
     if not isinstance(spec, str):
         raise RouteSpecError(f"bad expert {spec!r}: not text", EXAMPLE)
-    name, sep, weight = spec.strip().partition(":")
-    return member(name.strip(), weight.strip() if sep else 1.0, spec=spec)
+    head, at, band_text = spec.strip().partition("@")
+    name, sep, weight = head.strip().partition(":")
+    return member(name.strip(), weight.strip() if sep else 1.0, band=band_text if at else None, spec=spec)
 
 
 def parse_members(specs: Iterable[str | Member | Sequence[Any]] | None) -> tuple[Member, ...]:
@@ -119,11 +167,12 @@ class Route:
     prompt: str | None = None
     router: dict[str, Any] = field(default_factory=dict)  # kind, encoder, checkpoint, sha256
     options: dict[str, Any] = field(default_factory=dict)  # top_k, temperature, threshold, overrides
+    bands: dict[str, Band] = field(default_factory=dict)  # expert -> (start, end) of the run; absent = whole run
 
     @property
-    def key(self) -> tuple[tuple[str, float], ...]:
-        """Hashable identity for grouping prompts that run under the same experts and weights."""
-        return tuple(self.chosen)
+    def key(self) -> tuple[Any, ...]:
+        """Hashable identity for grouping prompts that run under the same experts, weights and bands."""
+        return tuple((n, w, self.bands[n]) if n in self.bands else (n, w) for n, w in self.chosen)
 
     @property
     def abstain(self) -> bool:
@@ -131,12 +180,12 @@ class Route:
 
     @property
     def members(self) -> tuple[Member, ...]:
-        return tuple(Member(n, w) for n, w in self.chosen)
+        return tuple(Member(n, w, self.bands.get(n)) for n, w in self.chosen)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "prompt": self.prompt,
-            "chosen": [{"expert": n, "weight": w} for n, w in self.chosen],
+            "chosen": [{"expert": n, "weight": w, **({"band": list(self.bands[n])} if n in self.bands else {})} for n, w in self.chosen],
             "abstain": self.abstain,
             "probs": self.probs,
             "reasons": self.reasons,
@@ -149,6 +198,7 @@ class Route:
         """Inverse of `to_dict` (for replaying a recorded route)."""
         return cls(
             chosen=[(c["expert"], float(c["weight"])) for c in data.get("chosen", [])],
+            bands={c["expert"]: (float(c["band"][0]), float(c["band"][1])) for c in data.get("chosen", []) if c.get("band")},
             probs={k: float(v) for k, v in (data.get("probs") or {}).items()},
             reasons=dict(data.get("reasons") or {}),
             prompt=data.get("prompt"),
@@ -169,8 +219,43 @@ def explicit_route(members: Iterable[Member], prompt: str | None = None, names: 
         probs={},
         reasons=reasons,
         prompt=prompt,
-        options={"overrides": [f"{m.expert}:{m.weight:g}" for m in members]},
+        options={"overrides": [m.spec() if m.band else f"{m.expert}:{m.weight:g}" for m in members]},
+        bands={m.expert: m.band for m in members if m.band is not None},
     )
+
+
+def uncovered(bands: Sequence[Band | None]) -> list[Band]:
+    """The parts of the run [0, 1) that none of `bands` covers (None covers all)."""
+    if any(b is None for b in bands):
+        return []
+    gaps, reach = [], 0.0
+    for start, end in sorted(b for b in bands if b is not None):
+        if start > reach:
+            gaps.append((reach, start))
+        reach = max(reach, end)
+    return gaps + ([(reach, 1.0)] if reach < 1.0 else [])
+
+
+def catalog_bands(catalog: Any) -> dict[str, Band | None]:
+    """Each expert's default band from the catalog (`band: [start, end]`), None where it has none."""
+    return {e.name: (tuple(e.band) if e.band else None) for e in catalog.experts}  # type: ignore[misc]
+
+
+def spread_bands(route: Route, preference: dict[str, Band | None]) -> Route:
+    """`--bands auto`: give the chosen experts consecutive parts of the run, as wide as their weights,
+    ordered by the middle of their catalog band (no band: 0.5), so that each step runs one expert."""
+    if len(route.chosen) < 2:
+        return route
+    middle = {n: 0.5 if preference.get(n) is None else sum(preference[n]) / 2 for n, _ in route.chosen}  # type: ignore[arg-type]
+    order = sorted(route.chosen, key=lambda c: (middle[c[0]], -c[1]))
+    bands: dict[str, Band] = {}
+    start = 0.0
+    for i, (name, weight) in enumerate(order):
+        end = 1.0 if i == len(order) - 1 else round(start + weight, WEIGHT_DIGITS)
+        bands[name] = (start, end)
+        start = end
+    return Route(chosen=list(route.chosen), probs=route.probs, reasons=route.reasons, prompt=route.prompt,
+                 router=route.router, options={**route.options, "bands": "auto"}, bands=bands)
 
 
 def check_routing(top_k: int, temperature: float, threshold: float, n_experts: int) -> None:

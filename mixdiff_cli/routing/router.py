@@ -1,8 +1,9 @@
 """Prompt -> experts. A cosine gate over prompt embeddings picks the top-k experts of a catalog.
 
-Without a trained checkpoint the gate's rows are prototypes (each expert's normalised mean prompt
-embedding, cached beside the catalog); `routing.train` learns the rows, a bias and a scale from labelled
-prompts; `routing.sync` adds or removes one row without retraining (no forgetting). Decisions are data:
+Without a trained checkpoint the gate's rows are prototypes (each expert's normalised mean embedding of
+every text it ships with, cached beside the catalog and updated expert by expert); `routing.train`
+learns the rows, a bias and a scale from labelled prompts; `routing.sync` adds or removes rows without
+retraining (no forgetting). Decisions are data:
 
     router = load_router(load_catalog("experts.yaml"))
     route = router.route(["a watercolor fox"], top_k=2)[0]   # or router.decide(vec, prompt)
@@ -19,26 +20,30 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
 from mixdiff_cli.catalog.formats import sha256_file
-from mixdiff_cli.catalog.schema import Catalog, Expert, load_catalog
+from mixdiff_cli.catalog.schema import Catalog, Expert, is_packaged, load_catalog, user_data_dir
 from mixdiff_cli.routing.checkpoint import FORMAT_VERSION, for_catalog, read_checkpoint, save_checkpoint, stale_reason
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
-from mixdiff_cli.routing.gate import Gate, forward_features, forward_logits, prototype_gate, row_matrix
-from mixdiff_cli.routing.labels import expert_texts
+from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, forward_features
+from mixdiff_cli.routing.labels import TEXTS_VERSION, expert_texts, texts_key
 from mixdiff_cli.routing.route import Member, OnStale, Route, check_known, check_routing, explicit_route, parse_members, renormalise
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("mixdiff.router")
+KEEP_FLOATS = 64 * 2**20  # text embeddings a cold prototype build keeps in memory (256 MB); the rest it embeds twice
+MAX_TRIGGER_EXPERTS = 8  # a trigger word claimed by more experts than this is too generic to force any
+_WORD = re.compile(r"\w+")
 
 
 
@@ -60,18 +65,28 @@ class Router:
         self.names, self.gate, self.encoder, self.kind = list(names), gate, encoder, kind
         self.checkpoint, self.checkpoint_sha256 = checkpoint, checkpoint_sha256
         self.warnings: list[str] = list(warnings or [])
-        # every trigger word of every expert in one pattern; a word may belong to several experts
-        self.triggers: dict[str, list[str]] = {}
+        # trigger word -> the experts it forces; a word may belong to a few experts, one that more than
+        # MAX_TRIGGER_EXPERTS claim (kohya's most frequent tags are often "1girl", "solo") forces none
+        claims: dict[str, list[str]] = {}
         for name in self.names:
-            for word in (triggers or {}).get(name, ()):
-                if word.strip():
-                    self.triggers.setdefault(word.strip().lower(), []).append(name)
-        words = sorted(self.triggers, key=len, reverse=True)
-        self._trigger_re = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, words)) + r")(?!\w)", re.IGNORECASE) if words else None
+            for word in dict.fromkeys(w.strip().lower() for w in (triggers or {}).get(name, ())):
+                if word:
+                    claims.setdefault(word, []).append(name)
+        self.triggers = {w: ns for w, ns in claims.items() if len(ns) <= MAX_TRIGGER_EXPERTS}
+        self.generic_triggers = sorted(claims.keys() - self.triggers.keys())
+        # triggers by their first word: a prompt is matched only against those whose first word it holds
+        self._by_word: dict[str, list[str]] = {}
+        for word in self.triggers:
+            first = _WORD.search(word)
+            self._by_word.setdefault(first.group(0) if first else "", []).append(word)
         # the gate as float32 numpy arrays: one decision is a handful of small ops (bench_router.py)
         arr = lambda t: None if t is None else np.ascontiguousarray(t.detach().float().cpu().numpy())  # noqa: E731
         self._mean, self._bias, self._mlp = arr(gate.mean), arr(gate.bias), tuple(arr(t) for t in (gate.w1, gate.b1, gate.w2))
-        self._rows = arr(row_matrix(gate.weight, gate.scale))  # (D, E), scaled and normalised once
+        # row_matrix(W, s) = s * normalize(W).T, applied as (x @ W.T) * (s / |W_e|): the (E, D) rows of
+        # 10,000 experts (160 MB with the words encoder) are read once for their norms, never copied
+        weight = arr(gate.weight)  # (E, D)
+        self._rows = weight.T  # (D, E) view
+        self._col_scale = np.float32(gate.scale) / np.maximum(np.sqrt(np.einsum("ed,ed->e", weight, weight)), 1e-12)  # (E,)
         self._info = {
             "kind": kind, "encoder": encoder.id, "checkpoint": str(checkpoint) if checkpoint else None,
             "sha256": checkpoint_sha256, "hidden": gate.hidden,
@@ -98,7 +113,8 @@ class Router:
                 f"encode prompts with the router's encoder ({self.encoder_id}), or retrain with 'mixdiff router train'",
             )
         feats = forward_features(x.astype(np.float32), self._mean, *self._mlp)  # (N, D)
-        logits = forward_logits(feats, self._rows, self._bias) / temperature  # (N, E)
+        logits = (feats @ self._rows) * self._col_scale + self._bias  # (N, E): gate.forward_logits, rows scaled after
+        logits /= temperature
         logits -= logits.max(-1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(-1, keepdims=True)
@@ -166,7 +182,7 @@ class Router:
         route = Route(chosen=[], probs=p, prompt=prompt, router=self._info, options=options)
         if overrides:
             fixed = explicit_route(self._overrides(overrides), prompt, self.names)
-            route.chosen, route.reasons = fixed.chosen, fixed.reasons
+            route.chosen, route.reasons, route.bands = fixed.chosen, fixed.reasons, fixed.bands
             options["overrides"] = fixed.options["overrides"]
             return route
         if probs is None:
@@ -174,12 +190,11 @@ class Router:
 
         picked: dict[str, float] = {}
         why = route.reasons = dict.fromkeys(self.names, f"not in top {top_k}")
-        if self._trigger_re is not None and prompt:
-            for m in self._trigger_re.finditer(prompt):
-                for name in self.triggers[m.group(0).lower()]:
-                    if name not in picked:
-                        picked[name] = 1.0
-                        why[name] = f"trigger {m.group(0)!r}"
+        for found in self._trigger_matches(prompt):
+            for name in self.triggers[found.lower()]:
+                if name not in picked:
+                    picked[name] = 1.0
+                    why[name] = f"trigger {found!r}"
         order = np.argsort(-probs, kind="stable")
         for i in order:
             name = self.names[i]
@@ -197,6 +212,18 @@ class Router:
             why[name] += " (weight rounds to 0, left out)"
         return route
 
+    def _trigger_matches(self, prompt: str) -> list[str]:
+        """The trigger words in `prompt` as written, in order: whole words, longest first, case-insensitive.
+        Only the triggers whose first word the prompt holds are tried, so 10,000 cost what 10 do."""
+        if not self.triggers or not prompt:
+            return []
+        candidates = [t for w in {*_WORD.findall(prompt.lower()), ""} for t in self._by_word.get(w, ())]
+        if not candidates:
+            return []
+        words = sorted(candidates, key=len, reverse=True)
+        pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, words)) + r")(?!\w)", re.IGNORECASE)
+        return [m.group(0) for m in pattern.finditer(prompt)]
+
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -206,48 +233,123 @@ def _triggers(catalog: Catalog) -> dict[str, list[str]]:
     return {e.name: list(e.trigger) for e in catalog.experts}
 
 
-def _embed_experts(encoder: Encoder, experts: Sequence[Expert]) -> list[torch.Tensor]:
-    """One (n_i, D) tensor of embedded texts per expert, from one encoder call."""
-    texts = [expert_texts(e) for e in experts]
-    flat = [t for ts in texts for t in ts]
-    vecs = encoder(flat) if flat else None
-    out, i = [], 0
-    for ts in texts:
-        out.append(vecs[i : i + len(ts)])
-        i += len(ts)
-    return out
+def _chunks(texts: Sequence[Sequence[str]], batch: int = 2048) -> Iterator[tuple[int, int]]:
+    """Ranges [i, j) of experts whose texts add up to about `batch` (one encoder call each)."""
+    i = 0
+    while i < len(texts):
+        j, n = i, 0
+        while j < len(texts) and (n == 0 or n + len(texts[j]) <= batch):
+            n += len(texts[j])
+            j += 1
+        yield i, j
+        i = j
+
+
+def _embed(encoder: Encoder, texts: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, D) embeddings of the experts' texts, flattened, and the (n,) index of the expert each belongs to."""
+    import torch
+
+    owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(ts) for ts in texts]))
+    return encoder([t for ts in texts for t in ts]), owner
+
+
+def _per_expert_sum(vecs: torch.Tensor, owner: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(n, D) rows, (n,) owners -> (E, D) sums per expert."""
+    import torch
+
+    return torch.zeros(n_experts, vecs.shape[1]).index_add_(0, owner, vecs)
+
+
+def _prototypes(encoder: Encoder, texts: Sequence[Sequence[str]], center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(center (D,), rows (E, D)) of `gate.prototype_gate` over the experts' embedded texts, computed a few
+    thousand texts at a time with batched ops. Without `center`, it is the mean of the experts' mean
+    embeddings (what did not fit in memory is embedded again for the rows); with it, only these experts
+    are embedded and their rows are imprinted against it."""
+    import torch
+    import torch.nn.functional as F
+
+    chunks = list(_chunks(texts))
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if center is None:
+        means, budget = [], KEEP_FLOATS
+        for c, (i, j) in enumerate(chunks):
+            vecs, owner = _embed(encoder, texts[i:j])
+            means.append(_per_expert_sum(vecs, owner, j - i) / torch.bincount(owner, minlength=j - i)[:, None])  # (E_c, D)
+            if vecs.numel() <= budget:
+                kept[c], budget = (vecs, owner), budget - vecs.numel()
+        means = torch.cat(means)
+        center = means.mean(0) if len(means) >= 2 else torch.zeros(means.shape[1])  # = gate._center
+    rows = []
+    for c, (i, j) in enumerate(chunks):
+        vecs, owner = kept.pop(c) if c in kept else _embed(encoder, texts[i:j])
+        # = gate.prototype per expert: the normalised mean of its unit features normalize(x - center)
+        rows.append(F.normalize(_per_expert_sum(forward_features(vecs, center), owner, j - i), dim=-1))
+    return center, torch.cat(rows) if rows else torch.zeros(0, center.shape[0])
 
 
 def _cache_path(catalog: Catalog) -> Path:
+    """Beside the catalog, or in the user's data folder for the packaged demo (never written to)."""
+    if is_packaged(catalog.path):
+        key = hashlib.sha256(os.path.realpath(catalog.path).encode()).hexdigest()[:32]
+        return user_data_dir() / "cache" / "prototypes" / f"{key}.safetensors"
     return catalog.root / f".{catalog.path.stem}.prototypes.safetensors"
 
 
 def _cache_key(catalog: Catalog, encoder: str) -> str:
-    ident = {
-        "v": FORMAT_VERSION,
-        "catalog": catalog.hash(),
-        "encoder": encoder,
-        "texts": [[e.name, expert_texts(e)] for e in catalog.experts],
-    }
+    """What every cached row depends on: the cache format, the encoder and the base (whose text encoder "base" is)."""
+    ident = {"v": f"{FORMAT_VERSION}.rows", "texts": TEXTS_VERSION, "encoder": encoder, "base": catalog.base_identity() if encoder == "base" else None}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
+def _cached_rows(path: Path, key: str) -> tuple[Gate, list[str], int] | None:
+    """(gate, each row's texts digest, experts its center came from) of a prototype cache made with `key`."""
+    if not path.is_file():
+        return None
+    with contextlib.suppress(RouterError):
+        cached = read_checkpoint(path)
+        if cached.key == key and all("texts" in x for x in cached.experts):
+            return cached.gate, [str(x["texts"]) for x in cached.experts], int(cached.training.get("center_experts", 0))
+    return None
+
+
 def prototype_router(catalog: Catalog, encoder: Encoder) -> Router:
-    """Prototype routing, cached beside the catalog (keyed by catalog hash, encoder and expert texts)."""
+    """Prototype routing, cached beside the catalog and kept up to date incrementally: an expert whose
+    texts (`labels.expert_texts`) are unchanged keeps its row, a new or changed one is embedded alone and
+    imprinted against the cached center (as `routing.sync` adds a row to a trained router). The center is
+    recomputed from every expert, with every row, once the catalog has doubled since it was."""
+    import torch
+
     key, path = _cache_key(catalog, encoder.id), _cache_path(catalog)
-    gate = None
-    if path.is_file():
-        with contextlib.suppress(RouterError):
-            cached = read_checkpoint(path)
-            if cached.key == key:
-                gate = cached.gate
-    if gate is None:
-        gate = prototype_gate(_embed_experts(encoder, catalog.experts))
-        try:
-            save_checkpoint(for_catalog(gate, catalog, encoder.id, kind="prototypes", key=key), path)
-        except OSError as exc:  # a read-only catalog folder still routes, just without the cache
-            log.debug("prototype cache not written: %s", exc)
+    digests = [texts_key(e) for e in catalog.experts]
+    cached = _cached_rows(path, key)
+    if cached is not None and len(digests) <= 2 * max(cached[2], 1):
+        old, old_digests, center_n = cached
+        if old_digests == digests:
+            gate = old  # the warm path: nothing to embed, nothing to write
+        else:
+            at = {d: i for i, d in enumerate(old_digests)}
+            todo = [i for i, d in enumerate(digests) if d not in at]
+            _, new = _prototypes(encoder, [expert_texts(catalog.experts[i]) for i in todo], old.mean)
+            fresh = dict(zip(todo, new))
+            weight = torch.stack([fresh[i] if i in fresh else old.weight[at[d]] for i, d in enumerate(digests)])
+            gate = Gate(mean=old.mean, weight=weight, bias=torch.zeros(len(digests)), scale=PROTOTYPE_SCALE)
+            _save_prototypes(gate, catalog, encoder.id, key, digests, center_n, path)
+    else:
+        center, weight = _prototypes(encoder, [expert_texts(e) for e in catalog.experts])
+        gate = Gate(mean=center, weight=weight, bias=torch.zeros(len(digests)), scale=PROTOTYPE_SCALE)
+        _save_prototypes(gate, catalog, encoder.id, key, digests, len(digests), path)
     return Router(catalog.names, gate, encoder, kind="prototypes", triggers=_triggers(catalog))
+
+
+def _save_prototypes(gate: Gate, catalog: Catalog, encoder: str, key: str, digests: list[str], center_n: int, path: Path) -> None:
+    """Write the prototype cache (a router checkpoint of kind "prototypes"); best effort."""
+    ckpt = for_catalog(gate, catalog, encoder, kind="prototypes", key=key, training={"center_experts": center_n})
+    for row, digest in zip(ckpt.experts, digests):
+        row["texts"] = digest
+    try:
+        save_checkpoint(ckpt, path)
+    except OSError as exc:  # a read-only catalog folder still routes, just without the cache
+        log.debug("prototype cache not written: %s", exc)
 
 
 def load_router(

@@ -1,5 +1,5 @@
-"""No forgetting: add or drop one row of a trained router when an expert joins or leaves the catalog,
-without retraining. A new row is imprinted (its expert's normalised mean feature, see `gate.py`); the
+"""No forgetting: add a row to a trained router for each expert that joins the catalog (a whole library
+import in one checkpoint write) or drop the row of one that leaves, without retraining. A new row is imprinted (its expert's normalised mean feature, see `gate.py`); the
 other rows are untouched, so old decisions change only where the new expert wins."""
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ if TYPE_CHECKING:
 Change = Literal["added", "removed"]
 
 
-def _problem_before(ckpt: Checkpoint, cat: Catalog, name: str, change: Change) -> str | None:
-    """Why `ckpt` did not fit `cat` as it was before `name` was added or removed (None when it fitted)."""
+def _problem_before(ckpt: Checkpoint, cat: Catalog, names: list[str], change: Change) -> str | None:
+    """Why `ckpt` did not fit `cat` as it was before `names` were added (or the one was removed); None when it fitted."""
     if change == "added":
-        before = [x for x in identities(cat) if x["name"] != name]
+        new = set(names)
+        before = [x for x in identities(cat) if x["name"] not in new]
         was = dataclasses.replace(ckpt, catalog_hash="")  # compare item by item for the message
-        then = Catalog(path=cat.path, base=cat.base, experts=[e for e in cat.experts if e.name != name])
+        then = Catalog(path=cat.path, base=cat.base, experts=[e for e in cat.experts if e.name not in new])
     else:
+        name = names[0]
         at = ckpt.names.index(name)
         before = identities(cat)
         before.insert(at, recorded(ckpt.experts[at]))
@@ -36,68 +38,78 @@ def _problem_before(ckpt: Checkpoint, cat: Catalog, name: str, change: Change) -
     return None if fits(ckpt, cat, before) else stale_reason(was, then)
 
 
-def _edit_rows(catalog: Catalog, name: str, change: Change, edit: Callable[[Catalog, Checkpoint], None]) -> Path | None:
+def _edit_rows(catalog: Catalog, names: list[str], change: Change, edit: Callable[[Catalog, Checkpoint, list[str]], None]) -> Path | None:
     """Under the checkpoint's lock: re-read catalog and checkpoint, check the checkpoint was current
-    before `name` was `change`d, let `edit` change the gate's rows, restamp and save. Returns the
-    checkpoint path (None when the catalog has no router)."""
+    before `names` were `change`d, let `edit` change the gate's rows for those not done yet, restamp and
+    save. Returns the checkpoint path (None when the catalog has no router)."""
     path = catalog.router_path()
     if path is None:
         return None
     with file_lock(path, what="router checkpoint", error=RouterError):
         cat = load_catalog(catalog.path)
         ckpt = read_checkpoint(path)
-        if (name in ckpt.names) == (change == "added"):
+        rows = set(ckpt.names)
+        todo = [n for n in names if (n in rows) != (change == "added")]
+        if not todo:
             return path  # already done
-        problem = _problem_before(ckpt, cat, name, change)
+        problem = _problem_before(ckpt, cat, todo, change)
         if problem is not None:
+            shown = ", ".join(map(repr, todo[:3])) + (f" and {len(todo) - 3} more" if len(todo) > 3 else "")
             raise StaleRouter(
-                f"router checkpoint {cat.router} was already out of date before {name!r} was {change}: {problem}",
+                f"router checkpoint {cat.router} was already out of date before {shown} {'was' if len(todo) == 1 else 'were'} {change}: {problem}",
                 "run 'mixdiff router train'",
             )
-        edit(cat, ckpt)
+        edit(cat, ckpt, todo)
         restamp(ckpt, cat)
         return save_checkpoint(ckpt, path)
 
 
-def _insert(t: torch.Tensor, at: int, row: torch.Tensor) -> torch.Tensor:
-    """(E, ...) -> (E + 1, ...) with `row` at index `at`."""
+def _in_catalog_order(t: torch.Tensor, new: torch.Tensor, old_names: list[str], new_names: list[str], order: list[str]) -> torch.Tensor:
+    """(E_old, ...) rows of `old_names` and (E_new, ...) rows of `new_names` -> (E, ...) rows in `order`."""
     import torch
 
-    return torch.cat([t[:at], row[None], t[at:]])
+    at = {n: i for i, n in enumerate([*old_names, *new_names])}
+    return torch.cat([t, new]).index_select(0, torch.tensor([at[n] for n in order], dtype=torch.long))
 
 
-def extend_router(catalog: Catalog, expert_name: str, *, pipe: Any = None) -> Path | None:
-    """Add `expert_name` (already in `catalog`) to its trained router as one row, without retraining.
+def extend_router(catalog: Catalog, expert_name: str | list[str], *, pipe: Any = None) -> Path | None:
+    """Add `expert_name` (or several names, already in `catalog`) to its trained router, one row each,
+    without retraining.
 
     Row = the normalised mean feature of the expert's prompts (imprinting); bias chosen so that the row
     scores its own prompts as highly as the trained rows score theirs on average (`Gate.own_cos`; the
     mean bias for checkpoints without it). Returns the checkpoint path (None when the catalog has no router)."""
 
-    def add_row(cat: Catalog, ckpt: Checkpoint) -> None:
+    def add_rows(cat: Catalog, ckpt: Checkpoint, names: list[str]) -> None:
         import torch
 
-        gate = ckpt.gate
-        feats = gate.features(get_encoder(cat, ckpt.encoder, pipe=pipe)(expert_texts(cat.expert(expert_name))))  # (n, D)
-        row = torch.nn.functional.normalize(feats.mean(0), dim=-1)  # (D,)
-        own = (feats @ row).mean()
+        gate, by_name = ckpt.gate, {e.name: e for e in cat.experts}
+        texts = [expert_texts(by_name[n]) for n in names]
+        feats = gate.features(get_encoder(cat, ckpt.encoder, pipe=pipe)([t for ts in texts for t in ts]))  # (sum n_i, D)
+        rows, own = [], []
+        for part in feats.split([len(ts) for ts in texts]):  # (n_i, D) per new expert
+            rows.append(torch.nn.functional.normalize(part.mean(0), dim=-1))  # (D,)
+            own.append((part @ rows[-1]).mean())
+        rows, own = torch.stack(rows), torch.stack(own)  # (M, D), (M,)
         if gate.own_cos is not None and len(gate.bias):
-            # calibrate: the new row scores its own prompts as the trained rows score theirs, on average
+            # calibrate: each new row scores its own prompts as the trained rows score theirs, on average
             bias = (gate.scale * gate.own_cos + gate.bias).mean() - gate.scale * own
         else:
-            bias = gate.bias.mean() if len(gate.bias) else torch.tensor(0.0)
-        at = cat.names.index(expert_name)
-        gate.weight, gate.bias = _insert(gate.weight, at, row), _insert(gate.bias, at, bias)
+            bias = (gate.bias.mean() if len(gate.bias) else torch.tensor(0.0)).expand(len(names))
+        old = ckpt.names
+        gate.weight = _in_catalog_order(gate.weight, rows, old, names, cat.names)
+        gate.bias = _in_catalog_order(gate.bias, bias, old, names, cat.names)
         if gate.own_cos is not None:
-            gate.own_cos = _insert(gate.own_cos, at, own)
+            gate.own_cos = _in_catalog_order(gate.own_cos, own, old, names, cat.names)
 
-    return _edit_rows(catalog, expert_name, "added", add_row)
+    return _edit_rows(catalog, [expert_name] if isinstance(expert_name, str) else list(expert_name), "added", add_rows)
 
 
 def drop_router_row(catalog: Catalog, expert_name: str) -> Path | None:
     """Remove `expert_name` (already gone from `catalog`) from its trained router: drop its row.
     Returns the checkpoint path (None when the catalog has no router)."""
 
-    def drop_row(cat: Catalog, ckpt: Checkpoint) -> None:
+    def drop_row(cat: Catalog, ckpt: Checkpoint, _names: list[str]) -> None:
         import torch
 
         at = ckpt.names.index(expert_name)
@@ -107,4 +119,4 @@ def drop_router_row(catalog: Catalog, expert_name: str) -> Path | None:
         if gate.own_cos is not None:
             gate.own_cos = gate.own_cos.index_select(0, keep)
 
-    return _edit_rows(catalog, expert_name, "removed", drop_row)
+    return _edit_rows(catalog, [expert_name], "removed", drop_row)

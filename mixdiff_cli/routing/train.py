@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ from mixdiff_cli.routing.labels import check_labels, expert_texts, read_labeled
 if TYPE_CHECKING:
     import torch
 
+CONFUSION_MAX = 30  # experts up to which results carry the whole confusion matrix (else the most-confused pairs)
+
 
 @dataclass
 class TrainConfig:
@@ -32,6 +35,7 @@ class TrainConfig:
     batch_size: int = 512
     top_k: int = 2  # also report top-k accuracy
     encoder: str = "base"
+    max_steps: int = 1000  # fewer epochs when they would take more optimizer steps (thousands of experts)
 
 
 @dataclass
@@ -44,12 +48,14 @@ class TrainResult:
     topk: float | None
     k: int
     train_top1: float
-    confusion: list[list[int]]  # held-out counts: rows = true expert, columns = routed expert
+    confusion: list[list[int]]  # held-out counts: rows = true expert, columns = routed expert ([] above CONFUSION_MAX experts)
     loss: float
     config: TrainConfig
+    confused: list[tuple[str, str, int]] = field(default_factory=list)  # held-out (true, routed, count), most first
+    epochs: int = 0  # epochs run (config.epochs, or fewer under config.max_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "checkpoint": str(self.checkpoint),
             "experts": self.names,
             "n_train": self.n_train,
@@ -57,18 +63,24 @@ class TrainResult:
             "top1": self.top1,
             f"top{self.k}": self.topk,
             "train_top1": self.train_top1,
-            "confusion": {t: dict(zip(self.names, row)) for t, row in zip(self.names, self.confusion)},
+            "confused": [{"expert": t, "routed": r, "n": n} for t, r, n in self.confused[:50]],
             "loss": self.loss,
+            "epochs": self.epochs,
             "config": asdict(self.config),
         }
+        if self.confusion:
+            out["confusion"] = {t: dict(zip(self.names, row)) for t, row in zip(self.names, self.confusion)}
+        return out
 
 
 def _split(examples: list[tuple[str, int]], n_experts: int, val_split: float, seed: int):
     """Stratified: each expert with >= 2 prompts gives round(val_split * n) (at least 1) to the held-out set."""
     rng = random.Random(seed)
     train, val = [], []
-    for e in range(n_experts):
-        mine = [x for x in examples if x[1] == e]
+    by_expert: list[list[tuple[str, int]]] = [[] for _ in range(n_experts)]
+    for x in examples:
+        by_expert[x[1]].append(x)
+    for mine in by_expert:
         rng.shuffle(mine)
         n_val = 0 if len(mine) < 2 or val_split <= 0 else min(len(mine) - 1, max(1, round(val_split * len(mine))))
         val += mine[:n_val]
@@ -84,7 +96,8 @@ def fit_gate(
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(config.seed)
-    gate = prototype_gate([x[y == e] for e in range(n_experts)])
+    counts = torch.bincount(y, minlength=n_experts)  # (E,)
+    gate = prototype_gate(list(x[torch.argsort(y, stable=True)].split(counts.tolist())))  # each expert's (n_e, D), in order
     d, h = x.shape[1], config.hidden
     params: dict[str, torch.Tensor] = {
         "weight": gate.weight.clone(),
@@ -101,7 +114,7 @@ def fit_gate(
     mlp = lambda: (params.get("w1"), params.get("b1"), params.get("w2"))  # noqa: E731
     n = len(x)
     loss_value = float("nan")
-    for epoch in range(config.epochs):
+    for epoch in range(epochs_run(config, n)):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
@@ -124,23 +137,40 @@ def fit_gate(
             mean=gate.mean, weight=params["weight"].detach().clone(), bias=params["bias"].detach().clone(),
             scale=float(params["log_scale"].exp()), w1=w1, b1=b1, w2=w2,
         )
-        cos = trained.features(x) @ row_matrix(trained.weight, 1.0)  # (N, E)
-        trained.own_cos = torch.stack([cos[y == e, e].mean() for e in range(n_experts)])
+        own = (trained.features(x) * F.normalize(trained.weight, dim=-1)[y]).sum(-1)  # (N,) cosine with its own row
+        trained.own_cos = torch.zeros(n_experts).index_add_(0, y, own) / counts.clamp_min(1)
     return trained, loss_value
+
+
+def epochs_run(config: TrainConfig, n: int) -> int:
+    """`config.epochs`, or fewer so that training takes at most `config.max_steps` optimizer steps."""
+    batches = max(1, math.ceil(n / config.batch_size))
+    return max(1, min(config.epochs, config.max_steps // batches))
+
+
+def _confusion(y: list[int], pred: list[int], names: list[str]) -> tuple[list[list[int]], list[tuple[str, str, int]]]:
+    """(the held-out confusion matrix, [] above CONFUSION_MAX experts; the (true, routed, count) errors, most first)."""
+    pairs = Counter(zip(y, pred))
+    confused = sorted(((names[t], names[p], c) for (t, p), c in pairs.items() if t != p), key=lambda x: (-x[2], x[0], x[1]))
+    if len(names) > CONFUSION_MAX:
+        return [], confused
+    matrix = [[0] * len(names) for _ in names]
+    for (t, p), c in pairs.items():
+        matrix[t][p] = c
+    return matrix, confused
 
 
 def _accuracy(gate: Gate, x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, float, torch.Tensor]:
     """(top-1 accuracy, top-k accuracy, (N,) top-1 predictions) of `gate` on vectors `x`, labels `y`."""
     import torch
 
-    with torch.no_grad():
-        logits = gate.logits(x)
-    top = logits.topk(k, dim=-1).indices
+    with torch.no_grad():  # (N, E) logits a few thousand rows at a time
+        top = torch.cat([gate.logits(part).topk(k, dim=-1).indices for part in x.split(4096)])  # (N, k)
     return float((top[:, 0] == y).float().mean()), float((top == y[:, None]).any(-1).float().mean()), top[:, 0]
 
 
 def _check_config(config: TrainConfig) -> None:
-    if config.hidden < 0 or config.epochs < 1 or not config.lr > 0 or not 0 <= config.val_split < 1 or config.balance < 0:
+    if config.hidden < 0 or config.epochs < 1 or config.max_steps < 1 or not config.lr > 0 or not 0 <= config.val_split < 1 or config.balance < 0:
         raise RouteOptionError("bad training options", "use --hidden >= 0, --epochs >= 1, --lr > 0, 0 <= --val-split < 1")
     check_encoder(config.encoder)
 
@@ -169,7 +199,9 @@ def train_router(
     k = max(1, min(config.top_k, len(cat.experts)))
     enc = encoder or get_encoder(cat, config.encoder)
     names = cat.names
-    pairs = [(t, e.name) for e in cat.experts for t in expert_texts(e)]
+    # example prompts (the experts' own and the labelled file's) are split into training and held-out sets;
+    # the texts an expert ships with (trigger words, tags, title, description, file name) always train
+    pairs = [(t, e.name) for e in cat.experts for t in e.prompts if t.strip()]
     if prompts_file is not None:
         labeled = read_labeled(prompts_file)
         check_labels(labeled, names, cat.path)
@@ -177,6 +209,8 @@ def train_router(
     pairs = list(dict.fromkeys(pairs))  # drop exact duplicates, keep order
     index = {n: i for i, n in enumerate(names)}
     train, val = _split([(t, index[n]) for t, n in pairs], len(names), config.val_split, config.seed)
+    known = set(pairs)
+    train += [(t, index[e.name]) for e in cat.experts for t in expert_texts(e) if (t, e.name) not in known]
 
     texts = [t for t, _ in train + val]
     vecs = enc(texts)
@@ -186,16 +220,15 @@ def train_router(
     gate, loss = fit_gate(x_train, y_train, len(names), config, progress)
 
     train_top1 = round(_accuracy(gate, x_train, y_train, k)[0], 4)
-    confusion = [[0] * len(names) for _ in names]
+    confusion, confused = _confusion([], [], names)
     top1 = topk = None
     if len(val):
         top1, topk, pred = _accuracy(gate, x_val, y_val, k)
         top1, topk = round(top1, 4), round(topk, 4)
-        for t, p in zip(y_val.tolist(), pred.tolist()):
-            confusion[t][p] += 1
+        confusion, confused = _confusion(y_val.tolist(), pred.tolist(), names)
 
     out_path = Path(output) if output else cat.root / ROUTER_FILE
-    training = {"epochs": config.epochs, "lr": config.lr, "seed": config.seed, "val_split": config.val_split,
+    training = {"epochs": epochs_run(config, len(train)), "lr": config.lr, "seed": config.seed, "val_split": config.val_split,
                 "balance": config.balance, "n_train": len(train), "n_val": len(val), "top1": top1, f"top{k}": topk}
     ckpt = for_catalog(gate, cat, enc.id, training=training)
     with edit_catalog(cat.path) as live:
@@ -205,5 +238,5 @@ def train_router(
         live.router = live.relative_source(out_path)
     return TrainResult(
         checkpoint=out_path, names=names, n_train=len(train), n_val=len(val), top1=top1, topk=topk, k=k,
-        train_top1=train_top1, confusion=confusion, loss=loss, config=config,
+        train_top1=train_top1, confusion=confusion, loss=loss, config=config, confused=confused, epochs=epochs_run(config, len(train)),
     )

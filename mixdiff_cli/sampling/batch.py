@@ -30,9 +30,10 @@ from mixdiff_cli.catalog.schema import Catalog, load_catalog
 from mixdiff_cli.core.errors import ExpertNotFound, MixdiffError, UsageError
 from mixdiff_cli.catalog.formats import sha256_file as file_sha256
 from mixdiff_cli.sampling.invariant import batch_invariant, invariant_models
-from mixdiff_cli.routing.route import check_known, explicit_route, parse_members
+from mixdiff_cli.routing.route import catalog_bands, check_known, explicit_route, parse_members, spread_bands
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions
 from mixdiff_cli.sampling.prompts import PromptFileError, PromptItem, parse_prompts
+from mixdiff_cli.sampling.regions import check_regions, parse_regions
 
 if TYPE_CHECKING:
     from mixdiff_cli.sampling.engine import Engine, Request
@@ -98,7 +99,8 @@ class _Work:
 
     @property
     def key(self) -> tuple:
-        return self.route.key
+        """The route; an item with regions runs alone ('~' is outside the expert-name grammar)."""
+        return self.route.key + ((("~regions", str(self.item.index)),) if self.item.regions else ())
 
 
 # --- manifest -------------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def _matches(record: dict[str, Any], w: _Work, blend: str | None) -> bool:
 def _params(w: _Work, blend: str | None) -> dict[str, Any]:
     r = w.request
     return {
-        "prompt": r.prompt, "negative": r.negative, "seed": r.seed, "steps": r.steps, "scheduler": r.scheduler, "route": [[n, float(wt)] for n, wt in w.route.chosen], "blend": blend,
+        "prompt": r.prompt, "negative": r.negative, "seed": r.seed, "steps": r.steps, "scheduler": r.scheduler, "route": [m.to_json() for m in w.route.members], "blend": blend,
     }
 
 
@@ -328,7 +330,7 @@ def run_batch(
             device = opts.device
             if device is None and state is not None:  # this process's accelerator (cuda:LOCAL_RANK) or the CPU
                 device = "cpu" if state.device.type == "cpu" else str(state.device)
-            engine = Engine(cat, device=device, dtype=opts.dtype, max_loaded=opts.max_loaded)
+            engine = Engine(cat, device=device, dtype=opts.dtype, max_loaded=opts.max_loaded, max_memory=opts.max_memory)
         work = _plan(items, opts, seed, engine, router)
     except BaseException:
         if created:
@@ -356,7 +358,7 @@ def run_batch(
     part = MANIFEST if state is None else f"manifest.part{rank}.jsonl"
     if exact is None:
         exact = engine.device.type == "cpu" and not getattr(engine, "compile", False)
-    _execute(engine, mine, out_dir / part, result, _Run(opts.batch_size, blend, seed, rank, keep_going, exact, handle_signals, parsed.path, on_image))
+    _execute(engine, mine, out_dir / part, result, _Run(opts.batch_size, blend, seed, rank, keep_going, exact, handle_signals, parsed.path, on_image, opts))
     result.seconds = time.perf_counter() - started
     if result.interrupted is not None:
         return result  # any per-process parts stay; the next --resume merges them
@@ -377,7 +379,8 @@ def _valid_items(cat: Catalog, parsed: Any) -> tuple[list[PromptItem], list[Prom
     for item in parsed.items:
         try:
             check_known(parse_members(item.experts), cat.names)
-        except ExpertNotFound as exc:
+            check_regions(parse_regions(item.regions), cat.names)
+        except (ExpertNotFound, UsageError) as exc:
             errors.append(PromptFileError(f"{parsed.path}:{item.line}: {exc.message}", f"{exc.hint}; or pass --keep-going to skip it", line=item.line))
         else:
             items.append(item)
@@ -406,7 +409,7 @@ def _plan(items: list[PromptItem], opts: GenerationOptions, seed: int, engine: E
 
     cat = engine.catalog
     routes: dict[int, Any] = {}
-    need_router = [it for it in items if not (it.experts or opts.experts)]
+    need_router = [it for it in items if not (it.experts or opts.experts or it.regions)]  # a canvas routes its own prompts
     if need_router and cat.experts:
         if router is None:
             from mixdiff_cli.routing.router import load_router
@@ -415,6 +418,8 @@ def _plan(items: list[PromptItem], opts: GenerationOptions, seed: int, engine: E
         vecs = router.embed([it.prompt for it in need_router])
         for it, vec in zip(need_router, vecs):
             route = router.decide(vec, it.prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold)
+            if opts.bands == "auto":
+                route = spread_bands(route, catalog_bands(cat))
             routes[it.index] = (route, RouteInfo(source="router", decision=route.to_dict()))
     work = []
     for it in items:
@@ -453,6 +458,7 @@ class _Run:
     handle_signals: bool
     source: Path
     on_image: Callable[[dict[str, Any], int, int], None] | None
+    options: GenerationOptions | None = None  # routing options for the prompts of a canvas
 
 
 def _execute(engine: Engine, groups: list[list[_Work]], manifest_path: Path, result: BatchResult, run: _Run) -> None:
@@ -466,7 +472,10 @@ def _execute(engine: Engine, groups: list[list[_Work]], manifest_path: Path, res
                         break
                     chunk = group[start : start + run.batch_size]
                     try:
-                        images, seconds = _sample(engine, chunk, run.blend, stop, run.exact)
+                        if chunk[0].item.regions:
+                            images, seconds = _sample_canvas(engine, chunk[0], run.options, stop, run.exact)
+                        else:
+                            images, seconds = _sample(engine, chunk, run.blend, stop, run.exact)
                     except _Interrupted:
                         break
                     except MixdiffError as exc:
@@ -511,6 +520,23 @@ def _sample(engine: Engine, chunk: list[_Work], blend: str | None, stop: _Stop, 
         images = engine.generate(
             [w.request for w in chunk], chunk[0].route, blend, route_info=chunk[0].info, progress=progress
         )
+    return images, time.perf_counter() - t0
+
+
+def _sample_canvas(engine: Engine, w: _Work, opts: GenerationOptions | None, stop: _Stop, invariant: bool) -> tuple[list[Any], float]:
+    """The image of an item with `regions:` (its prompt, if any, the background), at the default canvas settings."""
+    from mixdiff_cli.sampling.canvas import canvas_request, prepare_canvas, sample_canvas
+    from mixdiff_cli.sampling.regions import CanvasOptions
+
+    def progress(step: int) -> None:
+        if stop.signum is not None:
+            raise _Interrupted
+
+    t0 = time.perf_counter()
+    opts = (opts or GenerationOptions()).updated(experts=parse_members(w.item.experts) or (opts.experts if opts else ()))
+    run = prepare_canvas(engine, w.item.prompt or None, parse_regions(w.item.regions), canvas_request(engine, w.request), opts, CanvasOptions())
+    with batch_invariant(*invariant_models(engine)) if invariant else contextlib.nullcontext():
+        images = sample_canvas(run, [w.request.seed], progress)
     return images, time.perf_counter() - t0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from mixdiff_cli.catalog import sources
 from mixdiff_cli.catalog.schema import Catalog, Expert, load_catalog
-from mixdiff_cli.core.errors import MixdiffError, UsageError
+from mixdiff_cli.core.errors import MixdiffError, MixdiffWarning, UsageError
 from mixdiff_cli.core.runtime import pick_device, pick_dtype, versions
-from mixdiff_cli.routing.route import check_known, parse_members, renormalise
+from mixdiff_cli.routing.route import Band, band_steps, check_known, format_band, parse_members, renormalise
 from mixdiff_cli.sampling.options import BLEND_MODES, MAX_SEED, SCHEDULERS, BlendMode, SchedulerName, check_image
 from mixdiff_cli.catalog.formats import sha256_file as file_sha256
 
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
     from mixdiff_cli.models.text import Encoded
     from mixdiff_cli.sampling.mixture import Blend
 
+
+
+# Fusing a LoRA on CPU pays when its layers average at most this many base-weight elements (Engine._fuse_pays).
+_CPU_FUSE_MAX_PER_LAYER = 400_000
 
 
 class EngineError(MixdiffError):
@@ -65,10 +70,22 @@ class Active:
 
     expert: Expert
     weight: float
+    band: Band | None = None  # the part of the run it covers (its own, else the catalog's); None: all
 
     @property
     def name(self) -> str:
         return self.expert.name
+
+
+@dataclass
+class _Stage:
+    """The members that run over a span of steps (one band layout), with their text conditioning."""
+
+    members: list[Active]  # weights renormalised among themselves
+    mode: BlendMode
+    encoded: Encoded  # the text conditioning the pipeline gets while this stage runs
+    per_member: list[Encoded | None] | None  # member conditioning overrides (text-encoder LoRAs)
+    adapted: bool = False  # encoded through a text-encoder LoRA
 
 
 @dataclass
@@ -108,7 +125,8 @@ def make_scheduler(name: str, config: Any) -> Any:
 
 
 class Engine:
-    """Loads the base once; loads experts on demand into an LRU of at most `max_loaded`."""
+    """Loads the base once; loads experts on demand into an LRU of at most `max_loaded` experts and
+    `max_memory` bytes (None: no byte limit)."""
 
     def __init__(
         self,
@@ -118,17 +136,22 @@ class Engine:
         max_loaded: int = 4,
         compile: bool = False,
         memory_fraction: float = 0.9,
+        max_memory: int | None = None,
     ):
         from mixdiff_cli.models.pipeline import load_base
         from mixdiff_cli.sampling.mixture import MixtureUNet
 
         if max_loaded < 1:
             raise UsageError("--max-loaded must be at least 1", "pass --max-loaded 1 or more")
+        if max_memory is not None and max_memory <= 0:
+            raise UsageError(f"--max-memory must be more than 0 bytes, got {max_memory}", "e.g. --max-memory 6GB")
         self.catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_loaded = max_loaded
+        self.max_memory = max_memory  # bytes of loaded experts (adapters and model UNets where they run)
         self.memory_fraction = memory_fraction
+        self.fuse: Literal["auto", "always", "never"] = "auto"  # fuse single-LoRA and merge routes (see _fuse_pays)
         self.compile = compile
         self.pipe = load_base(self.catalog, self.device, self.dtype)
         self.unet = self.pipe.unet  # the base UNet; adapters live in it
@@ -162,12 +185,18 @@ class Engine:
         return list(self._loaded)
 
     def _members(self, route: Any) -> list[Active]:
-        """A Route, Members, (name, weight) pairs or names -> the experts with weights summing to 1."""
-        chosen = route.chosen if hasattr(route, "chosen") else route
-        members = parse_members(chosen or ())
-        check_known(members, self.catalog.names)
-        pairs = renormalise([(m.expert, m.weight) for m in members]) if members else []
-        return [Active(self.catalog.expert(n), w) for n, w in pairs]
+        """A Route, Members, (name, weight) pairs or names -> the experts with weights summing to 1, each
+        with its band (the member's, else the catalog's default band)."""
+        given = route.members if hasattr(route, "members") else parse_members(route or ())
+        check_known(given, self.catalog.names)
+        bands = {m.expert: m.band for m in given}
+        pairs = renormalise([(m.expert, m.weight) for m in given]) if given else []
+        out = []
+        for name, weight in pairs:
+            expert = self.catalog.expert(name)
+            default = tuple(expert.band) if expert.band and tuple(expert.band) != (0.0, 1.0) else None
+            out.append(Active(expert, weight, bands.get(name) or default))  # type: ignore[arg-type]
+        return out
 
     def ensure_loaded(self, names: Sequence[str]) -> None:
         """Load the experts `names` (others stay as they are), evicting least recently used ones."""
@@ -175,25 +204,64 @@ class Engine:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 continue
-            self._make_room(keep=set(names))
+            self._make_room(keep=set(names), incoming=self._size_hint(self.catalog.expert(name)))
             self._plan_key = None
-            self._loaded[name] = self._load(self.catalog.expert(name))
+            item = self._load(self.catalog.expert(name))
+            item.nbytes = self._resident(item)
+            self._loaded[name] = item
             self.loads.append(name)
+        self._make_room(keep=set(names), adding=0)  # real sizes known now (a hint may fall short)
 
-    def _over_budget(self) -> bool:
-        import torch
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the loaded experts take where they run (LoRA tensors in the base; model experts' UNets)."""
+        return sum(item.nbytes for item in self._loaded.values())
 
+    def _over_budget(self, incoming: int = 0) -> bool:
+        """Loading `incoming` more bytes would pass `max_memory`, or CUDA memory is past `memory_fraction`."""
+        if self.max_memory is not None and self.resident_bytes + incoming > self.max_memory:
+            return True
         if self.device.type != "cuda":
             return False
+        import torch
+
         free, total = torch.cuda.mem_get_info(self.device)
         return (total - free) > self.memory_fraction * total
 
-    def _make_room(self, keep: set[str]) -> None:
-        while self._loaded and (len(self._loaded) >= self.max_loaded or self._over_budget()):
+    def _make_room(self, keep: set[str], incoming: int = 0, adding: int = 1) -> None:
+        """Evict least recently used experts outside `keep` until `adding` more experts of `incoming` bytes
+        fit under `max_loaded`, `max_memory` and (CUDA) `memory_fraction`."""
+        while self._loaded and (len(self._loaded) + adding > self.max_loaded or self._over_budget(incoming)):
             victim = next((n for n in self._loaded if n not in keep), None)
             if victim is None:
-                return  # everything loaded is needed now: the cap bends to the route's k
+                return  # everything loaded is needed now: the caps bend to the route
             self.evict(victim)
+
+    def _size_hint(self, expert: Expert) -> int:
+        """Bytes `expert` will take once loaded, from its safetensors headers (a parked UNet: its own size);
+        0 when unknown (the real size is checked after the load)."""
+        import math
+
+        from mixdiff_cli.catalog.formats import read_header
+
+        if expert.name in self._parked:
+            return _module_nbytes(self._parked[expert.name])
+        try:
+            path = Path(sources.resolve(self.catalog, expert.source))
+            folder = path / "unet" if (path / "unet").is_dir() else path
+            headers = [read_header(f)[0] for f in (sorted(folder.glob("*.safetensors")) if path.is_dir() else [path])]
+        except (MixdiffError, OSError):
+            return 0
+        shapes = {k: t.get("shape") or [] for h in headers for k, t in h.items()}
+        unet = {k: v for k, v in shapes.items() if k.startswith("model.diffusion_model.")}  # a whole original checkpoint
+        return sum(math.prod(v) for v in (unet or shapes).values() if len(v) > 1) * self.dtype.itemsize  # kohya alphas are scalars
+
+    def _resident(self, item: _Loaded) -> int:
+        """The bytes `item` really takes: its LoRA tensors in the UNet and text encoders, or its UNet."""
+        if item.unet is not None:
+            return _module_nbytes(item.unet)
+        models = [m for m in (self.unet, getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None)) if m is not None]
+        return _adapter_nbytes(models, item.adapter) if item.adapter is not None else 0
 
     def evict(self, name: str) -> None:
         """Unload an expert (LoRA: delete_adapters; model: park in CPU memory or free)."""
@@ -212,8 +280,8 @@ class Engine:
                 self._parked[name] = item.unet.to("cpu")
                 while len(self._parked) > self.max_loaded:
                     self._parked.popitem(last=False)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand freed blocks back, so that memory_fraction sees them
         self.evictions.append(name)
 
     def _expert_path(self, expert: Expert) -> Path:
@@ -249,26 +317,35 @@ class Engine:
         return self._slots[-1], False
 
     def _load_lora(self, expert: Expert, path: Path) -> _Loaded:
+        from mixdiff_cli.catalog.formats import inspect_source, lora_for_diffusers
+
         adapter, hotswap = self._adapter_name(expert)
-        if expert.format == "peft" or (path.is_dir() and (path / "adapter_config.json").is_file()):
+        folder = path if path.is_dir() else path.parent
+        if (folder / "adapter_config.json").is_file() and (path.is_dir() or expert.format == "peft"):
             self._load_peft_folder(path, adapter, hotswap)
         else:
-            kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+            file = path
             if path.is_dir():
                 files = sorted(path.glob("*.safetensors"))
                 if len(files) != 1:
                     raise ExpertLoadError(f"expert {expert.name}: {path} holds {len(files)} .safetensors files", "point 'source:' at the LoRA file itself")
-                kwargs["weight_name"] = files[0].name
+                file = files[0]
             elif path.suffix != ".safetensors":
                 raise ExpertLoadError(f"expert {expert.name}: {path} is not a .safetensors file", "mixdiff never unpickles; convert it to safetensors")
-            self.pipe.load_lora_weights(str(path), adapter_name=adapter, hotswap=hotswap, **kwargs)
-        if adapter not in self.adapters:
-            raise ExpertLoadError(f"expert {expert.name}: no layer of the base UNet matched the LoRA in {path}", "it was made for another architecture; check 'arch:' in the catalog")
+            # the path where diffusers reads the layout as it is; else the state dict catalog.convert makes exact
+            try:
+                weights = lora_for_diffusers(inspect_source(file, checksum=False))
+            except MixdiffError as exc:  # a file changed or edited in since add-expert checked it
+                raise ExpertLoadError(f"expert {expert.name}: {exc.message}", "run 'mixdiff experts verify', then fix or re-add it") from exc
+            kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True} if isinstance(weights, str) else {}
+            self.pipe.load_lora_weights(weights, adapter_name=adapter, hotswap=hotswap, **kwargs)
         text_encoder = any(
             adapter in (getattr(te, "peft_config", None) or {})
             for te in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
             if te is not None
         )
+        if adapter not in self.adapters and not text_encoder:
+            raise ExpertLoadError(f"expert {expert.name}: no layer of the base model matched the LoRA in {path}", "it was made for another architecture; check 'arch:' in the catalog")
         if self.compile:
             self._pin_unit_scaling(adapter)
             if not self._compiled:
@@ -289,20 +366,34 @@ class Engine:
                 module.lora_alpha[adapter] = unit * (r**0.5 if module.use_rslora.get(adapter, False) else r)
 
     def _load_peft_folder(self, path: Path, adapter: str, hotswap: bool) -> None:
-        """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for the UNet."""
+        """A PEFT adapter for the UNet: its folder (adapter_config.json + adapter_model.safetensors) or that file."""
         from safetensors.torch import load_file
 
-        weights = path / "adapter_model.safetensors"
-        if not weights.is_file():
+        weights = path / "adapter_model.safetensors" if path.is_dir() else path
+        if not weights.is_file() or weights.suffix != ".safetensors":
             raise ExpertLoadError(f"{path} has no adapter_model.safetensors", "mixdiff never unpickles; save the adapter with safe_serialization=True")
-        config = json.loads((path / "adapter_config.json").read_text())
+        config = json.loads((weights.parent / "adapter_config.json").read_text())
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
         lora_keys = {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora",
                      "lora_bias", "init_lora_weights", "lora_dropout", "fan_in_fan_out", "bias"}
         metadata = {k: v for k, v in config.items() if k in lora_keys}
-        self.unet.load_lora_adapter(
-            state, prefix=None, adapter_name=adapter, metadata=metadata, _pipeline=self.pipe, hotswap=hotswap
-        )
+        if config.get("modules_to_save"):  # whole saved modules: exact full-rank deltas on the base UNet's layers
+            from mixdiff_cli.catalog.convert import with_saved_modules
+
+            def base_layer(name: str) -> Any:
+                module = self.unet.get_submodule(name)
+                return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+            state, metadata = with_saved_modules(state, metadata, base_layer)
+        with warnings.catch_warnings():  # PEFT warns of lora_bias on bias-less layers; drop_unused_lora_bias fixes them
+            warnings.filterwarnings("ignore", message=".*lora_bias=True.*")
+            self.unet.load_lora_adapter(
+                state, prefix=None, adapter_name=adapter, metadata=metadata, _pipeline=self.pipe, hotswap=hotswap
+            )
+        if metadata.get("lora_bias"):
+            from mixdiff_cli.catalog.convert import drop_unused_lora_bias
+
+            drop_unused_lora_bias(self.unet, adapter)
 
     def _load_model(self, expert: Expert, path: Path) -> _Loaded:
         from diffusers import UNet2DConditionModel
@@ -311,8 +402,11 @@ class Engine:
             unet = self._parked.pop(expert.name)
         elif path.is_dir():
             sub = "unet" if (path / "unet" / "config.json").is_file() else None
+            folder = path / sub if sub else path
+            # a folder holding only the fp16 variant (diffusion_pytorch_model.fp16.safetensors) loads as that variant
+            plain = any((folder / f"diffusion_pytorch_model.{ext}").is_file() for ext in ("safetensors", "safetensors.index.json"))
             unet = UNet2DConditionModel.from_pretrained(
-                path, subfolder=sub, dtype=self.dtype, use_safetensors=True, local_files_only=True
+                path, subfolder=sub, dtype=self.dtype, use_safetensors=True, local_files_only=True, variant=None if plain else "fp16"
             )
         else:
             unet = self._unet_from_file(path)
@@ -329,18 +423,19 @@ class Engine:
 
     def _unet_from_file(self, path: Path) -> Any:
         """A UNet from one .safetensors file: diffusers key names load directly, original SD names convert."""
+        import torch
         from diffusers import UNet2DConditionModel
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         if path.suffix != ".safetensors":
             raise ExpertLoadError(f"{path} is not a .safetensors file", "mixdiff never unpickles; convert it to safetensors")
         with safe_open(str(path), "pt") as fh:
             keys = set(fh.keys())
-        if keys <= set(self.unet.state_dict()):
-            unet = UNet2DConditionModel.from_config(self.unet.config)
-            unet.load_state_dict(load_file(str(path)), strict=True)
-            return unet
+            if keys <= set(self.unet.state_dict()):
+                with torch.device("meta"):  # no float32 UNet first: each tensor goes straight into the engine's dtype
+                    unet = UNet2DConditionModel.from_config(self.unet.config)
+                unet.load_state_dict({k: fh.get_tensor(k).to(self.dtype) for k in keys}, strict=True, assign=True)
+                return unet
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:  # from_single_file wants the config as a folder
@@ -423,7 +518,7 @@ class Engine:
                 adapter_weights=[m.weight / group * m.expert.default_weight for m in loras],
             )
             label = "single" if len(members) == 1 else "merge" if not models else "merge+noise"
-            fuse = [adapter[m.name] for m in loras] if len(loras) > 1 and not self.compile else []
+            fuse = [] if self.compile else [adapter[m.name] for m in loras]  # _fused decides whether it pays
             return [ACTIVE], [m.name for m in models], [group] + [m.weight for m in models], label, fuse
         # noise blend: each adapter at its own strength, one batched forward with per-sample adapters
         self.pipe.set_adapters([adapter[m.name] for m in loras], adapter_weights=[m.expert.default_weight for m in loras])
@@ -465,37 +560,45 @@ class Engine:
         prompts, negatives = [r.prompt for r in reqs], [r.negative for r in reqs]
         if encoded is not None and (encoded.negative_prompt_embeds is None or len(encoded) != len(reqs)):
             encoded = None  # routing-only encodings lack the negatives
-        # LoRAs that also adapt a text encoder: encode through them, as plain diffusers does. In a noise
-        # blend each member gets its own conditioning (Blend.conditioning).
-        per_member: list[Encoded | None] | None = None
-        loras = [m for m in members if m.expert.kind == "lora"]
-        models = [m for m in members if m.expert.kind == "model"]
-        if any(self._loaded[m.name].text_encoder for m in loras):
-            names = [self._loaded[m.name].adapter for m in loras]
-            if len(loras) > 1 and mode == "noise":
-                per_member = [
-                    self._adapted_encode(prompts, negatives, [n], [m.expert.default_weight]) for n, m in zip(names, loras)
-                ]
-            else:
-                group = sum(m.weight for m in loras)
-                weights = [m.weight / group * m.expert.default_weight for m in loras]
-                per_member = [self._adapted_encode(prompts, negatives, names, weights)]
-            if models:
-                per_member += [self.encode(prompts, negatives)] * len(models)
-            encoded = per_member[0]
-            if len(per_member) == 1:
-                per_member = None
-        elif encoded is None:
-            encoded = self.encode(prompts, negatives)
-        slices, model_names, weights, label, fuse = self.plan(members, mode)
+        bare: list[Encoded] = [encoded] if encoded is not None else []
 
-        results: list[Any] = [None] * len(reqs)
+        def base_encoding() -> Encoded:  # the bare text encoders' pass, once
+            if not bare:
+                bare.append(self.encode(prompts, negatives))
+            return bare[0]
+
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault((r.steps, r.width, r.height, r.scheduler, r.guidance), []).append(i)
+        layouts = {key[0]: _layout(members, key[0]) for key in groups}  # steps -> [(first step, members)]
+        stages: dict[tuple[str, ...], _Stage] = {}
+        for layout in layouts.values():
+            for _, active in layout:
+                key = tuple(m.name for m in active)
+                if key not in stages:
+                    stages[key] = self._stage(active, mode, prompts, negatives, base_encoding)
+        # several stages, one of them encoding through a text-encoder LoRA: every stage passes its own
+        explicit = len(stages) > 1 and any(s.adapted for s in stages.values())
+        only = next(iter(stages.values())) if len(stages) == 1 else None
+        banded = any(m.band is not None for m in members)
+        plan = self.plan(only.members, mode) if only is not None else None
+        label = plan[3] if plan is not None and not banded else _bands_label(list(layouts.values()), mode)
+
+        results: list[Any] = [None] * len(reqs)
         total = sum(reqs[idx[0]].steps for idx in groups.values())
-        with self._fused(fuse):
-            self._run_groups(groups, reqs, encoded, per_member, slices, model_names, weights, output_type, progress, total, results)
+        done = 0
+        with self._fused(plan[4] if plan is not None else []):
+            for (steps, width, height, scheduler, guidance), idx in groups.items():
+                cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
+                spans = [(start, stages[tuple(m.name for m in active)]) for start, active in layouts[steps]]
+                blends = [self._blend(stage, idx, cfg, explicit) for _, stage in spans]
+                images = self._sample(
+                    spans[0][1].encoded.take(idx), [reqs[i] for i in idx], [(start, stage, blend) for (start, stage), blend in zip(spans, blends)],
+                    (steps, width, height, scheduler, guidance), output_type, (progress, done, total),
+                )
+                done += steps
+                for i, image in zip(idx, images):
+                    results[i] = image
         if output_type == "pil":
             for req, image in zip(reqs, results):
                 record = self.record(req, members, label, route_info)
@@ -503,46 +606,97 @@ class Engine:
                 image.info["parameters"] = a1111_parameters(record)
         return results
 
-    def _run_groups(self, groups, reqs, encoded, per_member, slices, model_names, weights, output_type, progress, total, results) -> None:
-        """Sample each group of requests that share steps, size, scheduler and guidance."""
+    def _stage(self, members: list[Active], mode: BlendMode, prompts: list[str], negatives: list[str | None],
+               base_encoding: Callable[[], Encoded]) -> _Stage:
+        """The text conditioning of `members` (weights renormalised among themselves)."""
+        if members and abs(sum(m.weight for m in members) - 1.0) > 1e-12:
+            pairs = renormalise([(m.name, m.weight) for m in members])
+            members = [Active(m.expert, w, m.band) for m, (_, w) in zip(members, pairs)]
+        # LoRAs that also adapt a text encoder: encode through them, as plain diffusers does. In a noise
+        # blend each member gets its own conditioning (Blend.conditioning).
+        loras = [m for m in members if m.expert.kind == "lora"]
+        models = [m for m in members if m.expert.kind == "model"]
+        if not any(self._loaded[m.name].text_encoder for m in loras):
+            return _Stage(members, mode, base_encoding(), None)
+        names = [self._loaded[m.name].adapter for m in loras]
+        if len(loras) > 1 and mode == "noise":
+            per_member: list[Encoded | None] = [
+                self._adapted_encode(prompts, negatives, [n], [m.expert.default_weight]) for n, m in zip(names, loras)
+            ]
+        else:
+            group = sum(m.weight for m in loras)
+            weights = [m.weight / group * m.expert.default_weight for m in loras]
+            per_member = [self._adapted_encode(prompts, negatives, names, weights)]
+        per_member += [base_encoding()] * len(models)
+        return _Stage(members, mode, per_member[0], per_member if len(per_member) > 1 else None, adapted=True)
+
+    def _blend(self, stage: _Stage, idx: list[int], cfg: bool, explicit: bool) -> Blend:
+        """The mixture's view of a stage for the requests `idx`; `explicit`: pass the stage's own text
+        conditioning even when the pipeline's is the same."""
         from mixdiff_cli.sampling.mixture import Blend
 
-        done = 0
-        for (steps, width, height, scheduler, guidance), idx in groups.items():
-            cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
+        slices, model_names, weights, _, _ = self.plan(stage.members, stage.mode)
+        if stage.per_member is not None:
+            conditioning = [_conditioning(e.take(idx), cfg) if e is not None else None for e in stage.per_member]
+        elif explicit:
+            conditioning = [_conditioning(stage.encoded.take(idx), cfg)] * (len(slices) + len(model_names))
+        else:
             conditioning = None
-            if per_member is not None:
-                conditioning = [_conditioning(e.take(idx), cfg) if e is not None else None for e in per_member]
-            mix = Blend(slices=slices, models=model_names, weights=weights, conditioning=conditioning)
-            images = self._sample(
-                encoded.take(idx), [reqs[i] for i in idx], mix, steps, width, height, scheduler, guidance,
-                output_type, progress, done, total,
-            )
-            done += steps
-            for i, image in zip(idx, images):
-                results[i] = image
+        return Blend(slices=slices, models=model_names, weights=weights, conditioning=conditioning)
 
     @contextlib.contextmanager
     def _fused(self, adapters: list[str]):
-        """Fuse `adapters` (at their set_adapters weights) into the base UNet for one run, then restore
-        the base weights bit for bit (unfusing alone leaves float drift: (W + dW) - dW != W)."""
-        if not adapters:
-            yield
-            return
+        """Fuse `adapters` (at their set_adapters weights) into the base UNet for one run, where that pays
+        (`_fuse_pays`), and give the base weights back bit for bit afterwards.
+
+        What `fuse_lora` adds in place (W += get_delta_weight, PEFT's merge) is added out of place here: each
+        targeted W is swapped for a new W + dW while the LoRA layers are off, and W itself comes back after
+        the run. Same sums, half the passes of fuse + unfuse, no copy of W, and no float drift ((W + dW) - dW
+        != W)."""
+        import torch
         from peft.tuners.lora.layer import LoraLayer
 
+        layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer) and any(a in m.lora_A for a in adapters)]
+        vanilla = all(not getattr(m, "lora_variant", {}).get(a) and not m.lora_bias.get(a) for m in layers for a in adapters)
+        if not layers or not vanilla or not self._fuse_pays(layers):  # DoRA and LoRA biases: run unfused
+            yield
+            return
         saved = []
-        for module in self.unet.modules():
-            if isinstance(module, LoraLayer) and any(a in module.lora_A for a in adapters):
-                base = module.get_base_layer()
-                saved.append((base.weight, base.weight.detach().clone()))
-        self.pipe.fuse_lora(components=["unet"], adapter_names=adapters)
+        with torch.no_grad():
+            for module in layers:
+                weight = module.get_base_layer().weight
+                deltas = [module.get_delta_weight(a).to(weight.dtype) for a in adapters if a in module.lora_A]
+                fused = weight.data + deltas[0]  # a new tensor: W itself stays as it is
+                for delta in deltas[1:]:
+                    fused += delta  # ((W + d1) + d2): the order fuse_lora adds in
+                saved.append((weight, weight.data))
+                weight.data = fused
+        self.unet.disable_adapters()
         try:
             yield
         finally:
-            self.pipe.unfuse_lora(components=["unet"])
             for weight, original in saved:
-                weight.data.copy_(original)
+                weight.data = original
+            self.unet.enable_adapters()
+
+    def _fuse_pays(self, layers: list[Any]) -> bool:
+        """Whether fusing beats running the LoRA layers unfused (`self.fuse`: auto, always, never).
+
+        auto: never in bfloat16 (its 8-bit mantissa rounds W + dW: 4-9/255 off the unfused image, against
+        < 1/255 in float16 and ~1e-6 in float32). On an accelerator always (a fuse is milliseconds there). On
+        CPU a fuse is one pass over the targeted weights, ~4 ns an element on one thread, against ~60 us per
+        LoRA layer per UNet call unfused (measured on SD 1.5 geometry, benchmarks/bench_scale.py): over ~30
+        calls fusing pays below ~400k weight elements a layer (the tiny test models), not on SD 1.5 (1.5M a
+        layer: the fuse costs a UNet call)."""
+        import torch
+
+        if self.fuse != "auto":
+            return self.fuse == "always"
+        if self.dtype == torch.bfloat16:
+            return False
+        if self.device.type != "cpu":
+            return True
+        return sum(m.get_base_layer().weight.numel() for m in layers) <= _CPU_FUSE_MAX_PER_LAYER * len(layers)
 
     @contextlib.contextmanager
     def _installed(self):
@@ -558,20 +712,37 @@ class Engine:
             self._schedulers[name] = make_scheduler(name, self._scheduler_config)
         return self._schedulers[name]
 
-    def _sample(self, enc: Encoded, reqs: list[Request], mix: Blend, steps: int, width: int, height: int,
-                scheduler: str, guidance: float, output_type: str, progress: Any, done: int, total: int) -> list[Any]:
+    def _sample(self, enc: Encoded, reqs: list[Request], spans: list[tuple[int, _Stage, Blend]], settings: tuple,
+                output_type: str, progress: tuple[Any, int, int]) -> list[Any]:
+        """One pipeline call. `spans`: (first step, stage, blend) in order; at the end of the step before
+        each later span the callback activates its adapters (`plan`) and hands its blend to the mixture,
+        so both sets stay loaded and a switch costs one `set_adapters`."""
         import torch
 
+        steps, width, height, scheduler, guidance = settings
+        tick, done, total = progress
         generators = [torch.Generator(device=self.device).manual_seed(r.seed) for r in reqs]  # one per image
         self.pipe.scheduler = self._scheduler(scheduler)
+        starts = {start: (stage, blend) for start, stage, blend in spans[1:]}
         kwargs: dict[str, Any] = {}
-        if progress is not None:
+        if tick is not None or starts:
             def on_step(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
-                progress(done + i + 1, total)
+                if i + 1 in starts:
+                    stage, blend = starts[i + 1]
+                    pipe.unet = self.unet  # adapter calls need the plain UNet in the pipeline
+                    try:
+                        self.plan(stage.members, stage.mode)
+                    finally:
+                        pipe.unet = self.mixture
+                    self.mixture.switch(blend)
+                if tick is not None:
+                    tick(done + i + 1, total)
                 return tensors
 
             kwargs["callback_on_step_end"] = on_step
-        with self._installed(), self.mixture.routed(mix):
+        _, stage, blend = spans[0]
+        self.plan(stage.members, stage.mode)
+        with self._installed(), self.mixture.routed(blend):
             out = self.pipe(
                 **enc.pipeline_kwargs(),
                 num_inference_steps=steps,
@@ -613,7 +784,8 @@ class Engine:
             "blend": label,
             "experts": [
                 {"name": m.name, "weight": m.weight, "strength": m.expert.default_weight, "kind": m.expert.kind,
-                 "format": m.expert.format, "sha256": m.expert.sha256, "source": m.expert.source}
+                 "format": m.expert.format, "sha256": m.expert.sha256, "source": m.expert.source,
+                 **({"band": list(m.band)} if m.band is not None else {})}
                 for m in members
             ],
             "route": {"source": info.source, "decision": info.decision, "router": router, **info.extra},
@@ -638,3 +810,46 @@ def _conditioning(enc: Encoded, cfg: bool) -> dict[str, Any]:
 
 def _nbytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _module_nbytes(module: Any) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _adapter_nbytes(models: Iterable[Any], adapter: str) -> int:
+    """Bytes of LoRA adapter `adapter` in `models` (PEFT names its tensors `...lora_A.<adapter>.weight`)."""
+    total = 0
+    for model in models:
+        for name, tensor in model.named_parameters():
+            parts = name.split(".")
+            if any(p.startswith("lora_") and q == adapter for p, q in zip(parts, parts[1:])):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _layout(members: list[Active], steps: int) -> list[tuple[int, list[Active]]]:
+    """[(first step, members that run)] for an n-step run: step i runs the members whose band holds
+    i/n (Member grammar: START <= i/n < END). A step no band holds runs the bare base (warned)."""
+    for m in members:
+        if m.band is not None and not band_steps(m.band, steps):
+            raise UsageError(
+                f"expert {m.name}'s band {format_band(m.band)} holds no step of the {steps}-step run",
+                f"widen it to at least 1/{steps} of the run, or raise --steps",
+            )
+    spans: list[tuple[int, list[Active]]] = []
+    for i in range(steps):
+        active = [m for m in members if m.band is None or m.band[0] <= i / steps < m.band[1]]
+        if not spans or [m.name for m in spans[-1][1]] != [m.name for m in active]:
+            spans.append((i, active))
+    bare = [f"{start + 1}-{spans[k + 1][0] if k + 1 < len(spans) else steps}" for k, (start, active) in enumerate(spans) if members and not active]
+    if bare:
+        warnings.warn(f"steps {', '.join(bare)} of {steps} run the bare base: no expert's band holds them", MixdiffWarning, stacklevel=3)
+    return spans
+
+
+def _bands_label(layouts: list[list[tuple[int, list[Active]]]], mode: BlendMode) -> str:
+    """The record's blend label of a banded route: "bands", or "bands+noise" / "bands+merge" when some
+    step blends several experts."""
+    overlap = any(len(active) > 1 for layout in layouts for _, active in layout)
+    return f"bands+{mode}" if overlap else "bands"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.catalog.schema import Catalog, load_catalog
 from mixdiff_cli.core.errors import UsageError
-from mixdiff_cli.routing.route import Member, Route, check_known, explicit_route, parse_members
+from mixdiff_cli.routing.route import Member, Route, catalog_bands, check_known, explicit_route, parse_members, spread_bands
 from mixdiff_cli.sampling.engine import Engine, Request, RouteInfo
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions
 from mixdiff_cli.core.fsutil import writable_dir
@@ -89,7 +89,8 @@ def generate_images(
         seed = random.randint(0, MAX_SEED)
     out_dir = writable_dir(out_dir)
 
-    engine = engine or Engine(cat, device=opts.device, dtype=opts.dtype, max_loaded=opts.max_loaded, compile=opts.compile)
+    engine = engine or Engine(cat, device=opts.device, dtype=opts.dtype, max_loaded=opts.max_loaded, compile=opts.compile,
+                              max_memory=opts.max_memory)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(opts.num_images)]
     requests = [Request(prompt, negative, s, steps, guidance, width, height, scheduler) for s in seeds]  # type: ignore[arg-type]
     encoded = engine.encode([prompt], [negative])  # the router reads this pass; generation reuses it
@@ -115,10 +116,7 @@ def _batch_invariant(engine: Engine) -> Any:
     `--batch-size` never changes an image and `--from` reproduces any image bit-exactly."""
     if engine.device.type != "cpu" or engine.compile:
         return contextlib.nullcontext()
-    from mixdiff_cli.sampling.batch import batch_invariant
-
-    pipe = engine.pipe
-    return batch_invariant(engine.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), engine.mixture)
+    return batch_invariant(*invariant_models(engine))
 
 
 def _decide(engine: Engine, prompt: str, encoded: Encoded, members: tuple[Member, ...], replaying: bool,
@@ -137,6 +135,8 @@ def _decide(engine: Engine, prompt: str, encoded: Encoded, members: tuple[Member
     # the base text encoder's pooled vector from the pass generation reuses; other encoders embed themselves
     vec = encoded.router[0] if router.encoder_id == "base" else router.embed([prompt])[0]
     route = router.decide(vec, prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold)
+    if opts.bands == "auto":
+        route = spread_bands(route, catalog_bands(cat))
     return route, RouteInfo(source="router", decision=route.to_dict())
 
 

@@ -4,7 +4,7 @@ it unchanged (schedulers, classifier-free guidance, SDXL micro-conditioning).
 
 What to blend is data (`Blend`), set on the module for a sampling run (`MixtureUNet.routed`):
 - LoRA experts on the base run in ONE batched forward of the base UNet, each slice of the batch with
-  its own adapter, via PEFT's per-sample adapter mechanism (`adapter_names_hooks`);
+  its own adapter, each adapter adding its LoRA output to its contiguous slice (`adapter_slices_hooks`);
 - full-model experts run on their own UNets;
 - a single slice (top-1, merge, bare base) is a plain forward of the base with the adapters the
   caller activated, at no extra cost.
@@ -43,6 +43,53 @@ def adapter_names_hooks(model: nn.Module, adapter_names: Sequence[str]) -> Itera
             if isinstance(module, LoraLayer):
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def adapter_slices_hooks(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[int]:
+    """`adapter_names_hooks` for a batch laid out in runs, each adapter's samples together (the mixture's
+    layout): each LoRA layer computes its base output once and adds every adapter's LoRA output to a
+    contiguous slice of it (views), where PEFT's mixed batch gathers and scatters samples by index.
+
+    The base output comes from PEFT's own mixed-batch forward with every sample on `__base__`, so no layer
+    state changes. LoRA variants (DoRA) keep PEFT's hooks. Yields the number of hooked layers; always unhooks.
+    """
+    from functools import partial
+    from itertools import groupby
+
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+    runs, start = [], 0  # (first sample, end, adapter)
+    for name, group in groupby(adapter_names):
+        size = len(list(group))
+        runs.append((start, start + size, name))
+        start += size
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if any(getattr(m, "lora_variant", {}).get(name) for m in layers for *_, name in runs):
+        with adapter_names_hooks(model, adapter_names) as hooked:
+            yield hooked
+        return
+
+    def add_slices(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # (B, ...) the layer's input; output (B, ...) its base layer's
+        for first, end, name in runs:
+            if name in module.lora_A:
+                lora_A = module.lora_A[name]
+                lora = module.lora_B[name](lora_A(module.lora_dropout[name](x[first:end].to(lora_A.weight.dtype))))
+                output[first:end] += (lora * module.scaling[name]).to(output.dtype)
+        return output
+
+    base_only = partial(_adapter_names_pre_forward_hook, adapter_names=[BASE] * start)
+    handles = []
+    try:
+        for module in layers:
+            handles.append(module.register_forward_pre_hook(base_only, with_kwargs=True))
+            handles.append(module.register_forward_hook(add_slices))
+        yield len(layers)
     finally:
         for handle in handles:
             handle.remove()
@@ -136,13 +183,18 @@ class MixtureUNet(nn.Module):
             self.blend = None
             self._unhook()
 
+    def switch(self, blend: Blend) -> None:
+        """Blend with `blend` from the next forward on (a timestep band's boundary, within one run)."""
+        self._unhook()
+        self.blend = blend
+
     def _hook(self, names: tuple[str, ...]) -> None:
         """Keep per-sample adapter hooks for this batch layout (re-registered only when it changes)."""
         if names == self._hooked:
             return
         self._unhook()
         stack = contextlib.ExitStack()
-        stack.enter_context(adapter_names_hooks(self.base, names))
+        stack.enter_context(adapter_slices_hooks(self.base, names))
         self._hooks, self._hooked = stack, names
 
     def _unhook(self) -> None:

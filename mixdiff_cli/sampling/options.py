@@ -12,11 +12,27 @@ from mixdiff_cli.routing.route import Member, OnStale, check_routing, parse_memb
 
 SchedulerName = Literal["ddim", "euler", "euler-a", "dpm++"]
 BlendMode = Literal["noise", "merge"]
+BandsMode = Literal["none", "auto"]
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 BLEND_MODES: tuple[str, ...] = get_args(BlendMode)
 MAX_SEED = 2**32 - 1
 DEFAULT_STEPS = 30
 DEFAULT_SCHEDULER: SchedulerName = "ddim"
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from a size: "6GB" (powers of 10), "512MiB" (powers of 2), "1.5 gb" or a plain number of bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise UsageError(f"{text!r} is not a memory size", "write a number and a unit, e.g. 6GB, 512MiB or 1.5GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def check_image(*, steps: int | None = None, guidance: float | None = None, width: int | None = None,
@@ -59,10 +75,12 @@ class GenerationOptions:
     encoder: str | None = None  # the router's prompt encoder; None: the checkpoint's
     on_stale: OnStale = "error"
     blend: BlendMode | None = None  # None: noise
+    bands: BandsMode = "none"  # auto: the router's experts take consecutive parts of the run (routing.route.spread_bands)
     # the engine
     device: str | None = None
     dtype: str | None = None
     max_loaded: int = 4
+    max_memory: int | None = None  # bytes the loaded experts may take (LRU, beside max_loaded); None: no limit
     compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # room for callers' own settings (recorded, not read)
 
@@ -87,9 +105,13 @@ class GenerationOptions:
             raise UsageError("--num-images and --batch-size must be at least 1", "pass 1 or more")
         if self.blend is not None and self.blend not in BLEND_MODES:
             raise UsageError(f"unknown blend mode {self.blend!r}", f"use one of: {', '.join(BLEND_MODES)}")
+        if self.bands not in get_args(BandsMode):
+            raise UsageError(f"unknown --bands {self.bands!r}", "use none or auto")
         if self.on_stale not in get_args(OnStale):
             raise UsageError(f"unknown on_stale {self.on_stale!r}", "use error or prototypes")
         if self.max_loaded < 1:
             raise UsageError("--max-loaded must be at least 1", "pass --max-loaded 1 or more")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise UsageError(f"--max-memory must be more than 0 bytes, got {self.max_memory}", "e.g. --max-memory 6GB")
         check_routing(self.top_k, self.temperature, self.threshold, n_experts)
         return self

@@ -66,13 +66,19 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     if loras:
         fields.append(("Lora hashes", ", ".join(f"{e['name']}: {(e.get('sha256') or '')[:10]}" for e in loras)))
     if record.get("experts"):
-        fields.append(("Mixdiff experts", ", ".join(f"{e['name']}: {e['weight']:.4g}" for e in record["experts"])))
+        fields.append(("Mixdiff experts", ", ".join(f"{e['name']}: {e['weight']:.4g}" + _band_text(e) for e in record["experts"])))
         fields.append(("Mixdiff blend", record.get("blend")))
     version = (record.get("versions") or {}).get("mixdiff")
     if version:
         fields.append(("Version", f"mixdiff {version}"))
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields))
     return "\n".join(lines)
+
+
+def _band_text(expert: dict[str, Any]) -> str:
+    """" @0.4-1" for an expert recorded with a band, else ""."""
+    band = expert.get("band")
+    return f" @{band[0]:g}-{band[1]:g}" if band else ""
 
 
 def parse_a1111(text: str) -> dict[str, Any]:
@@ -148,10 +154,11 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return meta.record
 
 
-def replay(record: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, float]], str | None]:
-    """(Request fields, chosen experts with weights, blend mode) that reproduce a record."""
+def replay(record: dict[str, Any]) -> tuple[dict[str, Any], list[list[Any]], str | None]:
+    """(Request fields, chosen experts as [name, weight] or [name, weight, band], blend mode) that
+    reproduce a record."""
     request = {key: record[key] for key in ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler")}
-    chosen = [(e["name"], float(e["weight"])) for e in record.get("experts", [])]
+    chosen = [[e["name"], float(e["weight"])] + ([e["band"]] if e.get("band") else []) for e in record.get("experts", [])]
     label = record.get("blend")
-    blend = "merge" if label in ("merge", "merge+noise") else "noise" if label == "noise" else None
+    blend = "merge" if label in ("merge", "merge+noise", "bands+merge") else "noise" if label in ("noise", "bands+noise") else None
     return request, chosen, blend

@@ -38,9 +38,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "scheduler": ("scheduler", "sampler"),
     "experts": ("experts", "expert"),
     "id": ("id",),
+    "regions": ("regions",),
 }
 _FIELD = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
-_TXT_OPTIONS = {alias: name for alias, name in _FIELD.items() if name not in ("prompt", "id")}
+_TXT_OPTIONS = {alias: name for alias, name in _FIELD.items() if name not in ("prompt", "id", "regions")}
 # `--name` or `--name=` at the start of the line or after whitespace
 _OPTION_RE = re.compile(r"(?:(?<=\s)|^)--([A-Za-z][\w-]*)(?:=|(?=\s)|$)")
 
@@ -67,8 +68,9 @@ class PromptItem:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
-    experts: tuple[tuple[str, float], ...] = ()  # per-item expert overrides (name, weight)
+    experts: tuple[tuple[Any, ...], ...] = ()  # per-item expert overrides: (name, weight) or (name, weight, (start, end))
     user_id: str | None = None  # an explicit `id` from the file
+    regions: tuple[str, ...] = ()  # `BOX=TEXT` specs of a regional canvas (.jsonl / .yaml `regions:`); prompt = the background
 
     @property
     def id(self) -> str:
@@ -77,7 +79,7 @@ class PromptItem:
             return self.user_id
         content = json.dumps(
             [self.index, self.prompt, self.negative, self.seed, self.steps, self.guidance, self.width, self.height,
-             self.scheduler, [list(e) for e in self.experts]],
+             self.scheduler, [list(e) for e in self.experts]] + ([list(self.regions)] if self.regions else []),
             ensure_ascii=False,
         )
         return f"{self.index:05d}-{hashlib.sha256(content.encode()).hexdigest()[:8]}"
@@ -87,6 +89,7 @@ class PromptItem:
             "id": self.id, "index": self.index, "line": self.line, "prompt": self.prompt, "negative": self.negative,
             "seed": self.seed, "steps": self.steps, "guidance": self.guidance, "width": self.width,
             "height": self.height, "scheduler": self.scheduler, "experts": [list(e) for e in self.experts],
+            **({"regions": list(self.regions)} if self.regions else {}),
         }
 
 
@@ -156,13 +159,14 @@ def _size(key: str, value: Any) -> int:
     return size
 
 
-def _expert(spec: Any) -> tuple[str, float]:
-    """One expert spec (`NAME[:WEIGHT]`, or [name, weight]) -> (name, weight), by the one route grammar."""
+def _expert(spec: Any) -> tuple[Any, ...]:
+    """One expert spec (`NAME[:WEIGHT][@START:END]`, or [name, weight(, band)]) -> (name, weight) or
+    (name, weight, (start, end)), by the one route grammar."""
     try:
         m = parse_member(spec)
     except RouteSpecError as exc:
         raise _Bad(exc.message, exc.hint or "") from None
-    return m.expert, m.weight
+    return (m.expert, m.weight) if m.band is None else (m.expert, m.weight, m.band)
 
 
 def _split_specs(text: str) -> list[str]:
@@ -171,7 +175,7 @@ def _split_specs(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _experts(value: Any) -> tuple[tuple[str, float], ...]:
+def _experts(value: Any) -> tuple[tuple[Any, ...], ...]:
     if value is None or value == "":
         return ()
     if isinstance(value, dict):  # {name: weight}
@@ -183,7 +187,7 @@ def _experts(value: Any) -> tuple[tuple[str, float], ...]:
     else:
         raise _Bad(f"experts must be a name, a list or a mapping, got {value!r}", 'write e.g. "experts": ["watercolor:0.7"]')
     out = [_expert(s) for s in specs]
-    names = [n for n, _ in out]
+    names = [e[0] for e in out]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise _Bad(f"expert {dup} is given twice", "name each expert once")
@@ -201,6 +205,22 @@ _CHECK = {
     "scheduler": lambda k, v: _scheduler(k, v),
     "id": lambda k, v: _id(k, v),
 }
+
+
+def _regions(value: Any) -> tuple[str, ...]:
+    """`regions:` a list of "BOX=TEXT" specs or {box, prompt, experts} mappings -> "BOX=TEXT" specs (their
+    grammar is checked by `sampling.regions.parse_region` when the batch validates its items)."""
+    if not isinstance(value, list) or not value:
+        raise _Bad("regions must be a non-empty list", 'write e.g. "regions": ["0:0.5,0:1=a snowy landscape --expert winter"]')
+    specs = []
+    for i, item in enumerate(value, start=1):
+        if isinstance(item, dict) and "box" in item and set(item) <= {"box", "prompt", "experts"}:
+            pinned = "".join(f" --expert {parse_member(e).spec()}" for e in _experts(item.get("experts")))
+            item = f"{item['box']}={item.get('prompt') or ''}{pinned}"
+        if not isinstance(item, str):
+            raise _Bad(f"region {i} is neither BOX=TEXT nor {{box, prompt, experts}}", 'write e.g. {"box": "0:0.5,0:1", "prompt": "a snowy landscape"}')
+        specs.append(item.strip())
+    return tuple(specs)
 
 
 def _scheduler(key: str, value: Any) -> str:
@@ -230,9 +250,9 @@ def make_item(index: int, line: int, record: dict[str, Any], *, spelled: str = "
             raise _Bad(f"{name} is given twice", "keep one of them")
         if value is None or (isinstance(value, str) and value.strip() == "" and name != "prompt"):
             continue  # an empty cell: use the default
-        fields_[name] = _experts(value) if name == "experts" else _CHECK[name](name, value)
+        fields_[name] = _experts(value) if name == "experts" else _regions(value) if name == "regions" else _CHECK[name](name, value)
     prompt = (fields_.pop("prompt", None) or "").strip()
-    if not prompt:
+    if not prompt and not fields_.get("regions"):
         raise _Bad("no prompt", "write the prompt first (txt) or give a 'prompt' value")
     user_id = fields_.pop("id", None)
     return PromptItem(index=index, line=line, prompt=prompt, user_id=user_id, **fields_)

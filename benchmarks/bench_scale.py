@@ -1,0 +1,707 @@
+"""Real scale: SD 1.5 and SDXL geometry from their public configs with random weights, real-size LoRAs,
+mixdiff side by side with plain diffusers in one run.
+
+    python benchmarks/bench_scale.py                          # SD 1.5 (float32) and SDXL (bfloat16), this CPU, 64x64 px
+    python benchmarks/bench_scale.py --arch sd15 --json out.json --md table.md
+    python benchmarks/bench_scale.py --device cuda --dtype fp16 --size 512 --compile   # what benchmarks/gpu.sh runs
+    python benchmarks/bench_scale.py --reduced --quick        # the same code, channels and depth cut ~10x (tests, gpu.sh --dry)
+
+Speed and memory do not depend on weight values, so random weights give true figures for memory, loading,
+switching and per-step cost. Models and LoRAs are built once into $MIXDIFF_SCALE_CACHE (default
+/tmp/mixdiff-scale), float16 on disk like published checkpoints, and load into the run's dtype.
+
+Figures (targets, issue 15): peak RSS (CUDA: peak VRAM) with 1, 32 and 128 experts in the catalog (32/1 <=
+1.05); expert load against load_lora_weights; route switch A -> B -> A (adapters resident, LRU reload,
+hotswap); top-1 / plain diffusers (fused <= 1.0); noise k=2 / top-1 against the bare UNet's batch-doubling
+cost (within 1.05x); merge / top-1; a model expert parked in memory against reloaded from disk; top-1 against
+plain diffusers pixel by pixel (<= 1/255); `--max-memory` LRU (resident bytes <= budget). Times are medians
+of interleaved repetitions (A B A B ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench_engine import interleaved  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs as a script)
+
+CACHE = Path(os.environ.get("MIXDIFF_SCALE_CACHE", "/tmp/mixdiff-scale"))
+PROMPT = "a photo of a red cat"
+ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+TRANSFORMER = ATTN + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")  # kohya's default: every layer of Transformer2DModel
+ARCHS = ("sd15", "sdxl")
+
+# ------------------------------------------------------------------------------------------ geometry
+
+# The VAE of SD 1.5 and SDXL (the UNet and text-encoder configs are mixdiff_cli.catalog.geometry.PUBLIC)
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
+          "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 512}
+
+
+def geometry(arch: str, reduced: bool = False) -> dict[str, Any]:
+    """UNet, VAE and text-encoder configs: the public SD 1.5 / SDXL ones, or (`reduced`) the same layout with
+    channels and depth cut ~10x, for tests. `ranks`: the two LoRA ranks benchmarked."""
+    from mixdiff_cli.catalog.geometry import PUBLIC
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    public, sdxl = PUBLIC[arch], arch == "sdxl"
+    unet = public["unet"]
+    texts = [public[k] for k in ("text_encoder", "text_encoder_2") if k in public]
+    vae = {**SD_VAE, "scaling_factor": 0.13025 if sdxl else 0.18215}
+    if not reduced:
+        return {"unet": unet, "vae": vae, "text": texts, "ranks": (32, 128)}
+    unet = {**unet, "block_out_channels": (32, 64, 128, 128), "cross_attention_dim": 32}
+    if sdxl:  # two text encoders of 32 -> cross attention 64; 6 time ids x 8 + pooled 32
+        unet.update(block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 2, 2), attention_head_dim=(1, 2, 4),
+                    cross_attention_dim=64, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, "projection_dim": 32,
+             "vocab_size": None}
+    vae = {**vae, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1}
+    return {"unet": unet, "vae": vae, "text": [{**t, **small} for t in texts], "ranks": (4, 16)}
+
+
+def random_module(cls: type, config: dict[str, Any], dtype: Any, device: str = "cpu", seed: int = 0, gain: float = 0.5) -> Any:
+    """`cls(**config)` with random weights made directly in `dtype` on `device` (parameters start on the meta
+    device: no float32 copy); PyTorch's default init, linear and conv weights scaled by `gain` so that
+    activations stay finite through a deep random UNet."""
+    import torch
+
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.mul_(gain)
+    return model
+
+
+def build_pipeline(folder: Path, arch: str, reduced: bool = False, device: str = "cpu") -> Path:
+    """Write a diffusers pipeline folder of `arch` geometry with random float16 weights."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from mixdiff_cli.testing import VOCAB, _scheduler, _tokenizer
+
+    geo, sdxl, dtype = geometry(arch, reduced), arch == "sdxl", torch.float16
+    toks = [_tokenizer(folder / "tokenizer", VOCAB)] + ([_tokenizer(folder / "tokenizer_2", VOCAB, pad="!")] if sdxl else [])
+    encoders = []
+    for i, (cfg, tok) in enumerate(zip(geo["text"], toks)):
+        config = CLIPTextConfig(**{**cfg, "vocab_size": cfg["vocab_size"] or len(tok)}, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(2000 + 1000 * i)
+        with torch.device(device):  # transformers' own init (std 0.02), then float16
+            encoders.append((CLIPTextModelWithProjection if i else CLIPTextModel)(config).to(dtype))
+    unet = random_module(UNet2DConditionModel, geo["unet"], dtype, device, seed=0)
+    vae = random_module(AutoencoderKL, geo["vae"], dtype, device, seed=1000)
+    parts = {"vae": vae, "text_encoder": encoders[0], "tokenizer": toks[0], "unet": unet, "scheduler": _scheduler()}
+    if sdxl:
+        pipe = StableDiffusionXLPipeline(text_encoder_2=encoders[1], tokenizer_2=toks[1], force_zeros_for_empty_prompt=True,
+                                         add_watermarker=False, **parts)
+    else:
+        pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_model_expert(folder: Path, base: Path, device: str = "cpu") -> Path:
+    """A second UNet of the base's config with other random weights (float16), as a diffusers model folder."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(base / "unet")
+    random_module(UNet2DConditionModel, config, torch.float16, device, seed=7).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_lora(base: Path, out: Path, fmt: str, rank: int, seed: int, targets: tuple[str, ...] = TRANSFORMER, scale: float = 0.01) -> Path:
+    """A random float16 LoRA of real size for the UNet of `base`, diffusers or kohya layout, made on the meta
+    device (no UNet weights are read). A ~ N(0, 1/fan_in) like PEFT's init; B ~ N(0, scale^2) so it acts."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = UNet2DConditionModel.load_config(base / "unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))
+    unet.add_adapter(lora)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, meta in get_peft_model_state_dict(unet).items():
+        w = torch.randn(meta.shape, generator=gen)
+        state[key] = (w / math.prod(meta.shape[1:]) ** 0.5 if ".lora_A." in key else w * scale).half()  # (r, in[, k, k]) / (out, r[, 1, 1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "kohya":
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+        save_file({k: v.contiguous() for k, v in kohya.items()}, out, metadata={"format": "pt", "ss_network_dim": str(rank)})
+        return out
+    pipe_cls = StableDiffusionXLPipeline if config.get("addition_embed_type") == "text_time" else StableDiffusionPipeline
+    pipe_cls.save_lora_weights(out.parent, unet_lora_layers=state, weight_name=out.name, unet_lora_adapter_metadata=lora.to_dict())
+    return out
+
+
+@dataclass
+class Kit:
+    """What one architecture's benchmark runs on, all on disk."""
+
+    arch: str
+    base: Path
+    loras: dict[str, Path]  # a, b: rank R1 (kohya, diffusers); c, d: rank R2 (kohya, diffusers)
+    model: Path  # a second UNet: a `kind: model` expert
+    speed: Path  # catalog with a, b, c, d and m
+    catalogs: dict[int, Path] = field(default_factory=dict)  # n -> a catalog of n experts (hard links of lora b)
+
+
+def _catalog(folder: Path, base: Path, experts: dict[str, Path]) -> Path:
+    from mixdiff_cli.experts.manage import add_expert, init_catalog
+
+    path = folder / "experts.yaml"
+    init_catalog(path, base=str(base))
+    for name, source in experts.items():
+        add_expert(path, str(source), name=name, prompts=[f"a {name} picture"])
+    return path
+
+
+def _many(folder: Path, base: Path, lora: Path, n: int) -> Path:
+    """A catalog of `n` experts, each its own file (hard links of `lora`: distinct paths, no disk cost)."""
+    files = {}
+    for i in range(n):
+        files[f"e{i:03d}"] = folder / f"e{i:03d}{lora.suffix}"
+        os.link(lora, files[f"e{i:03d}"])
+    return _catalog(folder, base, files)
+
+
+def kit(arch: str, reduced: bool = False, counts: tuple[int, ...] = (1, 32, 128), device: str = "cpu", cache: Path | None = None) -> Kit:
+    """Build (once, into `cache`, default CACHE) the pipeline, four LoRAs, a model expert and the catalogs of `arch`."""
+    from mixdiff_cli.core.quiet import quiet_frameworks
+    from mixdiff_cli.testing import cached
+
+    root = (cache or CACHE) / f"{arch}{'-reduced' if reduced else ''}"
+    r1, r2 = geometry(arch, reduced)["ranks"]
+    targets = ATTN if arch == "sdxl" and not reduced else TRANSFORMER  # SDXL: 93 MB at rank 32, 372 MB at 128
+    with quiet_frameworks():
+        base = cached(root, "base", lambda d: build_pipeline(d, arch, reduced, device))
+        specs = {"a": ("kohya", r1), "b": ("diffusers", r1), "c": ("kohya", r2), "d": ("diffusers", r2)}
+        lora_dir = cached(root, "loras", lambda d: [build_lora(base, d / f"{n}.safetensors", fmt, r, seed=i, targets=targets)
+                                                    for i, (n, (fmt, r)) in enumerate(specs.items())])
+        loras = {n: lora_dir / f"{n}.safetensors" for n in specs}
+        model = cached(root, "model", lambda d: build_model_expert(d, base, device))
+        speed = cached(root, "speed", lambda d: _catalog(d, base, {**loras, "m": model})) / "experts.yaml"
+        catalogs = {n: cached(root, f"cat{n}", lambda d, n=n: _many(d, base, loras["b"], n)) / "experts.yaml" for n in counts}
+    return Kit(arch, base, loras, model, speed, catalogs)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Settings:
+    """How a run measures."""
+
+    device: str = "cpu"
+    dtype: str | None = None  # None: float16 on CUDA; on CPU float32 (SDXL: bfloat16, so that two UNets fit)
+    size: int | None = None  # pixels; None: native on CUDA (512 SD 1.5, 1024 SDXL), 64 on CPU
+    steps: int | None = None  # None: 20 on CUDA; on CPU 10 (SDXL: 4)
+    reps: int = 3
+    counts: tuple[int, ...] = (1, 32, 128)  # experts in the catalogs whose peak memory is compared
+    reduced: bool = False
+    compile: tuple[str, ...] = ()  # archs whose hotswap engine is torch.compiled and sampled (accelerators)
+    deadline: float = float("inf")  # time.monotonic() after which the sections left are skipped
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def dtype_for(self, arch: str) -> str:
+        return self.dtype or ("float16" if self.cuda else "bfloat16" if arch == "sdxl" and not self.reduced else "float32")
+
+    def steps_for(self, arch: str) -> int:
+        return self.steps or (20 if self.cuda else 4 if arch == "sdxl" and not self.reduced else 10)
+
+    def size_for(self, arch: str) -> int:
+        return self.size or (1024 if arch == "sdxl" else 512) if self.cuda else self.size or 64
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _clock(fn: Callable[[], object], device: str) -> float:
+    """Wall seconds of one call of `fn` (device work included)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _times(runs: dict[str, Callable[[], object]], s: Settings) -> dict[str, float]:
+    """Median seconds per call, calls interleaved: process CPU time on CPU (robust when other jobs share the
+    cores), wall time on CUDA."""
+    timed = interleaved({k: (lambda f=f: (f(), _sync(s.device))) for k, f in runs.items()}, s.reps)
+    return {k: v["wall" if s.cuda else "cpu"] for k, v in timed.items()}
+
+
+def _request(s: Settings, arch: str, seed: int = 1, n: int = 1) -> list[Any]:
+    from mixdiff_cli.sampling.engine import Request
+
+    return [Request(PROMPT, seed=seed + i, steps=s.steps_for(arch), width=s.size_for(arch), height=s.size_for(arch)) for i in range(n)]
+
+
+def _plain_image(plain: Any, s: Settings, arch: str, seed: int = 1) -> Any:
+    import torch
+
+    generator = torch.Generator(device=s.device).manual_seed(seed)
+    return plain(PROMPT, num_inference_steps=s.steps_for(arch), width=s.size_for(arch), height=s.size_for(arch), generator=generator,
+                 output_type="np").images[0]
+
+
+def _with_fuse(engine: Any, mode: str, fn: Callable[[], Any]) -> Any:
+    engine.fuse = mode
+    try:
+        return fn()
+    finally:
+        engine.fuse = "auto"
+
+
+def _unet_inputs(unet: Any, n: int, size: int, s: Settings, dtype: Any) -> tuple[Any, Any, dict | None]:
+    """Random (latents, text states, SDXL added conditioning) for `n` UNet samples at `size` px."""
+    import torch
+
+    cfg, lat, gen = unet.config, size // 8, torch.Generator().manual_seed(0)
+    x = torch.randn(n, cfg.in_channels, lat, lat, generator=gen).to(s.device, dtype)  # (n, 4, h/8, w/8)
+    ctx = torch.randn(n, 77, cfg.cross_attention_dim, generator=gen).to(s.device, dtype)  # (n, 77, D)
+    if cfg.addition_embed_type != "text_time":
+        return x, ctx, None
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * n, dtype=dtype, device=s.device)
+    return x, ctx, {"text_embeds": torch.randn(n, pooled, generator=gen).to(s.device, dtype), "time_ids": time_ids}
+
+
+def equality(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, float]:
+    """Top-1 (fused and unfused) against plain diffusers with the same LoRA: max pixel difference on [0, 1]."""
+    import numpy as np
+
+    ref = _plain_image(plain, s, arch, seed=3)
+    out = {}
+    for mode in ("never", "always"):
+        image = _with_fuse(engine, mode, lambda: engine.generate(_request(s, arch, seed=3), [("a", 1.0)], output_type="np")[0])
+        out[f"top1_{'un' if mode == 'never' else ''}fused_max_diff"] = float(np.abs(np.asarray(image, np.float64) - ref).max())
+    return out
+
+
+def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
+    """Whole images, interleaved: plain diffusers with LoRA a; mixdiff top-1 (fused, unfused), noise and merge
+    k=2 (a, b); then the bare UNet at batch 2 and 4 (one image with CFG, and twice that)."""
+    import torch
+    from peft.tuners.lora.layer import LoraLayer
+
+    def top1(mode: str) -> Callable[[], Any]:
+        return lambda: _with_fuse(engine, mode, lambda: engine.generate(_request(s, arch), [("a", 1.0)], output_type="np"))
+
+    pair = [("a", 0.5), ("b", 0.5)]
+    runs = {
+        "plain": lambda: _plain_image(plain, s, arch),
+        "top1_unfused": top1("never"),
+        "top1_fused": top1("always"),
+        "noise2": lambda: engine.generate(_request(s, arch), pair, blend="noise", output_type="np"),
+        "merge2": lambda: engine.generate(_request(s, arch), pair, blend="merge", output_type="np"),
+    }
+    t = _times(runs, s)
+    fused = engine._fuse_pays([m for m in engine.unet.modules() if isinstance(m, LoraLayer) and "a" in m.lora_A])
+    t["top1"] = t["top1_fused" if fused else "top1_unfused"]
+    dtype = plain.unet.dtype
+    x, ctx, added = _unet_inputs(plain.unet, 4, s.size_for(arch), s, dtype)
+    half = None if added is None else {k: v[:2] for k, v in added.items()}
+    plain.disable_lora()
+    with torch.no_grad():
+        bare = _times({"unet_b2": lambda: plain.unet(x[:2], 500, ctx[:2], added_cond_kwargs=half),
+                       "unet_b4": lambda: plain.unet(x, 500, ctx, added_cond_kwargs=added)}, s)
+    plain.enable_lora()
+    steps = s.steps_for(arch)
+    out: dict[str, Any] = {"steps": steps, "size": s.size_for(arch), "top1_default": "fused" if fused else "unfused"}
+    out.update({f"{k}_per_step_s": round(v / steps, 4) for k, v in t.items()})
+    out.update({f"{k}_s": round(v, 4) for k, v in bare.items()})
+    limit = bare["unet_b4"] / bare["unet_b2"]
+    out.update({
+        "top1_over_plain": round(t["top1"] / t["plain"], 3),
+        "top1_fused_over_plain": round(t["top1_fused"] / t["plain"], 3),
+        "top1_unfused_over_plain": round(t["top1_unfused"] / t["plain"], 3),
+        "noise2_over_top1": round(t["noise2"] / t["top1"], 3),
+        "merge2_over_top1": round(t["merge2"] / t["top1"], 3),
+        "unet_batch4_over_batch2": round(limit, 3),
+        # the blend's own cost beyond batching: noise k=2 / unfused top-1 (the same LoRA mechanism) over the limit
+        "noise2_over_batch_limit": round(t["noise2"] / t["top1_unfused"] / limit, 3),
+    })
+    return out
+
+
+def loading(engine: Any, plain: Any, kit: Kit, s: Settings) -> dict[str, float]:
+    """An expert load (LRU miss) against plain `load_lora_weights`, per LoRA (two ranks x kohya/diffusers),
+    each into a UNet holding one other adapter (a load's cost grows with the adapters present)."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(s.reps):
+        for name, path in kit.loras.items():
+            for other in engine.loaded:
+                engine.evict(other)
+            engine.ensure_loaded(["b" if name == "a" else "a"])  # one other adapter, as plain holds a
+            before = engine.resident_bytes
+            samples.setdefault(f"load_{name}_s", []).append(_clock(lambda: engine.ensure_loaded([name]), s.device))
+            samples[f"resident_{name}_mib"] = [(engine.resident_bytes - before) / 2**20]
+            samples.setdefault(f"plain_load_{name}_s", []).append(
+                _clock(lambda: plain.load_lora_weights(str(path), adapter_name="probe"), s.device))
+            plain.delete_adapters("probe")
+    out = {k: round(statistics.median(v), 4) for k, v in samples.items()}
+    out.update({f"file_{n}_mib": round(p.stat().st_size / 2**20, 1) for n, p in kit.loras.items()})
+    return out
+
+
+def switching(engine: Any, plain: Any, kit: Kit, s: Settings) -> dict[str, float]:
+    """Route switch A -> B -> A (per switch): both adapters resident (mixdiff's plan against plain
+    set_adapters), and through the LRU with room for one expert (unload + load)."""
+    from mixdiff_cli.sampling.engine import Active
+
+    engine.ensure_loaded(["a", "b"])
+    routes = [[Active(engine.catalog.expert(n), 1.0)] for n in ("b", "a")]
+    plain.load_lora_weights(str(kit.loras["b"]), adapter_name="b")
+    samples: dict[str, list[float]] = {"switch_resident_ms": [], "plain_switch_ms": [], "switch_lru_s": []}
+    for _ in range(s.reps):
+        for route, name in zip(routes, ("b", "a")):
+            samples["switch_resident_ms"].append(1000 * _clock(lambda: engine.plan(route, "noise"), s.device))
+            samples["plain_switch_ms"].append(1000 * _clock(lambda: plain.set_adapters([name]), s.device))
+    plain.delete_adapters("b")
+    plain.set_adapters(["a"])
+    loaded, engine.max_loaded = engine.max_loaded, 1
+    engine.ensure_loaded(["a"])
+    for _ in range(s.reps):
+        for name in ("b", "a"):
+            samples["switch_lru_s"].append(_clock(lambda: engine.ensure_loaded([name]), s.device))
+    engine.max_loaded = loaded
+    return {k: round(statistics.median(v), 4) for k, v in samples.items()}
+
+
+def budget(engine: Any, s: Settings) -> dict[str, Any]:
+    """`--max-memory`: a budget of 1.2x the rank-R2 adapter; a sequence of single-expert routes; the
+    resident bytes after each load never pass it."""
+    for name in list(engine.loaded):
+        engine.evict(name)
+    engine.ensure_loaded(["c"])
+    limit = int(1.2 * engine.resident_bytes)
+    engine.evict("c")
+    engine.max_memory, evicted = limit, len(engine.evictions)
+    resident = []
+    for name in ("a", "b", "c", "a", "d", "b", "a"):
+        engine.ensure_loaded([name])
+        resident.append(engine.resident_bytes)
+    engine.max_memory = None
+    return {"budget_mib": round(limit / 2**20, 1), "max_resident_mib": round(max(resident) / 2**20, 1),
+            "under_budget": max(resident) <= limit, "budget_evictions": len(engine.evictions) - evicted}
+
+
+def model_expert(engine: Any, s: Settings) -> dict[str, Any]:
+    """A full-model expert (a second UNet): loaded from disk (cold, then warm page cache) against re-activated
+    from CPU memory where the engine parks it (accelerators; on CPU a parked UNet costs what a loaded one does,
+    so the engine frees it)."""
+    for name in list(engine.loaded):
+        engine.evict(name)
+    out: dict[str, Any] = {"model_load_disk_s": round(_clock(lambda: engine.ensure_loaded(["m"]), s.device), 3)}
+    out["model_mib"] = round(engine.resident_bytes / 2**20, 1)
+    engine.evict("m")
+    if s.cuda:
+        out["model_parked_s"] = round(_clock(lambda: engine.ensure_loaded(["m"]), s.device), 3)
+        engine.evict("m")
+        engine._parked.clear()
+    out["model_reload_disk_s"] = round(_clock(lambda: engine.ensure_loaded(["m"]), s.device), 3)
+    engine.evict("m")
+    return out
+
+
+def hotswap(kit: Kit, s: Settings, arch: str) -> dict[str, Any]:
+    """Compile mode: adapters hotswapped into one slot (A -> B -> A, per switch); with `s.compile`, sample
+    before and after a switch and count the graphs torch.compile made (a switch should add none)."""
+    from mixdiff_cli.sampling.engine import Engine
+
+    engine = Engine(kit.speed, device=s.device, dtype=s.dtype_for(arch), max_loaded=1, compile=True)
+    engine.ensure_loaded(["a"])
+    switches = [_clock(lambda n=n: engine.ensure_loaded([n]), s.device) for _ in range(s.reps) for n in ("b", "a")]
+    out: dict[str, Any] = {"hotswap_switch_s": round(statistics.median(switches), 4)}
+    if arch in s.compile:
+        from torch._dynamo.utils import counters
+
+        out["compiled_first_image_s"] = round(_clock(lambda: engine.generate(_request(s, arch), ["a"], output_type="np"), s.device), 2)
+        graphs = counters["stats"]["unique_graphs"]
+        out["compiled_image_s"] = round(_clock(lambda: engine.generate(_request(s, arch), ["a"], output_type="np"), s.device), 3)
+        out["compiled_after_hotswap_image_s"] = round(_clock(lambda: engine.generate(_request(s, arch), ["c"], output_type="np"), s.device), 3)
+        out["graphs_added_by_switch"] = counters["stats"]["unique_graphs"] - graphs
+    del engine
+    gc.collect()
+    return out
+
+
+def _anon_peak() -> Callable[[], int | None]:
+    """Sample this process's anonymous resident memory (Linux RssAnon: allocations, not the file pages of mapped
+    weights, which come and go with the page cache) every 5 ms; returns a function giving the peak so far."""
+    import threading
+
+    peak: list[int | None] = [None]
+
+    def sample() -> None:
+        while True:
+            try:
+                with open("/proc/self/status") as fh:
+                    kib = next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:"))
+            except (OSError, StopIteration):
+                return
+            peak[0] = max(peak[0] or 0, kib * 1024)
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return lambda: peak[0]
+
+
+def _child(spec: dict[str, Any]) -> None:
+    """Subprocess body: load (and make one image) in a fresh process, then its peak memory as one JSON line."""
+    import torch
+
+    from mixdiff_cli.core.runtime import pick_dtype
+
+    anon = _anon_peak()
+    device = torch.device(spec["device"])
+    weights = None
+    if spec["kind"] == "load":  # the base alone, in the run's dtype from float16 files
+        from mixdiff_cli.models.pipeline import load_pipeline
+
+        pipe = load_pipeline(spec["base"], pick_dtype(spec["dtype"], device), device)
+        weights = sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
+        loads: list[str] = []
+    elif spec["kind"] == "plain":
+        from mixdiff_cli.models.pipeline import load_pipeline
+
+        pipe = load_pipeline(spec["base"], pick_dtype(spec["dtype"], device), device)
+        pipe.load_lora_weights(spec["lora"], adapter_name="e")
+        pipe(PROMPT, num_inference_steps=2, width=spec["size"], height=spec["size"], generator=torch.Generator(device).manual_seed(1))
+        loads = ["e"]
+    else:
+        from mixdiff_cli.sampling.engine import Engine, Request
+
+        engine = Engine(spec["catalog"], device=spec["device"], dtype=spec["dtype"])
+        engine.generate([Request(PROMPT, seed=1, steps=2, width=spec["size"], height=spec["size"])], ["e000"])
+        loads = engine.loads
+    vram = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"rss": rss, "anon": anon(), "vram": vram, "weights": weights, "loads": loads}))
+
+
+def peak_memory(kit: Kit, s: Settings, arch: str) -> dict[str, Any]:
+    """Peak memory of fresh processes: the base alone (loaded in the run's dtype from float16 files), plain
+    diffusers with one LoRA making one image, and mixdiff with 1, 32, 128 experts in the catalog (one routed).
+    Peak RSS (median of runs), peak anonymous RSS and, on CUDA, peak VRAM. Run before anything loads here."""
+    common = {"device": s.device, "dtype": s.dtype_for(arch), "size": s.size_for(arch)}
+    specs = {"load": {**common, "kind": "load", "base": str(kit.base)},
+             "plain": {**common, "kind": "plain", "base": str(kit.base), "lora": str(kit.loras["b"])}}
+    specs.update({str(n): {**common, "kind": "mixdiff", "catalog": str(path)} for n, path in kit.catalogs.items()})
+    runs = 1 if s.reduced or s.cuda else min(s.reps, 2)
+    at_once = len(specs) if s.reduced or s.cuda else 1  # real models on CPU: one at a time, to stay in memory
+    names = [n for _ in range(runs) for n in specs]
+    peaks: dict[str, list[dict[str, Any]]] = {}
+    for i in range(0, len(names), at_once):
+        procs = [(n, subprocess.Popen([sys.executable, __file__, "--child", json.dumps(specs[n])], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)) for n in names[i:i + at_once]]
+        for name, proc in procs:
+            stdout, stderr = proc.communicate()
+            if proc.returncode:
+                raise RuntimeError(f"child {name} failed:\n{stderr[-3000:]}")
+            peaks.setdefault(name, []).append(json.loads(stdout.strip().splitlines()[-1]))
+
+    def peak(name: str, key: str) -> float | None:
+        values = [p[key] for p in peaks[name] if p[key] is not None]
+        return statistics.median(values) if values else None
+
+    one, out = str(min(kit.catalogs)), {}
+    for key in ("rss", "anon", "vram"):
+        if peak(one, key) is None:
+            continue
+        for name in specs:
+            out[f"{key}_{name}_mib"] = round(peak(name, key) / 2**20, 1)
+        for n in kit.catalogs:
+            out[f"{key}_{n}_over_1"] = round(peak(str(n), key) / peak(one, key), 3)
+        out[f"{key}_1_over_plain"] = round(peak(one, key) / peak("plain", key), 3)
+    out["weights_mib"] = round(peaks["load"][0]["weights"] / 2**20, 1)
+    return out
+
+
+SECTIONS = ("memory", "equality", "speed", "switching", "loading", "budget", "model", "hotswap")
+
+
+def run_arch(arch: str, s: Settings, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """Every section for one architecture; the parts that need the base loaded share one engine and one plain
+    pipeline (its own UNet, the engine's text encoders and VAE: nothing adapts those)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from mixdiff_cli.core.quiet import quiet_frameworks
+    from mixdiff_cli.core.runtime import pick_dtype
+    from mixdiff_cli.sampling.engine import Engine
+
+    clock = time.perf_counter()
+    kit_ = kit(arch, s.reduced, s.counts, device="cuda" if s.cuda else "cpu")
+    out: dict[str, Any] = {"arch": arch, "dtype": s.dtype_for(arch), "device": s.device, "reduced": s.reduced,
+                           "size": s.size_for(arch), "steps": s.steps_for(arch), "build_s": round(time.perf_counter() - clock, 1)}
+    skipped = out.setdefault("skipped", [])
+
+    def section(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        """Run one section if asked for and time is left; record its figures and seconds."""
+        if name not in sections:
+            return
+        if time.monotonic() > s.deadline:
+            skipped.append(name)
+            return
+        start = time.perf_counter()
+        out.update(fn())
+        out[f"{name}_section_s"] = round(time.perf_counter() - start, 1)
+
+    with quiet_frameworks(), torch.no_grad():
+        section("memory", lambda: peak_memory(kit_, s, arch))
+        engine = Engine(kit_.speed, device=s.device, dtype=s.dtype_for(arch), max_loaded=8)
+        dtype = pick_dtype(s.dtype_for(arch), engine.device)
+        unet = UNet2DConditionModel.from_pretrained(kit_.base / "unet", dtype=dtype, local_files_only=True).to(s.device)
+        plain = type(engine.pipe).from_pipe(engine.pipe, unet=unet, dtype=dtype)  # from_pipe casts to float32 unless told
+        plain.set_progress_bar_config(disable=True)
+        plain.load_lora_weights(str(kit_.loras["a"]), adapter_name="a")
+        engine.ensure_loaded(["a", "b"])
+        section("equality", lambda: equality(engine, plain, s, arch))
+        section("speed", lambda: speed(engine, plain, s, arch))
+        section("switching", lambda: switching(engine, plain, kit_, s))
+        section("loading", lambda: loading(engine, plain, kit_, s))
+        section("budget", lambda: budget(engine, s))
+        del plain, unet
+        gc.collect()
+        section("model", lambda: model_expert(engine, s))
+        del engine
+        gc.collect()
+        section("hotswap", lambda: hotswap(kit_, s, arch))
+    out["seconds"] = round(time.perf_counter() - clock, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+
+ROWS = [  # (figure, key, target)
+    ("the base loaded in the run's dtype from float16 files: weights / peak anonymous RSS (MiB)", ("weights_mib", "anon_load_mib"), "no float32 copy"),
+    ("peak RSS, mixdiff with 1 expert in the catalog / plain diffusers with 1 LoRA (MiB)", ("rss_1_mib", "rss_plain_mib"), ""),
+    ("peak RSS, 32 experts / 1", "rss_32_over_1", "<= 1.05"),
+    ("peak RSS, 128 experts / 1", "rss_128_over_1", ""),
+    ("peak anonymous RSS, 1 expert (MiB); 32 / 1; 128 / 1", ("anon_1_mib", "anon_32_over_1", "anon_128_over_1"), "<= 1.05"),
+    ("peak VRAM, mixdiff with 1 expert / plain diffusers (MiB)", ("vram_1_mib", "vram_plain_mib"), ""),
+    ("peak VRAM, 32 experts / 1", "vram_32_over_1", "<= 1.05"),
+    ("LoRA file: rank R1 / R2 (MiB)", ("file_a_mib", "file_c_mib"), ""),
+    ("LoRA load, rank R1 kohya: mixdiff / plain (s)", ("load_a_s", "plain_load_a_s"), ""),
+    ("LoRA load, rank R1 diffusers: mixdiff / plain (s)", ("load_b_s", "plain_load_b_s"), ""),
+    ("LoRA load, rank R2 kohya: mixdiff / plain (s)", ("load_c_s", "plain_load_c_s"), ""),
+    ("LoRA load, rank R2 diffusers: mixdiff / plain (s)", ("load_d_s", "plain_load_d_s"), ""),
+    ("route switch A->B->A, adapters resident: mixdiff / plain set_adapters (ms)", ("switch_resident_ms", "plain_switch_ms"), ""),
+    ("route switch through the LRU (unload + load, s)", "switch_lru_s", ""),
+    ("route switch by hotswap into a slot (compile mode, s)", "hotswap_switch_s", ""),
+    ("top-1 (default: fused on accelerators) / plain diffusers", "top1_over_plain", ""),
+    ("fused top-1 / plain diffusers", "top1_fused_over_plain", "<= 1.0"),
+    ("unfused top-1 / plain diffusers", "top1_unfused_over_plain", ""),
+    ("plain diffusers per step (s)", "plain_per_step_s", ""),
+    ("noise k=2 / top-1", "noise2_over_top1", "<= 1.15 (GPU)"),
+    ("bare UNet batch 4 / batch 2 (the batch-doubling limit)", "unet_batch4_over_batch2", ""),
+    ("noise k=2 / unfused top-1, over that limit", "noise2_over_batch_limit", "<= 1.05"),
+    ("merge k=2 / top-1", "merge2_over_top1", ""),
+    ("model expert: load from disk, cold / warm cache (s)", ("model_load_disk_s", "model_reload_disk_s"), ""),
+    ("model expert: back from CPU memory (parked, s)", "model_parked_s", ""),
+    ("top-1 vs plain diffusers, max pixel difference (unfused / fused)", ("top1_unfused_max_diff", "top1_fused_max_diff"), "<= 1/255 = 0.0039"),
+    ("--max-memory: budget / most resident (MiB)", ("budget_mib", "max_resident_mib"), "resident <= budget"),
+    ("torch.compile: image before / after a hotswap (s); graphs added", ("compiled_image_s", "compiled_after_hotswap_image_s", "graphs_added_by_switch"), "0 graphs"),
+]
+
+
+def _cell(result: dict[str, Any], key: str | tuple[str, ...]) -> str:
+    keys = (key,) if isinstance(key, str) else key
+    values = [result.get(k) for k in keys]
+    if all(v is None for v in values):
+        return "-"
+    return " / ".join("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row a figure, one column an architecture."""
+    archs = list(results)
+    head = {a: f"{'SD 1.5' if a == 'sd15' else 'SDXL'} ({results[a]['device']}, {results[a]['dtype']}, "
+               f"{results[a].get('size', '?')} px, {results[a].get('steps', '?')} steps)" for a in archs}
+    lines = ["| figure | " + " | ".join(head.values()) + " | target |", "| --- |" + " --- |" * (len(archs) + 1)]
+    for label, key, target in ROWS:
+        cells = [_cell(results[a], key) for a in archs]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {target} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float16 on CUDA; CPU float32, SDXL bfloat16)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: native on CUDA, 64 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 on CUDA; CPU 10, SDXL 4)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 32, 128], help="catalog sizes for peak memory")
+    parser.add_argument("--reduced", action="store_true", help="channels and depth cut ~10x (seconds; tests and gpu.sh --dry)")
+    parser.add_argument("--compile", nargs="*", choices=ARCHS, default=[], help="archs sampled with torch.compile + hotswap")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip the sections left after this many seconds")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here (after each arch)")
+    parser.add_argument("--md", type=Path, default=None, help="write the markdown table here (after each arch)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child:
+        _child(json.loads(args.child))
+        return
+    deadline = time.monotonic() + (args.budget_s if args.budget_s is not None else float("inf"))
+    s = Settings(args.device, args.dtype, args.size, args.steps, args.reps, tuple(args.counts), args.reduced,
+                 tuple(args.compile), deadline)
+    results: dict[str, dict[str, Any]] = {}
+    for arch in args.arch:
+        results[arch] = run_arch(arch, s, tuple(args.sections))
+        print(json.dumps(results[arch]), file=sys.stderr, flush=True)
+        for path, text in ((args.json, json.dumps(results, indent=2) + "\n"), (args.md, table(results))):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Real scale, at reduced size: the SD 1.5 layout of benchmarks/bench_scale.py (public configs, channels and
+depth cut ~10x, random float16 weights on disk, LoRAs on every transformer layer) through the CLI and the
+engine: top-1 equals plain diffusers, a fused top-1 restores the base bit for bit, --max-memory keeps the
+loaded experts under the budget (bytes counted on the model), bfloat16 runs end to end on CPU; and
+benchmarks/gpu.sh --dry runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mixdiff_cli.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "a photo of a red cat"
+runner = CliRunner()
+
+
+def mixdiff(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/bench_scale.py as a module (it imports bench_engine from its own folder)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_scale", REPO / "benchmarks" / "bench_scale.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_scale"] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+@pytest.fixture(scope="module")
+def sd15(bench, tmp_path_factory):
+    """The reduced SD 1.5 kit: base, LoRAs a, b (rank 4: kohya, diffusers), c, d (rank 16), a model expert m."""
+    return bench.kit("sd15", reduced=True, counts=(), cache=tmp_path_factory.mktemp("scale"))
+
+
+def lora_bytes(engine) -> int:
+    """Bytes of every LoRA tensor in the engine's UNet and text encoder, counted on the model itself."""
+    models = [engine.unet, engine.pipe.text_encoder]
+    return sum(p.numel() * p.element_size() for m in models for n, p in m.named_parameters() if ".lora_" in n)
+
+
+def test_reduced_kit_keeps_the_sd15_layout(bench, sd15):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(sd15.base / "unet", local_files_only=True)
+    full = bench.geometry("sd15")["unet"]
+    for key in ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim"):
+        assert list(np.atleast_1d(unet.config[key])) == list(np.atleast_1d(full[key])), key
+    assert list(unet.config.block_out_channels) == [32, 64, 128, 128]  # SD 1.5: 320, 640, 1280, 1280
+    with open(sd15.base / "unet" / "diffusion_pytorch_model.safetensors", "rb") as fh:  # float16 on disk, like published files
+        assert b'"dtype":"F16"' in fh.read(20000)
+    assert all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_top1_equals_plain_diffusers_at_real_geometry(sd15, tmp_path):
+    import torch
+
+    from mixdiff_cli.models.pipeline import load_pipeline
+
+    out = tmp_path / "out"
+    res = mixdiff("generate", PROMPT, "--catalog", sd15.speed, "--expert", "a", "--steps", 3, "--seed", 5,
+                  "--width", 64, "--height", 64, "--out", out)
+    assert res.exit_code == 0, res.output
+    plain = load_pipeline(sd15.base, torch.float32)
+    plain.load_lora_weights(str(sd15.loras["a"]), adapter_name="a")
+    ref = plain(PROMPT, num_inference_steps=3, width=64, height=64, generator=torch.Generator().manual_seed(5)).images[0]
+    mine = pixels(next(out.glob("*.png")))
+    theirs = np.asarray(ref.convert("RGB"), dtype=np.int16)
+    assert mine.std() > 2  # an image, not a flat field
+    assert np.abs(mine - theirs).max() <= 1  # <= 1/255
+
+
+def test_fused_top1_matches_unfused_and_restores_the_base_bit_for_bit(sd15):
+    import torch
+
+    from mixdiff_cli.sampling.engine import Engine, Request
+
+    engine = Engine(sd15.speed, device="cpu")
+    request = [Request(PROMPT, seed=5, steps=3, width=64, height=64)]
+    engine.ensure_loaded(["c"])
+    base = {n: p.detach().clone() for n, p in engine.unet.named_parameters() if ".lora_" not in n}
+    images = {}
+    for mode in ("never", "always", "again"):
+        engine.fuse = "always" if mode == "always" else "never"
+        images[mode] = engine.generate(request, ["c"], output_type="np")[0]
+    diff = float(np.abs(images["never"] - images["always"]).max())
+    assert 0 < diff <= 1 / 255  # fused: other float sums, the same image
+    assert np.array_equal(images["never"], images["again"])  # the base came back exactly
+    assert all(torch.equal(p, base[n]) for n, p in engine.unet.named_parameters() if ".lora_" not in n)
+    engine.fuse = "auto"  # small layers on CPU: fusing pays (bench_scale measures where it does not)
+    layers = [m for m in engine.unet.modules() if hasattr(m, "lora_A") and "c" in m.lora_A]
+    assert engine._fuse_pays(layers)
+
+
+def test_max_memory_keeps_the_loaded_experts_under_the_budget(sd15, tmp_path, monkeypatch):
+    from mixdiff_cli.sampling.engine import Engine
+
+    seen = []  # after each load: (budget, LoRA bytes on the model, the engine's count, evictions so far)
+    ensure_loaded = Engine.ensure_loaded
+
+    def spy(self, names):
+        ensure_loaded(self, names)
+        seen.append((self.max_memory, lora_bytes(self), self.resident_bytes, len(self.evictions)))
+
+    monkeypatch.setattr(Engine, "ensure_loaded", spy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{PROMPT} {i} --expert {name} --steps 1 --w 64 --h 64\n" for i, name in enumerate("acbdab")))
+    res = mixdiff("generate", "--prompts", prompts, "--catalog", sd15.speed, "--max-memory", "3MiB", "--max-loaded", 8,
+                  "--seed", 1, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    budget = 3 * 2**20
+    assert len(seen) >= 4 and all(limit == budget for limit, *_ in seen)
+    on_model = [b for _, b, _, _ in seen]
+    assert max(on_model) <= budget  # the bytes really resident, after every load
+    assert max(on_model) > 2 * 2**20  # the rank-16 expert (2.5 MiB in float32) was among them
+    assert all(b == counted for _, b, counted, _ in seen)  # the engine counts what the model holds
+    assert seen[-1][-1] >= 2  # experts were unloaded to stay under it (--max-loaded 8 never binds)
+
+
+@pytest.mark.parametrize(("value", "message"), [("6XB", "'6XB' is not a memory size"), ("0", "'0' is not a memory size")])
+def test_bad_max_memory_is_a_usage_error(sd15, tmp_path, value, message):
+    res = mixdiff("generate", PROMPT, "--catalog", sd15.speed, "--max-memory", value, "--out", tmp_path / "out")
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_max_memory_sizes():
+    from mixdiff_cli.sampling.options import parse_size
+
+    assert parse_size("6GB") == 6 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5 gib") == 3 * 2**29
+    assert parse_size("4096") == 4096
+
+
+def test_bf16_runs_end_to_end_on_cpu(sd15, tmp_path):
+    from mixdiff_cli.sampling.pngmeta import read_record
+
+    images = {}
+    for dtype in ("float32", "bf16"):
+        out = tmp_path / dtype
+        res = mixdiff("generate", PROMPT, "--catalog", sd15.speed, "--expert", "a", "--steps", 3, "--seed", 5,
+                      "--width", 64, "--height", 64, "--dtype", dtype, "--out", out)
+        assert res.exit_code == 0, res.output
+        png = next(out.glob("*.png"))
+        images[dtype] = pixels(png)
+    assert read_record(png)["dtype"] == "bfloat16"
+    assert images["bf16"].std() > 2
+    assert np.abs(images["bf16"] - images["float32"]).mean() < 8  # bfloat16 rounding, the same picture
+
+
+def test_gpu_sh_dry_runs_the_real_scale_benchmark(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "gpu"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
+    assert set(results) == {"sd15", "sdxl"}
+    for arch, r in results.items():
+        assert r["skipped"] == [] and r["reduced"] is True, arch
+        assert 0.9 < r["rss_4_over_1"] < 1.1
+        assert r["top1_unfused_max_diff"] <= 1 / 255 and r["top1_fused_max_diff"] <= 1 / 255
+        assert r["under_budget"] is True and r["budget_evictions"] > 0
+        for key in ("top1_over_plain", "noise2_over_top1", "merge2_over_top1", "noise2_over_batch_limit", "load_c_s",
+                    "switch_lru_s", "hotswap_switch_s", "model_load_disk_s"):
+            assert r[key] > 0, (arch, key)
+    table = (tmp_path / "gpu" / "gpu.md").read_text()
+    assert table.startswith("| figure | SD 1.5 (cpu, float32, 64 px, 2 steps) | SDXL (cpu, float32, 64 px, 2 steps) | target |")
+    assert "| peak RSS, 32 experts / 1 |" not in table and "| fused top-1 / plain diffusers |" in table
