@@ -724,14 +724,22 @@ class Engine:
         generators = [torch.Generator(device=self.device).manual_seed(r.seed) for r in reqs]  # one per image
         self.pipe.scheduler = self._scheduler(scheduler)
         starts = {start: (stage, blend) for start, stage, blend in spans[1:]}
+        fusing = contextlib.ExitStack()  # several stages: each one-LoRA (or merged) stage fused while it runs
+
+        def activate(stage: _Stage) -> None:
+            fuse = self.plan(stage.members, stage.mode)[4]
+            if starts:
+                fusing.enter_context(self._fused(fuse))
+
         kwargs: dict[str, Any] = {}
         if tick is not None or starts:
             def on_step(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
                 if i + 1 in starts:
                     stage, blend = starts[i + 1]
+                    fusing.close()  # the base weights back before the adapters change
                     pipe.unet = self.unet  # adapter calls need the plain UNet in the pipeline
                     try:
-                        self.plan(stage.members, stage.mode)
+                        activate(stage)
                     finally:
                         pipe.unet = self.mixture
                     self.mixture.switch(blend)
@@ -741,8 +749,8 @@ class Engine:
 
             kwargs["callback_on_step_end"] = on_step
         _, stage, blend = spans[0]
-        self.plan(stage.members, stage.mode)
-        with self._installed(), self.mixture.routed(blend):
+        activate(stage)
+        with fusing, self._installed(), self.mixture.routed(blend):
             out = self.pipe(
                 **enc.pipeline_kwargs(),
                 num_inference_steps=steps,
