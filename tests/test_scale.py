@@ -37,22 +37,23 @@ def pixels(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/bench_scale.py as a module (it imports bench_engine from its own folder)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_scale", REPO / "benchmarks" / "bench_scale.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_scale"] = module  # its dataclasses look themselves up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    """benchmarks/bench_scale.py as a module."""
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "benchmarks" / "bench_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_scale"] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
     return module
 
 
 @pytest.fixture(scope="module")
-def sd15(bench, tmp_path_factory):
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("scale")
+
+
+@pytest.fixture(scope="module")
+def sd15(bench, cache):
     """The reduced SD 1.5 kit: base, LoRAs a, b (rank 4: kohya, diffusers), c, d (rank 16), a model expert m."""
-    return bench.kit("sd15", reduced=True, counts=(), cache=tmp_path_factory.mktemp("scale"))
+    return bench.kit("sd15", reduced=True, counts=(), cache=cache)
 
 
 def lora_bytes(engine) -> int:
@@ -156,13 +157,15 @@ def test_max_memory_sizes():
     assert parse_size("4096") == 4096
 
 
-def test_bf16_runs_end_to_end_on_cpu(sd15, tmp_path):
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_bf16_runs_end_to_end_on_cpu(bench, cache, arch, tmp_path):
     from mixdiff_cli.sampling.pngmeta import read_record
 
+    kit = bench.kit(arch, reduced=True, counts=(), cache=cache)
     images = {}
     for dtype in ("float32", "bf16"):
         out = tmp_path / dtype
-        res = mixdiff("generate", PROMPT, "--catalog", sd15.speed, "--expert", "a", "--steps", 3, "--seed", 5,
+        res = mixdiff("generate", PROMPT, "--catalog", kit.speed, "--expert", "a", "--steps", 3, "--seed", 5,
                       "--width", 64, "--height", 64, "--dtype", dtype, "--out", out)
         assert res.exit_code == 0, res.output
         png = next(out.glob("*.png"))
