@@ -360,9 +360,9 @@ def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
 
 
 def blend_overhead(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
-    """One denoiser call, interleaved, four times as many repetitions as whole images: the mixture at top-1 (batch 2:
-    one image with CFG) and at noise k=2 (batch 4, each adapter on its slice), against the bare UNet at batch 2
-    and 4. The blend's own cost is what noise / top-1 adds beyond the bare UNet's batch-doubling cost."""
+    """One denoiser call, interleaved, four times as many repetitions as whole images: the mixture at top-1
+    (batch 2: one image with CFG) and at noise k=2 (batch 4, each adapter on its slice), against the bare UNet
+    at batch 2 and 4. The blend's own cost is what noise / top-1 adds beyond the bare UNet's batch doubling."""
     from mixdiff_cli.sampling.engine import Active
     from mixdiff_cli.sampling.mixture import ACTIVE, Blend
 

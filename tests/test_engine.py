@@ -275,7 +275,8 @@ def test_full_model_experts_alone_and_blended(tiny_sd, full_model, full_model_fi
     from diffusers import UNet2DConditionModel
 
     lora = lora_files[("sd1", "diffusers")]
-    cat = make_catalog(tmp_path, tiny_sd, {"other": full_model, "other-file": full_model_file, "ink": lora})
+    # "half" is also an nn.Module method: an expert's name must not clash with where the engine keeps it
+    cat = make_catalog(tmp_path, tiny_sd, {"other": full_model, "half": full_model_file, "ink": lora})
     engine = Engine(cat)
     ref = plain_pipe(tiny_sd, {"ink": lora})
     other = UNet2DConditionModel.from_pretrained(full_model)
@@ -283,14 +284,14 @@ def test_full_model_experts_alone_and_blended(tiny_sd, full_model, full_model_fi
     swapped = plain_pipe(tiny_sd)
     swapped.unet = other
     want = plain_images(swapped)[0]
-    for name in ("other", "other-file"):  # a diffusers folder and an original-layout single file
+    for name in ("other", "half"):  # a diffusers folder and an original-layout single file
         got = engine.generate([Request(PROMPT, seed=0, steps=STEPS)], [name], output_type="np")[0]
         assert diff(got, want) <= TOL, name
 
     want = reference_blend(ref, [("ink", 0.6), ("other", 0.4)], models={"other": other})
     got = engine.generate([Request(PROMPT, seed=0, steps=STEPS)], [("ink", 0.6), ("other", 0.4)], output_type="np")[0]
     assert diff(got, want) <= TOL
-    assert set(engine.mixture.models) == {"other", "other-file"} and engine.adapters == ["ink"]
+    assert set(engine.mixture.models) == {"other", "half"} and engine.adapters == ["ink"]
 
 
 # ----------------------------------------------------------------------------- sparse loading, LRU

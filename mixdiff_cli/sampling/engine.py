@@ -162,8 +162,8 @@ class Engine:
         self._parked: OrderedDict[str, Any] = OrderedDict()  # idle model experts waiting in CPU memory
         self._slots: list[str | None] = []  # compile mode: adapter slots reused by hotswap
         self._compiled = False
-        self._plan_key: tuple | None = None  # the route whose adapter state is set (set_adapters once per route)
-        self._plan_value: Any = None
+        self._active_key: tuple | None = None  # the adapter state set (set_adapters once per route, see _activate)
+        self._lora_layers: list[Any] | None = None  # the UNet's LoRA layers (_fused), until the adapters change
         self._scheduler_config = self.pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
         self._hashes: dict[Path, str] = {}
@@ -205,7 +205,7 @@ class Engine:
                 self._loaded.move_to_end(name)
                 continue
             self._make_room(keep=set(names), incoming=self._size_hint(self.catalog.expert(name)))
-            self._plan_key = None
+            self._adapters_changed()
             item = self._load(self.catalog.expert(name))
             item.nbytes = self._resident(item)
             self._loaded[name] = item
@@ -268,7 +268,7 @@ class Engine:
         import torch
 
         item = self._loaded.pop(name)
-        self._plan_key = None
+        self._adapters_changed()
         if item.adapter is not None:
             if self.compile:
                 self._slots[self._slots.index(item.adapter)] = None  # slot reused by the next hotswap
@@ -457,7 +457,7 @@ class Engine:
         """Encode with the text encoders' LoRA layers of `adapters` active (as plain diffusers would)."""
         from mixdiff_cli.models.text import encode
 
-        self._plan_key = None  # the adapter state changes here
+        self._active_key = None  # the adapter state changes here
         self.pipe.enable_lora()
         self.pipe.set_adapters(adapters, adapter_weights=weights)
         return encode(self.pipe, prompts, negatives, device=self.device)
@@ -490,45 +490,51 @@ class Engine:
     def plan(self, members: list[Active], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
         """Activate adapters for `members`; return the base slices, models, weights, a label and the
         adapters to fuse for the run (merge of several LoRAs: one forward, no per-layer LoRA cost)."""
-        key = (mode, tuple((m.name, m.weight) for m in members), tuple(self.adapters))
-        if key == self._plan_key:  # adapter state already set by the previous batch
-            return self._plan_value
-        self._plan_value = self._plan(members, mode)
-        self._plan_key = key
-        return self._plan_value
+        value, active = self._plan(members, mode)
+        self._activate(active)
+        return value
 
-    def _plan(self, members: list[Active], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
+    def _plan(self, members: list[Active], mode: BlendMode) -> tuple[tuple[list[str | None], list[str], list[float], str, list[str]], tuple | None]:
+        """`plan`'s value, and the adapter state it needs ((adapters, weights); None: LoRA layers off),
+        without setting it."""
         from mixdiff_cli.sampling.mixture import ACTIVE
 
         loras = [m for m in members if m.expert.kind == "lora"]
         models = [m for m in members if m.expert.kind == "model"]
         adapter = {m.name: self._loaded[m.name].adapter for m in loras}
-        has_adapters = bool(self.adapters)
         if not loras:
-            if has_adapters:
-                self.pipe.disable_lora()
             slices: list[str | None] = [] if models else [ACTIVE]
             weights = [m.weight for m in models] if models else [1.0]
-            return slices, [m.name for m in models], weights, "model" if models else "base", []
-        self.pipe.enable_lora()
+            return (slices, [m.name for m in models], weights, "model" if models else "base", []), None
+        names = tuple(adapter[m.name] for m in loras)
         if len(loras) == 1 or mode == "merge":
             group = sum(m.weight for m in loras)
-            self.pipe.set_adapters(
-                [adapter[m.name] for m in loras],
-                adapter_weights=[m.weight / group * m.expert.default_weight for m in loras],
-            )
+            active = (names, tuple(m.weight / group * m.expert.default_weight for m in loras))
             label = "single" if len(members) == 1 else "merge" if not models else "merge+noise"
-            fuse = [] if self.compile else [adapter[m.name] for m in loras]  # _fused decides whether it pays
-            return [ACTIVE], [m.name for m in models], [group] + [m.weight for m in models], label, fuse
+            fuse = [] if self.compile else list(names)  # _fused decides whether it pays
+            return ([ACTIVE], [m.name for m in models], [group] + [m.weight for m in models], label, fuse), active
         # noise blend: each adapter at its own strength, one batched forward with per-sample adapters
-        self.pipe.set_adapters([adapter[m.name] for m in loras], adapter_weights=[m.expert.default_weight for m in loras])
-        return (
-            [adapter[m.name] for m in loras],
-            [m.name for m in models],
-            [m.weight for m in loras] + [m.weight for m in models],
-            "noise",
-            [],
-        )
+        active = (names, tuple(m.expert.default_weight for m in loras))
+        return (list(names), [m.name for m in models], [m.weight for m in loras] + [m.weight for m in models], "noise", []), active
+
+    def _activate(self, active: tuple | None) -> None:
+        """Set the adapter state `_plan` asked for, unless it is set already (a batch after a batch of the
+        same route, or a band stage after the same stage)."""
+        key = (active, tuple(self.adapters))
+        if key == self._active_key:
+            return
+        if active is None:
+            if self.adapters:
+                self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(list(active[0]), adapter_weights=list(active[1]))
+        self._active_key = key
+
+    def _adapters_changed(self) -> None:
+        """An adapter was loaded or deleted: the adapter state and the LoRA layer list are stale."""
+        self._active_key = None
+        self._lora_layers = None
 
     def generate(
         self,
@@ -635,7 +641,7 @@ class Engine:
         conditioning even when the pipeline's is the same."""
         from mixdiff_cli.sampling.mixture import Blend
 
-        slices, model_names, weights, _, _ = self.plan(stage.members, stage.mode)
+        slices, model_names, weights, _, _ = self._plan(stage.members, stage.mode)[0]
         if stage.per_member is not None:
             conditioning = [_conditioning(e.take(idx), cfg) if e is not None else None for e in stage.per_member]
         elif explicit:
@@ -656,7 +662,12 @@ class Engine:
         import torch
         from peft.tuners.lora.layer import LoraLayer
 
-        layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer) and any(a in m.lora_A for a in adapters)]
+        if not adapters:
+            yield
+            return
+        if self._lora_layers is None:
+            self._lora_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+        layers = [m for m in self._lora_layers if any(a in m.lora_A for a in adapters)]
         vanilla = all(not getattr(m, "lora_variant", {}).get(a) and not m.lora_bias.get(a) for m in layers for a in adapters)
         if not layers or not vanilla or not self._fuse_pays(layers):  # DoRA and LoRA biases: run unfused
             yield
@@ -671,13 +682,15 @@ class Engine:
                     fused += delta  # ((W + d1) + d2): the order fuse_lora adds in
                 saved.append((weight, weight.data))
                 weight.data = fused
-        self.unet.disable_adapters()
+        for module in layers:  # only these hold the fused adapters (what unet.disable_adapters does, on fewer modules)
+            module.enable_adapters(False)
         try:
             yield
         finally:
             for weight, original in saved:
                 weight.data = original
-            self.unet.enable_adapters()
+            for module in layers:
+                module.enable_adapters(True)
 
     def _fuse_pays(self, layers: list[Any]) -> bool:
         """Whether fusing beats running the LoRA layers unfused (`self.fuse`: auto, always, never).

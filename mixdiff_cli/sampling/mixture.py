@@ -146,7 +146,9 @@ class MixtureUNet(nn.Module):
     def __init__(self, base: nn.Module, models: Mapping[str, nn.Module] | None = None):
         super().__init__()
         self.base = base
-        self.models = nn.ModuleDict(dict(models or {}))
+        # full-model experts by expert name: a plain dict, not a ModuleDict, whose keys may not be Module
+        # attributes (an expert may be called `half` or `to`); the engine places and parks them itself
+        self.models: dict[str, nn.Module] = dict(models or {})
         self.blend: Blend | None = None
         self._hooks: contextlib.ExitStack | None = None
         self._hooked: tuple[str, ...] = ()
