@@ -217,6 +217,7 @@ def test_merge_matches_set_adapters(arch, engine, reference, three_loras):
     reference.enable_lora()
     reference.set_adapters(names, adapter_weights=[0.6, 0.4])
     want = plain_images(reference)[0]
+    engine.ensure_loaded(names)  # the adapters in place first: the state dict has the same keys after
     before = {k: v.clone() for k, v in engine.unet.state_dict().items()}
     got = engine.generate([Request(PROMPT, seed=0, steps=STEPS)], [(names[0], 3), (names[1], 2)], blend="merge", output_type="np")[0]
     after = engine.unet.state_dict()
