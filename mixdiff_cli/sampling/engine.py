@@ -164,6 +164,7 @@ class Engine:
         self._compiled = False
         self._active_key: tuple | None = None  # the adapter state set (set_adapters once per route, see _activate)
         self._lora_layers: list[Any] | None = None  # the UNet's LoRA layers (_fused), until the adapters change
+        self._lora_on: bool | None = None  # whether the LoRA layers are enabled (None: not known)
         self._scheduler_config = self.pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
         self._hashes: dict[Path, str] = {}
@@ -459,6 +460,7 @@ class Engine:
 
         self._active_key = None  # the adapter state changes here
         self.pipe.enable_lora()
+        self._lora_on = True
         self.pipe.set_adapters(adapters, adapter_weights=weights)
         return encode(self.pipe, prompts, negatives, device=self.device)
 
@@ -526,8 +528,11 @@ class Engine:
         if active is None:
             if self.adapters:
                 self.pipe.disable_lora()
+                self._lora_on = False
         else:
-            self.pipe.enable_lora()
+            if not self._lora_on:  # a pass over every module: only when they may be off
+                self.pipe.enable_lora()
+                self._lora_on = True
             self.pipe.set_adapters(list(active[0]), adapter_weights=list(active[1]))
         self._active_key = key
 
@@ -535,6 +540,7 @@ class Engine:
         """An adapter was loaded or deleted: the adapter state and the LoRA layer list are stale."""
         self._active_key = None
         self._lora_layers = None
+        self._lora_on = None
 
     def generate(
         self,
