@@ -644,8 +644,10 @@ def run_arch(arch: str, s: Settings, sections: tuple[str, ...] = SECTIONS) -> di
             skipped.append(name)
             return
         start = time.perf_counter()
-        out.update(fn())
-        out[f"{name}_section_s"] = round(time.perf_counter() - start, 1)
+        figures = fn()
+        figures[f"{name}_section_s"] = round(time.perf_counter() - start, 1)
+        out.update(figures)
+        print(json.dumps({"arch": arch, "section": name, **figures}), file=sys.stderr, flush=True)  # a long run's partial figures
 
     with quiet_frameworks(), torch.no_grad():
         section("memory", lambda: peak_memory(kit_, s, arch))
