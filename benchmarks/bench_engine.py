@@ -10,8 +10,9 @@ encoder excluded (< 1 ms).
 
 Times come from interleaved repetitions (A B A B ...): the median process CPU time (`cpu`; robust when
 other jobs share the cores), the median wall time (`wall`), the fastest CPU time (`best`), and `pair`: the
-median over repetitions of the ratio of two runs made one after the other in the same repetition (on a
-shared machine whose speed drifts by +-10% between minutes, the steadiest); one intra-op thread.
+median over repetitions of the ratio of two runs made in the same repetition, seconds apart (bands
+right after top-1, top-1 right after plain; on a shared machine whose speed drifts by +-10% between
+minutes, the steadiest); one intra-op thread.
 """
 
 from __future__ import annotations
