@@ -328,7 +328,11 @@ def equality(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, float
 
 def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
     """Whole images, interleaved: plain diffusers with LoRA a; mixdiff top-1 (fused, unfused), noise and merge
-    k=2 (a, b); then one denoiser call of each (`blend_overhead`)."""
+    k=2 (a, b); then one denoiser call of each (`blend_overhead`).
+
+    Fused top-1 twice: among the other runs each of its images fuses anew (the route changed in between: a
+    route's first image), and then against plain alone, where the fusion stays from one image to the next
+    (the route's later images: a prompt file, --num-images). The fuse itself is timed on its own."""
     from peft.tuners.lora.layer import LoraLayer
 
     def top1(mode: str) -> Callable[[], Any]:
@@ -343,6 +347,8 @@ def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
         "merge2": lambda: engine.generate(_request(s, arch), pair, blend="merge", output_type="np"),
     }
     t = _times(runs, s)
+    t.update({k + ("_later" if k == "top1_fused" else "_again"): v for k, v in _times({k: runs[k] for k in ("plain", "top1_fused")}, s).items()})
+    fuse_s = fuse_seconds(engine, s)
     fused = engine._fuse_pays([m for m in engine.unet.modules() if isinstance(m, LoraLayer) and "a" in m.lora_A])
     t["top1"] = t["top1_fused" if fused else "top1_unfused"]
     steps = s.steps_for(arch)
@@ -350,13 +356,36 @@ def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
     out.update({f"{k}_per_step_s": round(v / steps, 4) for k, v in t.items()})
     out.update({
         "top1_over_plain": round(t["top1"] / t["plain"], 3),
-        "top1_fused_over_plain": round(t["top1_fused"] / t["plain"], 3),
+        "top1_fused_over_plain": round(t["top1_fused_later"] / t["plain_again"], 3),
+        "top1_fused_first_over_plain": round(t["top1_fused"] / t["plain"], 3),
+        "fuse_s": round(fuse_s, 3),
+        "fuse_paid_back_images": round(fuse_s / (t["plain_again"] - t["top1_fused_later"]), 1) if t["plain_again"] > t["top1_fused_later"] else None,
         "top1_unfused_over_plain": round(t["top1_unfused"] / t["plain"], 3),
         "noise2_over_top1": round(t["noise2"] / t["top1"], 3),
         "merge2_over_top1": round(t["merge2"] / t["top1"], 3),
     })
     out.update(blend_overhead(engine, plain, s, arch))
     return out
+
+
+def fuse_seconds(engine: Any, s: Settings) -> float:
+    """The fastest of `reps` fuses of LoRA a into the base UNet (what a route's first fused image adds)."""
+    from mixdiff_cli.sampling.engine import Active
+
+    engine.fuse = "always"
+    try:
+        engine.plan([Active(engine.catalog.expert("a"), 1.0)], "noise")
+        adapter = engine._loaded["a"].adapter
+
+        def fuse() -> None:
+            engine.unfuse()  # a pointer swap back
+            engine._fuse([adapter])
+
+        best = _times({"fuse": fuse}, s)["fuse"]  # the clock of the images' figures
+        engine.unfuse()
+        return best
+    finally:
+        engine.fuse = "auto"
 
 
 def blend_overhead(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
@@ -695,7 +724,9 @@ ROWS = [  # (figure, key, target)
     ("route switch through the LRU (unload + load, s)", "switch_lru_s", ""),
     ("route switch by hotswap into a slot (compile mode, s)", "hotswap_switch_s", ""),
     ("top-1 as mixdiff runs it (fused where that pays) / plain diffusers", "top1_over_plain", ""),
-    ("fused top-1 / plain diffusers", "top1_fused_over_plain", "<= 1.0"),
+    ("fused top-1 / plain diffusers, a route's later images (the fusion stays between images)", "top1_fused_over_plain", "<= 1.0"),
+    ("fused top-1 / plain diffusers, a route's first image (its fuse included)", "top1_fused_first_over_plain", ""),
+    ("the fuse (s); the images of one route it takes to pay back", ("fuse_s", "fuse_paid_back_images"), ""),
     ("unfused top-1 / plain diffusers", "top1_unfused_over_plain", ""),
     ("plain diffusers per step (s)", "plain_per_step_s", ""),
     ("noise k=2 / top-1, whole images", "noise2_over_top1", "<= 1.15 (GPU)"),

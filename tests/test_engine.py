@@ -218,10 +218,13 @@ def test_merge_matches_set_adapters(arch, engine, reference, three_loras):
     reference.set_adapters(names, adapter_weights=[0.6, 0.4])
     want = plain_images(reference)[0]
     engine.ensure_loaded(names)  # the adapters in place first: the state dict has the same keys after
+    engine.unfuse()  # an earlier test's route may still be fused
     before = {k: v.clone() for k, v in engine.unet.state_dict().items()}
     got = engine.generate([Request(PROMPT, seed=0, steps=STEPS)], [(names[0], 3), (names[1], 2)], blend="merge", output_type="np")[0]
+    assert len(engine.fused) == 2  # fused, and left fused for the next run of this route
+    engine.unfuse()
     after = engine.unet.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # fused for the run, restored bit for bit
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base back bit for bit
     noise = engine.generate([Request(PROMPT, seed=0, steps=STEPS)], [(names[0], 3), (names[1], 2)], blend="noise", output_type="np")[0]
     assert diff(got, want) <= TOL
     assert 0 < diff(got, noise) < 0.1  # different mixes of the same experts: close, not equal

@@ -116,6 +116,45 @@ def test_fused_top1_matches_unfused_and_restores_the_base_bit_for_bit(sd15):
     assert engine._fuse_pays(layers)
 
 
+def test_a_fused_route_stays_fused_between_runs_and_anything_else_gets_the_base_back(sd15, monkeypatch):
+    import torch
+
+    from mixdiff_cli.sampling import engine as engine_module
+    from mixdiff_cli.sampling.engine import Active, Engine, Request
+
+    calls = []
+    plus_delta = engine_module._plus_delta
+    monkeypatch.setattr(engine_module, "_plus_delta", lambda *a, **k: calls.append(1) or plus_delta(*a, **k))
+    engine = Engine(sd15.speed, device="cpu")
+    engine.fuse = "always"
+    request = [Request(PROMPT, seed=5, steps=2, width=64, height=64)]
+    engine.ensure_loaded(["a", "c"])
+    base = {n: p.detach().clone() for n, p in engine.unet.named_parameters() if ".lora_" not in n}
+
+    def base_back() -> bool:
+        return not engine.fused and all(torch.equal(p, base[n]) for n, p in engine.unet.named_parameters() if ".lora_" not in n)
+
+    first = engine.generate(request, ["c"], output_type="np")[0]
+    fuses = len(calls)
+    assert fuses > 0 and engine.fused == (engine._loaded["c"].adapter,)
+    again = engine.generate(request, ["c"], output_type="np")[0]
+    assert len(calls) == fuses and np.array_equal(first, again)  # the next image of the route: no second fuse
+
+    engine.generate(request, [("a", 0.5), ("c", 0.5)], blend="noise", output_type="np")  # another route
+    assert base_back()
+    engine.generate(request, ["c"], output_type="np")
+    engine.plan([Active(engine.catalog.expert("c"), 1.0)], "noise")  # what canvas and evaluation call
+    assert base_back()
+    engine.generate(request, ["c"], output_type="np")
+    engine.evict("a")  # an adapter deleted
+    assert base_back()
+    engine.generate(request, ["c"], output_type="np")
+    engine.fuse = "never"
+    unfused = engine.generate(request, ["c"], output_type="np")[0]
+    assert base_back() and 0 < np.abs(unfused - first).max() <= 1 / 255
+    assert len(calls) == 4 * fuses
+
+
 def test_max_memory_keeps_the_loaded_experts_under_the_budget(sd15, tmp_path, monkeypatch):
     from mixdiff_cli.sampling.engine import Engine
 
@@ -188,8 +227,8 @@ def test_gpu_sh_dry_runs_the_real_scale_benchmark(tmp_path):
         assert r["top1_unfused_max_diff"] <= 1 / 255 and r["top1_fused_max_diff"] <= 1 / 255
         assert r["under_budget"] is True and r["budget_evictions"] > 0
         for key in ("top1_over_plain", "noise2_over_top1", "merge2_over_top1", "noise2_over_batch_limit", "load_c_s",
-                    "switch_lru_s", "hotswap_switch_s", "model_load_disk_s"):
+                    "switch_lru_s", "hotswap_switch_s", "model_load_disk_s", "fuse_s", "top1_fused_first_over_plain"):
             assert r[key] > 0, (arch, key)
     table = (tmp_path / "gpu" / "gpu.md").read_text()
     assert table.startswith("| figure | SD 1.5 (cpu, float32, 64 px, 2 steps) | SDXL (cpu, float32, 64 px, 2 steps) | target |")
-    assert "| peak RSS, 32 experts / 1 |" not in table and "| fused top-1 / plain diffusers |" in table
+    assert "| peak RSS, 32 experts / 1 |" not in table and "| fused top-1 / plain diffusers, a route's later images (the fusion stays between images) |" in table

@@ -38,6 +38,25 @@ if TYPE_CHECKING:
 _CPU_FUSE_MAX_PER_LAYER = 400_000
 
 
+def _plus_delta(module: Any, adapter: str, weight: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """`weight` + the LoRA layer's delta for `adapter` (PEFT's get_delta_weight: scale * B @ A): a new
+    tensor if `fresh`, else `weight` itself, added in place. Linear and 1x1 conv layers take one addmm (one
+    pass over the weight, no delta tensor); the rest (3x3 convs, half precision on CPU) PEFT's own delta."""
+    import torch
+
+    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    flat = weight.dim() == 2 or weight.shape[2:] == (1, 1)
+    exact_dtype = a.dtype == b.dtype == weight.dtype and (weight.dtype == torch.float32 or weight.device.type != "cpu")
+    if flat and exact_dtype and not getattr(module, "fan_in_fan_out", False):
+        w2, b2, a2 = weight.flatten(1), b.flatten(1), a.flatten(1)
+        if fresh:
+            return torch.addmm(w2, b2, a2, alpha=module.scaling[adapter]).view_as(weight)
+        w2.addmm_(b2, a2, alpha=module.scaling[adapter])
+        return weight
+    delta = module.get_delta_weight(adapter).to(weight.dtype)
+    return weight + delta if fresh else weight.add_(delta)
+
+
 class EngineError(MixdiffError):
     """A generation request the engine cannot run."""
 
@@ -163,7 +182,8 @@ class Engine:
         self._slots: list[str | None] = []  # compile mode: adapter slots reused by hotswap
         self._compiled = False
         self._active_key: tuple | None = None  # the adapter state set (set_adapters once per route, see _activate)
-        self._lora_layers: list[Any] | None = None  # the UNet's LoRA layers (_fused), until the adapters change
+        self._lora_layers: list[Any] | None = None  # the UNet's LoRA layers (_fuse), until the adapters change
+        self._fusion: tuple[tuple, list, list] | None = None  # (key, (weight, own data) pairs, layers) of the fused route
         self._lora_on: bool | None = None  # whether the LoRA layers are enabled (None: not known)
         self._scheduler_config = self.pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
@@ -458,6 +478,7 @@ class Engine:
         """Encode with the text encoders' LoRA layers of `adapters` active (as plain diffusers would)."""
         from mixdiff_cli.models.text import encode
 
+        self.unfuse()  # enable_lora would turn the fused layers back on
         self._active_key = None  # the adapter state changes here
         self.pipe.enable_lora()
         self._lora_on = True
@@ -491,7 +512,13 @@ class Engine:
 
     def plan(self, members: list[Active], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
         """Activate adapters for `members`; return the base slices, models, weights, a label and the
-        adapters to fuse for the run (merge of several LoRAs: one forward, no per-layer LoRA cost)."""
+        adapters to fuse for the run (merge of several LoRAs: one forward, no per-layer LoRA cost). A fused
+        route is unfused first: the caller runs the UNet with these adapters as set."""
+        self.unfuse()
+        return self._apply(members, mode)
+
+    def _apply(self, members: list[Active], mode: BlendMode) -> tuple[list[str | None], list[str], list[float], str, list[str]]:
+        """`plan` for a run of the engine's own, which keeps a fused route fused when the route stays."""
         value, active = self._plan(members, mode)
         self._activate(active)
         return value
@@ -513,7 +540,7 @@ class Engine:
             group = sum(m.weight for m in loras)
             active = (names, tuple(m.weight / group * m.expert.default_weight for m in loras))
             label = "single" if len(members) == 1 else "merge" if not models else "merge+noise"
-            fuse = [] if self.compile else list(names)  # _fused decides whether it pays
+            fuse = [] if self.compile else list(names)  # _fuse decides whether it pays
             return ([ACTIVE], [m.name for m in models], [group] + [m.weight for m in models], label, fuse), active
         # noise blend: each adapter at its own strength, one batched forward with per-sample adapters
         active = (names, tuple(m.expert.default_weight for m in loras))
@@ -525,6 +552,7 @@ class Engine:
         key = (active, tuple(self.adapters))
         if key == self._active_key:
             return
+        self.unfuse()  # fused weights hold the old state's adapters
         if active is None:
             if self.adapters:
                 self.pipe.disable_lora()
@@ -537,7 +565,8 @@ class Engine:
         self._active_key = key
 
     def _adapters_changed(self) -> None:
-        """An adapter was loaded or deleted: the adapter state and the LoRA layer list are stale."""
+        """An adapter is loaded or deleted: the fused weights, the adapter state and the LoRA layer list are stale."""
+        self.unfuse()
         self._active_key = None
         self._lora_layers = None
         self._lora_on = None
@@ -593,24 +622,23 @@ class Engine:
         explicit = len(stages) > 1 and any(s.adapted for s in stages.values())
         only = next(iter(stages.values())) if len(stages) == 1 else None
         banded = any(m.band is not None for m in members)
-        plan = self.plan(only.members, mode) if only is not None else None
+        plan = self._apply(only.members, mode) if only is not None else None
         label = plan[3] if plan is not None and not banded else _bands_label(list(layouts.values()), mode)
 
         results: list[Any] = [None] * len(reqs)
         total = sum(reqs[idx[0]].steps for idx in groups.values())
         done = 0
-        with self._fused(plan[4] if plan is not None else []):
-            for (steps, width, height, scheduler, guidance), idx in groups.items():
-                cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
-                spans = [(start, stages[tuple(m.name for m in active)]) for start, active in layouts[steps]]
-                blends = [self._blend(stage, idx, cfg, explicit) for _, stage in spans]
-                images = self._sample(
-                    spans[0][1].encoded.take(idx), [reqs[i] for i in idx], [(start, stage, blend) for (start, stage), blend in zip(spans, blends)],
-                    (steps, width, height, scheduler, guidance), output_type, (progress, done, total),
-                )
-                done += steps
-                for i, image in zip(idx, images):
-                    results[i] = image
+        for (steps, width, height, scheduler, guidance), idx in groups.items():
+            cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
+            spans = [(start, stages[tuple(m.name for m in active)]) for start, active in layouts[steps]]
+            blends = [self._blend(stage, idx, cfg, explicit) for _, stage in spans]
+            images = self._sample(
+                spans[0][1].encoded.take(idx), [reqs[i] for i in idx], [(start, stage, blend) for (start, stage), blend in zip(spans, blends)],
+                (steps, width, height, scheduler, guidance), output_type, (progress, done, total),
+            )
+            done += steps
+            for i, image in zip(idx, images):
+                results[i] = image
         if output_type == "pil":
             for req, image in zip(reqs, results):
                 record = self.record(req, members, label, route_info)
@@ -656,47 +684,63 @@ class Engine:
             conditioning = None
         return Blend(slices=slices, models=model_names, weights=weights, conditioning=conditioning)
 
-    @contextlib.contextmanager
-    def _fused(self, adapters: list[str]):
-        """Fuse `adapters` (at their set_adapters weights) into the base UNet for one run, where that pays
-        (`_fuse_pays`), and give the base weights back bit for bit afterwards.
+    def _fuse(self, adapters: list[str]) -> None:
+        """Fuse `adapters` (at their set_adapters weights) into the base UNet where that pays (`_fuse_pays`),
+        and keep them fused after the run: the next run of the same route (the next image of a prompt file,
+        the next batch) starts fused and pays nothing. `unfuse` gives the base weights back bit for bit
+        before the adapter state changes (another route, an adapter loaded or evicted, `plan`).
 
-        What `fuse_lora` adds in place (W += get_delta_weight, PEFT's merge) is added out of place here: each
-        targeted W is swapped for a new W + dW while the LoRA layers are off, and W itself comes back after
-        the run. Same sums, half the passes of fuse + unfuse, no copy of W, and no float drift ((W + dW) - dW
-        != W)."""
+        Where `fuse_lora` adds in place (W += get_delta_weight, PEFT's merge), this swaps each targeted W
+        for a new W + scale * B @ A (one addmm: a single pass over W) while those LoRA layers are off, and
+        keeps W itself: no float drift ((W + dW) - dW != W), and an unfuse is a pointer swap. The price is
+        one copy of the targeted weights while fused."""
         import torch
         from peft.tuners.lora.layer import LoraLayer
 
+        key = (tuple(adapters), self._active_key, self.fuse)
+        if self._fusion is not None and self._fusion[0] == key:
+            return
+        self.unfuse()
         if not adapters:
-            yield
             return
         if self._lora_layers is None:
             self._lora_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
         layers = [m for m in self._lora_layers if any(a in m.lora_A for a in adapters)]
         vanilla = all(not getattr(m, "lora_variant", {}).get(a) and not m.lora_bias.get(a) for m in layers for a in adapters)
         if not layers or not vanilla or not self._fuse_pays(layers):  # DoRA and LoRA biases: run unfused
-            yield
             return
-        saved = []
-        with torch.no_grad():
-            for module in layers:
-                weight = module.get_base_layer().weight
-                deltas = [module.get_delta_weight(a).to(weight.dtype) for a in adapters if a in module.lora_A]
-                fused = weight.data + deltas[0]  # a new tensor: W itself stays as it is
-                for delta in deltas[1:]:
-                    fused += delta  # ((W + d1) + d2): the order fuse_lora adds in
-                saved.append((weight, weight.data))
-                weight.data = fused
-        for module in layers:  # only these hold the fused adapters (what unet.disable_adapters does, on fewer modules)
-            module.enable_adapters(False)
+        saved: list[tuple[Any, Any]] = []
+        self._fusion = (key, saved, layers)
         try:
-            yield
-        finally:
-            for weight, original in saved:
-                weight.data = original
-            for module in layers:
-                module.enable_adapters(True)
+            with torch.no_grad():
+                for module in layers:
+                    weight = module.get_base_layer().weight
+                    fused = None
+                    for adapter in adapters:  # ((W + d1) + d2): the order fuse_lora adds in
+                        if adapter in module.lora_A:
+                            fused = _plus_delta(module, adapter, weight.data if fused is None else fused, fresh=fused is None)
+                    saved.append((weight, weight.data))
+                    weight.data = fused
+                    module.enable_adapters(False)  # only the fused layers (what unet.disable_adapters does, on fewer)
+        except BaseException:  # out of memory half way: the base as it was
+            self.unfuse()
+            raise
+
+    def unfuse(self) -> None:
+        """The base UNet's own weights back (bit for bit) and its LoRA layers on, if a route is fused."""
+        if self._fusion is None:
+            return
+        _, saved, layers = self._fusion
+        self._fusion = None
+        for weight, original in saved:
+            weight.data = original
+        for module in layers:
+            module.enable_adapters(True)
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """The adapters fused into the base UNet now (empty: none)."""
+        return self._fusion[0][0] if self._fusion is not None else ()
 
     def _fuse_pays(self, layers: list[Any]) -> bool:
         """Whether fusing beats running the LoRA layers unfused (`self.fuse`: auto, always, never).
@@ -743,19 +787,15 @@ class Engine:
         generators = [torch.Generator(device=self.device).manual_seed(r.seed) for r in reqs]  # one per image
         self.pipe.scheduler = self._scheduler(scheduler)
         starts = {start: (stage, blend) for start, stage, blend in spans[1:]}
-        fusing = contextlib.ExitStack()  # several stages: each one-LoRA (or merged) stage fused while it runs
 
-        def activate(stage: _Stage) -> None:
-            fuse = self.plan(stage.members, stage.mode)[4]
-            if starts:
-                fusing.enter_context(self._fused(fuse))
+        def activate(stage: _Stage) -> None:  # each one-LoRA (or merged) stage fused while it runs, where that pays
+            self._fuse(self._apply(stage.members, stage.mode)[4])
 
         kwargs: dict[str, Any] = {}
         if tick is not None or starts:
             def on_step(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
                 if i + 1 in starts:
                     stage, blend = starts[i + 1]
-                    fusing.close()  # the base weights back before the adapters change
                     pipe.unet = self.unet  # adapter calls need the plain UNet in the pipeline
                     try:
                         activate(stage)
@@ -769,7 +809,7 @@ class Engine:
             kwargs["callback_on_step_end"] = on_step
         _, stage, blend = spans[0]
         activate(stage)
-        with fusing, self._installed(), self.mixture.routed(blend):
+        with self._installed(), self.mixture.routed(blend):
             out = self.pipe(
                 **enc.pipeline_kwargs(),
                 num_inference_steps=steps,
