@@ -229,6 +229,7 @@ class Settings:
     reduced: bool = False
     compile: tuple[str, ...] = ()  # archs whose hotswap engine is torch.compiled and sampled (accelerators)
     deadline: float = float("inf")  # time.monotonic() after which the sections left are skipped
+    share: bool | None = None  # plain diffusers on the engine's UNet (None: where two UNets do not fit in memory)
 
     @property
     def cuda(self) -> bool:
@@ -314,6 +315,46 @@ def _unet_inputs(unet: Any, n: int, size: int, s: Settings, dtype: Any) -> tuple
     return x, ctx, {"text_embeds": torch.randn(n, pooled, generator=gen).to(s.device, dtype), "time_ids": time_ids}
 
 
+class SharedPlain:
+    """Plain diffusers on the engine's own UNet, for a machine where two UNets do not fit (SDXL in float32 on
+    24 GB): the same modules in a diffusers pipeline of their own, its LoRAs as adapters named `plain_*`.
+    Every use gives the engine's fused weights back first and leaves the engine to set its adapter state anew
+    (`_adapters_changed`); a call sets plain's own adapter (`set_adapters`, ~1% of one denoiser call)."""
+
+    prefix = "plain_"
+
+    def __init__(self, engine: Any, lora: Path) -> None:
+        self._engine = engine
+        self._pipe = type(engine.pipe).from_pipe(engine.pipe, dtype=engine.unet.dtype)  # the same modules
+        self._pipe.set_progress_bar_config(disable=True)
+        self._touch()
+        self._pipe.load_lora_weights(str(lora), adapter_name=self.prefix + "a")
+        self.active = [self.prefix + "a"]
+
+    def _touch(self, on_off: bool = True) -> None:
+        """The engine's fused weights back, and its cached adapter state forgotten (`on_off`: whether the
+        LoRA layers may be switched on or off too)."""
+        self._engine._adapters_changed() if on_off else (self._engine.unfuse(), setattr(self._engine, "_active_key", None))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._touch()
+        self._pipe.enable_lora()
+        self._pipe.set_adapters(self.active)
+        try:
+            return self._pipe(*args, **kwargs)
+        finally:
+            self._touch(on_off=False)
+            self._engine._lora_on = True  # as enable_lora left them
+
+    def __getattr__(self, name: str) -> Any:
+        self._touch(on_off=name not in ("set_adapters", "unet"))
+        return getattr(self._pipe, name)
+
+
+def _plain_name(plain: Any, name: str) -> str:
+    return getattr(plain, "prefix", "") + name
+
+
 def equality(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, float]:
     """Top-1 (fused and unfused) against plain diffusers with the same LoRA: max pixel difference on [0, 1]."""
     import numpy as np
@@ -347,12 +388,16 @@ def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
         "merge2": lambda: engine.generate(_request(s, arch), pair, blend="merge", output_type="np"),
     }
     t = _times(runs, s)
-    t.update({k + ("_later" if k == "top1_fused" else "_again"): v for k, v in _times({k: runs[k] for k in ("plain", "top1_fused")}, s).items()})
     fuse_s = fuse_seconds(engine, s)
+    if isinstance(plain, SharedPlain):  # each plain image unfuses the shared UNet: later images = first - fuse
+        t.update(plain_again=t["plain"], top1_fused_later=t["top1_fused"] - fuse_s)
+    else:
+        t.update({k + ("_later" if k == "top1_fused" else "_again"): v for k, v in _times({k: runs[k] for k in ("plain", "top1_fused")}, s).items()})
     fused = engine._fuse_pays([m for m in engine.unet.modules() if isinstance(m, LoraLayer) and "a" in m.lora_A])
     t["top1"] = t["top1_fused" if fused else "top1_unfused"]
     steps = s.steps_for(arch)
-    out: dict[str, Any] = {"steps": steps, "size": s.size_for(arch), "top1_default": "fused" if fused else "unfused"}
+    out: dict[str, Any] = {"steps": steps, "size": s.size_for(arch), "top1_default": "fused" if fused else "unfused",
+                           "fused_later": "first image - fuse" if isinstance(plain, SharedPlain) else "measured"}
     out.update({f"{k}_per_step_s": round(v / steps, 4) for k, v in t.items()})
     out.update({
         "top1_over_plain": round(t["top1"] / t["plain"], 3),
@@ -405,14 +450,28 @@ def blend_overhead(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str,
                 return engine.mixture(x[:2], 500, ctx[:2], added_cond_kwargs=half)
         return call
 
-    plain.disable_lora()
+    shared = isinstance(plain, SharedPlain)
+
+    def bare(n: int) -> Callable[[], Any]:
+        def call() -> Any:
+            if shared:  # the engine's UNet with its LoRA layers off for this call (two passes over the modules)
+                plain.disable_lora()
+            try:
+                return plain.unet(x[:n], 500, ctx[:n], added_cond_kwargs=half if n == 2 else added)
+            finally:
+                if shared:
+                    plain.enable_lora()
+        return call
+
+    if not shared:
+        plain.disable_lora()
     try:
-        t = _times({"unet_b2": lambda: plain.unet(x[:2], 500, ctx[:2], added_cond_kwargs=half),
-                    "unet_b4": lambda: plain.unet(x, 500, ctx, added_cond_kwargs=added),
+        t = _times({"unet_b2": bare(2), "unet_b4": bare(4),
                     "mix_top1": mixture(Blend([ACTIVE])),
                     "mix_noise2": mixture(Blend(["a", "b"], weights=[0.5, 0.5]))}, s, reps=4 * s.reps)
     finally:
-        plain.enable_lora()
+        if not shared:
+            plain.enable_lora()
     limit = t["unet_b4"] / t["unet_b2"]
     out = {f"{k}_s": round(v, 4) for k, v in t.items()}
     out.update({"unet_batch4_over_batch2": round(limit, 3), "unet_noise2_over_top1": round(t["mix_noise2"] / t["mix_top1"], 3),
@@ -447,14 +506,15 @@ def switching(engine: Any, plain: Any, kit: Kit, s: Settings) -> dict[str, float
 
     engine.ensure_loaded(["a", "b"])
     routes = [[Active(engine.catalog.expert(n), 1.0)] for n in ("b", "a")]
-    plain.load_lora_weights(str(kit.loras["b"]), adapter_name="b")
+    plain.load_lora_weights(str(kit.loras["b"]), adapter_name=_plain_name(plain, "b"))
     samples: dict[str, list[float]] = {"switch_resident_ms": [], "plain_switch_ms": [], "switch_lru_s": []}
     for _ in range(s.reps):
         for route, name in zip(routes, ("b", "a")):
+            setter = plain.set_adapters  # (a shared UNet's engine state is reset here, outside the clock)
             samples["switch_resident_ms"].append(1000 * _clock(lambda: engine.plan(route, "noise"), s.device))
-            samples["plain_switch_ms"].append(1000 * _clock(lambda: plain.set_adapters([name]), s.device))
-    plain.delete_adapters("b")
-    plain.set_adapters(["a"])
+            samples["plain_switch_ms"].append(1000 * _clock(lambda: setter([_plain_name(plain, name)]), s.device))
+    plain.delete_adapters(_plain_name(plain, "b"))
+    plain.set_adapters([_plain_name(plain, "a")])
     loaded, engine.max_loaded = engine.max_loaded, 1
     engine.ensure_loaded(["a"])
     for _ in range(s.reps):
@@ -649,6 +709,20 @@ def peak_memory(kit: Kit, s: Settings, arch: str) -> dict[str, Any]:
 SECTIONS = ("memory", "equality", "speed", "switching", "loading", "budget", "model", "hotswap")
 
 
+def _two_unets_do_not_fit(engine: Any, s: Settings) -> bool:
+    """Whether a second copy of the engine's UNet would pass 90% of this CPU machine's memory (on top of what
+    the process holds now: the base, its text encoders and VAE, the adapters)."""
+    if s.cuda:
+        return False
+    unet = sum(p.numel() * p.element_size() for p in engine.unet.parameters())
+    return _rss_bytes() + unet > 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def run_arch(arch: str, s: Settings, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     """Every section for one architecture; the parts that need the base loaded share one engine and one plain
     pipeline (its own UNet, the engine's text encoders and VAE: nothing adapts those)."""
@@ -682,10 +756,15 @@ def run_arch(arch: str, s: Settings, sections: tuple[str, ...] = SECTIONS) -> di
         section("memory", lambda: peak_memory(kit_, s, arch))
         engine = Engine(kit_.speed, device=s.device, dtype=s.dtype_for(arch), max_loaded=8)
         dtype = pick_dtype(s.dtype_for(arch), engine.device)
-        unet = UNet2DConditionModel.from_pretrained(kit_.base / "unet", dtype=dtype, local_files_only=True).to(s.device)
-        plain = type(engine.pipe).from_pipe(engine.pipe, unet=unet, dtype=dtype)  # from_pipe casts to float32 unless told
-        plain.set_progress_bar_config(disable=True)
-        plain.load_lora_weights(str(kit_.loras["a"]), adapter_name="a")
+        share = s.share if s.share is not None else _two_unets_do_not_fit(engine, s)
+        out["plain_unet"] = "shared with the engine" if share else "its own"
+        if share:
+            unet, plain = None, SharedPlain(engine, kit_.loras["a"])
+        else:
+            unet = UNet2DConditionModel.from_pretrained(kit_.base / "unet", dtype=dtype, local_files_only=True).to(s.device)
+            plain = type(engine.pipe).from_pipe(engine.pipe, unet=unet, dtype=dtype)  # from_pipe casts to float32 unless told
+            plain.set_progress_bar_config(disable=True)
+            plain.load_lora_weights(str(kit_.loras["a"]), adapter_name="a")
         engine.ensure_loaded(["a", "b"])
         section("equality", lambda: equality(engine, plain, s, arch))
         section("speed", lambda: speed(engine, plain, s, arch))
@@ -694,7 +773,10 @@ def run_arch(arch: str, s: Settings, sections: tuple[str, ...] = SECTIONS) -> di
         section("budget", lambda: budget(engine, s))
         del plain, unet
         gc.collect()
-        section("model", lambda: model_expert(engine, s))
+        if share and "model" in sections:  # a model expert is a second UNet: it would not fit either
+            skipped.append("model")
+        else:
+            section("model", lambda: model_expert(engine, s))
         del engine
         gc.collect()
         section("hotswap", lambda: hotswap(kit_, s, arch))
@@ -775,6 +857,8 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 32, 128], help="catalog sizes for peak memory")
     parser.add_argument("--reduced", action="store_true", help="channels and depth cut ~10x (seconds; tests and gpu.sh --dry)")
     parser.add_argument("--compile", nargs="*", choices=ARCHS, default=[], help="archs sampled with torch.compile + hotswap")
+    parser.add_argument("--share-unet", choices=["auto", "yes", "no"], default="auto",
+                        help="plain diffusers on the engine's UNet (auto: where two UNets do not fit in memory, e.g. SDXL float32 in 24 GB)")
     parser.add_argument("--budget-s", type=float, default=None, help="skip the sections left after this many seconds")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--json", type=Path, default=None, help="write the figures here (after each arch)")
@@ -789,7 +873,7 @@ def main() -> None:
         return
     deadline = time.monotonic() + (args.budget_s if args.budget_s is not None else float("inf"))
     s = Settings(args.device, args.dtype, args.size, args.steps, args.reps, tuple(args.counts), args.reduced,
-                 tuple(args.compile), deadline)
+                 tuple(args.compile), deadline, {"auto": None, "yes": True, "no": False}[args.share_unet])
     results: dict[str, dict[str, Any]] = {}
     for arch in args.arch:
         results[arch] = run_arch(arch, s, tuple(args.sections))

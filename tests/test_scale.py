@@ -155,6 +155,30 @@ def test_a_fused_route_stays_fused_between_runs_and_anything_else_gets_the_base_
     assert len(calls) == 4 * fuses
 
 
+def test_plain_diffusers_on_the_engines_own_unet_stays_plain(bench, sd15):
+    """bench_scale's SharedPlain (SDXL float32 in 24 GB: one UNet for both): plain images are not touched by the
+    engine's fused weights, nor the engine's by plain's adapter."""
+    from mixdiff_cli.sampling.engine import Engine
+
+    engine = Engine(sd15.speed, device="cpu")
+    s = bench.Settings(reduced=True, steps=2, reps=1, share=True)
+    plain = bench.SharedPlain(engine, sd15.loras["a"])
+    engine.fuse = "always"
+
+    def mine():
+        return engine.generate(bench._request(s, "sd15", seed=3), [("a", 1.0)], output_type="np")[0]
+
+    theirs, ours = bench._plain_image(plain, s, "sd15", seed=3), mine()
+    assert engine.fused  # and left fused when plain runs next
+    assert 0 < np.abs(ours - theirs).max() <= 1 / 255
+    assert np.array_equal(bench._plain_image(plain, s, "sd15", seed=3), theirs) and not engine.fused
+    assert np.array_equal(mine(), ours)  # plain's adapter, set in between, is not the engine's
+    plain.disable_lora()
+    assert np.array_equal(mine(), ours)  # nor its LoRA layers switched off
+    plain.set_adapters(["plain_a"])
+    assert np.array_equal(mine(), ours)
+
+
 def test_max_memory_keeps_the_loaded_experts_under_the_budget(sd15, tmp_path, monkeypatch):
     from mixdiff_cli.sampling.engine import Engine
 
