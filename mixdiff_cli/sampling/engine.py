@@ -747,10 +747,11 @@ class Engine:
 
         auto: never in bfloat16 (its 8-bit mantissa rounds W + dW: 4-9/255 off the unfused image, against
         < 1/255 in float16 and ~1e-6 in float32). On an accelerator always (a fuse is milliseconds there). On
-        CPU a fuse is one pass over the targeted weights, ~4 ns an element on one thread, against ~60 us per
-        LoRA layer per UNet call unfused (measured on SD 1.5 geometry, benchmarks/bench_scale.py): over ~30
-        calls fusing pays below ~400k weight elements a layer (the tiny test models), not on SD 1.5 (1.5M a
-        layer: the fuse costs a UNet call)."""
+        CPU a fuse is one addmm over the targeted weights, ~3.3 ns an element on one thread (0.9 s for SD
+        1.5's 267M), against ~60 us per LoRA layer per UNet call unfused at 64 px (benchmarks/bench_scale.py):
+        over ~30 calls fusing pays below ~400k weight elements a layer (the tiny test models), not for one
+        image on SD 1.5 (1.4M a layer); a fused route stays fused for its next images, which then run at the
+        bare UNet's speed."""
         import torch
 
         if self.fuse != "auto":
