@@ -137,6 +137,8 @@ def test_a_fused_route_stays_fused_between_runs_and_anything_else_gets_the_base_
     first = engine.generate(request, ["c"], output_type="np")[0]
     fuses = len(calls)
     assert fuses > 0 and engine.fused == (engine._loaded["c"].adapter,)
+    buffers = {id(b) for b in engine._fuse_buffers.values()}
+    assert len(buffers) == fuses  # one per fused layer, written into by every later fuse
     again = engine.generate(request, ["c"], output_type="np")[0]
     assert len(calls) == fuses and np.array_equal(first, again)  # the next image of the route: no second fuse
 
@@ -153,6 +155,9 @@ def test_a_fused_route_stays_fused_between_runs_and_anything_else_gets_the_base_
     unfused = engine.generate(request, ["c"], output_type="np")[0]
     assert base_back() and 0 < np.abs(unfused - first).max() <= 1 / 255
     assert len(calls) == 4 * fuses
+    assert {id(b) for b in engine._fuse_buffers.values()} == buffers  # no fuse allocated anew
+    engine.unfuse(release=True)
+    assert not engine._fuse_buffers
 
 
 def test_plain_diffusers_on_the_engines_own_unet_stays_plain(bench, sd15):

@@ -38,10 +38,11 @@ if TYPE_CHECKING:
 _CPU_FUSE_MAX_PER_LAYER = 400_000
 
 
-def _plus_delta(module: Any, adapter: str, weight: torch.Tensor, fresh: bool) -> torch.Tensor:
-    """`weight` + the LoRA layer's delta for `adapter` (PEFT's get_delta_weight: scale * B @ A): a new
-    tensor if `fresh`, else `weight` itself, added in place. Linear and 1x1 conv layers take one addmm (one
-    pass over the weight, no delta tensor); the rest (3x3 convs, half precision on CPU) PEFT's own delta."""
+def _plus_delta(module: Any, adapter: str, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`weight` + the LoRA layer's delta for `adapter` (PEFT's get_delta_weight: scale * B @ A), written into
+    `out` (a tensor like `weight`), or into `weight` itself when `out` is None. Linear and 1x1 conv layers
+    take one addmm (one pass over the weight, no delta tensor); the rest (3x3 convs, half precision on CPU)
+    PEFT's own delta."""
     import torch
 
     a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
@@ -49,12 +50,13 @@ def _plus_delta(module: Any, adapter: str, weight: torch.Tensor, fresh: bool) ->
     exact_dtype = a.dtype == b.dtype == weight.dtype and (weight.dtype == torch.float32 or weight.device.type != "cpu")
     if flat and exact_dtype and not getattr(module, "fan_in_fan_out", False):
         w2, b2, a2 = weight.flatten(1), b.flatten(1), a.flatten(1)
-        if fresh:
-            return torch.addmm(w2, b2, a2, alpha=module.scaling[adapter]).view_as(weight)
-        w2.addmm_(b2, a2, alpha=module.scaling[adapter])
-        return weight
+        if out is None:
+            w2.addmm_(b2, a2, alpha=module.scaling[adapter])
+            return weight
+        torch.addmm(w2, b2, a2, alpha=module.scaling[adapter], out=out.view(w2.shape))
+        return out
     delta = module.get_delta_weight(adapter).to(weight.dtype)
-    return weight + delta if fresh else weight.add_(delta)
+    return weight.add_(delta) if out is None else torch.add(weight, delta, out=out)
 
 
 class EngineError(MixdiffError):
@@ -184,6 +186,7 @@ class Engine:
         self._active_key: tuple | None = None  # the adapter state set (set_adapters once per route, see _activate)
         self._lora_layers: list[Any] | None = None  # the UNet's LoRA layers (_fuse), until the adapters change
         self._fusion: tuple[tuple, list, list] | None = None  # (key, (weight, own data) pairs, layers) of the fused route
+        self._fuse_buffers: dict[Any, Any] = {}  # base weight -> the tensor its fused copies are written into
         self._lora_on: bool | None = None  # whether the LoRA layers are enabled (None: not known)
         self._scheduler_config = self.pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
@@ -693,7 +696,8 @@ class Engine:
         Where `fuse_lora` adds in place (W += get_delta_weight, PEFT's merge), this swaps each targeted W
         for a new W + scale * B @ A (one addmm: a single pass over W) while those LoRA layers are off, and
         keeps W itself: no float drift ((W + dW) - dW != W), and an unfuse is a pointer swap. The price is
-        one copy of the targeted weights while fused."""
+        one copy of the targeted weights, made at the first fuse and reused by every later one
+        (`_fuse_buffer`; `unfuse(release=True)` frees it)."""
         import torch
         from peft.tuners.lora.layer import LoraLayer
 
@@ -715,10 +719,11 @@ class Engine:
             with torch.no_grad():
                 for module in layers:
                     weight = module.get_base_layer().weight
+                    buffer = self._fuse_buffer(weight)
                     fused = None
                     for adapter in adapters:  # ((W + d1) + d2): the order fuse_lora adds in
                         if adapter in module.lora_A:
-                            fused = _plus_delta(module, adapter, weight.data if fused is None else fused, fresh=fused is None)
+                            fused = _plus_delta(module, adapter, weight.data, out=buffer) if fused is None else _plus_delta(module, adapter, fused)
                     saved.append((weight, weight.data))
                     weight.data = fused
                     module.enable_adapters(False)  # only the fused layers (what unet.disable_adapters does, on fewer)
@@ -726,8 +731,24 @@ class Engine:
             self.unfuse()
             raise
 
-    def unfuse(self) -> None:
-        """The base UNet's own weights back (bit for bit) and its LoRA layers on, if a route is fused."""
+    def _fuse_buffer(self, weight: Any) -> Any:
+        """The tensor `weight`'s fused copies are written into, made once: a fresh allocation per fuse costs
+        more than the fuse (page faults on ~1 GB for SD 1.5 in float32: 1.7-9 s on this CPU, against ~0.4 s
+        into a reused buffer; benchmarks/bench_scale.py)."""
+        import torch
+
+        buffer = self._fuse_buffers.get(weight)
+        if buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype or buffer.device != weight.device:
+            buffer = self._fuse_buffers[weight] = torch.empty_like(weight.data, memory_format=torch.contiguous_format)
+        return buffer
+
+    def unfuse(self, release: bool = False) -> None:
+        """The base UNet's own weights back (bit for bit) and its LoRA layers on, if a route is fused;
+        `release`: also free the buffers fuses write into (one copy of the targeted weights)."""
+        if release:
+            self.unfuse()
+            self._fuse_buffers.clear()
+            return
         if self._fusion is None:
             return
         _, saved, layers = self._fusion
