@@ -1,7 +1,7 @@
 """Real scale: SD 1.5 and SDXL geometry from their public configs with random weights, real-size LoRAs,
 mixdiff side by side with plain diffusers in one run.
 
-    python benchmarks/bench_scale.py                          # SD 1.5 (float32) and SDXL (bfloat16), this CPU, 64x64 px
+    python benchmarks/bench_scale.py                          # SD 1.5 and SDXL in float32, this CPU, 64x64 px
     python benchmarks/bench_scale.py --arch sd15 --json out.json --md table.md
     python benchmarks/bench_scale.py --device cuda --dtype fp16 --size 512 --compile   # what benchmarks/gpu.sh runs
     python benchmarks/bench_scale.py --reduced --quick        # the same code, channels and depth cut ~10x (tests, gpu.sh --dry)
@@ -221,7 +221,7 @@ class Settings:
     """How a run measures."""
 
     device: str = "cpu"
-    dtype: str | None = None  # None: float16 on CUDA; on CPU float32 (SDXL: bfloat16, so that two UNets fit)
+    dtype: str | None = None  # None: float16 on CUDA, float32 on CPU (SDXL: plain shares the UNet, see SharedPlain)
     size: int | None = None  # pixels; None: native on CUDA (512 SD 1.5, 1024 SDXL), 64 on CPU
     steps: int | None = None  # None: 20 on CUDA; on CPU 10 (SDXL: 4)
     reps: int = 3
@@ -236,7 +236,7 @@ class Settings:
         return self.device.startswith("cuda")
 
     def dtype_for(self, arch: str) -> str:
-        return self.dtype or ("float16" if self.cuda else "bfloat16" if arch == "sdxl" and not self.reduced else "float32")
+        return self.dtype or ("float16" if self.cuda else "float32")  # CPU bfloat16 is emulated without AVX-512 BF16
 
     def steps_for(self, arch: str) -> int:
         return self.steps or (20 if self.cuda else 4 if arch == "sdxl" and not self.reduced else 10)
@@ -849,7 +849,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float16 on CUDA; CPU float32, SDXL bfloat16)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float16 on CUDA, float32 on CPU)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: native on CUDA, 64 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 on CUDA; CPU 10, SDXL 4)")
     parser.add_argument("--reps", type=int, default=3)
