@@ -413,6 +413,40 @@ def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
     return out
 
 
+def fused_call(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
+    """One denoiser call (one image with CFG), interleaved: mixdiff's top-1 with LoRA a fused (the fusion kept
+    between calls, as between a route's images) against plain diffusers' UNet with the same LoRA, and bare.
+    Per call, the fuse wins what the LoRA layers cost, which grows with the canvas (their tokens)."""
+    from mixdiff_cli.sampling.engine import Active
+    from mixdiff_cli.sampling.mixture import ACTIVE, Blend
+
+    if isinstance(plain, SharedPlain):  # plain's calls would unfuse the engine's UNet
+        return {}
+    x, ctx, added = _unet_inputs(plain.unet, 2, s.size_for(arch), s, plain.unet.dtype)
+    engine.fuse = "always"
+    engine.plan([Active(engine.catalog.expert("a"), 1.0)], "noise")
+    engine._fuse([engine._loaded["a"].adapter])
+
+    def fused() -> Any:
+        with engine.mixture.routed(Blend([ACTIVE])):
+            return engine.mixture(x, 500, ctx, added_cond_kwargs=added)
+
+    def bare() -> Any:
+        plain.disable_lora()
+        try:
+            return plain.unet(x, 500, ctx, added_cond_kwargs=added)
+        finally:
+            plain.enable_lora()
+
+    try:
+        t = _times({"plain_lora": lambda: plain.unet(x, 500, ctx, added_cond_kwargs=added), "fused": fused, "bare": bare}, s, reps=4 * s.reps)
+    finally:
+        engine.unfuse()
+        engine.fuse = "auto"
+    return {"call_size": s.size_for(arch), **{f"call_{k}_s": round(v, 4) for k, v in t.items()},
+            "call_fused_over_plain": round(t["fused"] / t["plain_lora"], 3), "call_plain_lora_over_bare": round(t["plain_lora"] / t["bare"], 3)}
+
+
 def fuse_seconds(engine: Any, s: Settings) -> float:
     """The fastest of `reps` fuses of LoRA a into the base UNet (what a route's first fused image adds)."""
     from mixdiff_cli.sampling.engine import Active
@@ -706,7 +740,7 @@ def peak_memory(kit: Kit, s: Settings, arch: str) -> dict[str, Any]:
     return out
 
 
-SECTIONS = ("memory", "equality", "speed", "switching", "loading", "budget", "model", "hotswap")
+SECTIONS = ("memory", "equality", "speed", "fused", "switching", "loading", "budget", "model", "hotswap")
 
 
 def _two_unets_do_not_fit(engine: Any, s: Settings) -> bool:
@@ -768,6 +802,7 @@ def run_arch(arch: str, s: Settings, sections: tuple[str, ...] = SECTIONS) -> di
         engine.ensure_loaded(["a", "b"])
         section("equality", lambda: equality(engine, plain, s, arch))
         section("speed", lambda: speed(engine, plain, s, arch))
+        section("fused", lambda: fused_call(engine, plain, s, arch))
         section("switching", lambda: switching(engine, plain, kit_, s))
         section("loading", lambda: loading(engine, plain, kit_, s))
         section("budget", lambda: budget(engine, s))
@@ -809,6 +844,7 @@ ROWS = [  # (figure, key, target)
     ("fused top-1 / plain diffusers, a route's later images (the fusion stays between images)", "top1_fused_over_plain", "<= 1.0"),
     ("fused top-1 / plain diffusers, a route's first image (its fuse included)", "top1_fused_first_over_plain", ""),
     ("the fuse (s); the images of one route it takes to pay back", ("fuse_s", "fuse_paid_back_images"), ""),
+    ("one denoiser call: fused top-1 / plain diffusers' UNet with the LoRA; that over the bare UNet", ("call_fused_over_plain", "call_plain_lora_over_bare"), "<= 1.0"),
     ("unfused top-1 / plain diffusers", "top1_unfused_over_plain", ""),
     ("plain diffusers per step (s)", "plain_per_step_s", ""),
     ("noise k=2 / top-1, whole images", "noise2_over_top1", "<= 1.15 (GPU)"),
