@@ -393,7 +393,9 @@ def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
         t.update(plain_again=t["plain"], top1_fused_later=t["top1_fused"] - fuse_s)
     else:
         t.update({k + ("_later" if k == "top1_fused" else "_again"): v for k, v in _times({k: runs[k] for k in ("plain", "top1_fused")}, s).items()})
-    fused = engine._fuse_pays([m for m in engine.unet.modules() if isinstance(m, LoraLayer) and "a" in m.lora_A])
+    adapter, latent = engine._loaded["a"].adapter, s.size_for(arch) // engine.pipe.vae_scale_factor
+    fused = engine._fuse_pays([m for m in engine.unet.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A], [adapter],
+                              2 * s.steps_for(arch) * latent * latent)  # what generate decides for one image with CFG
     t["top1"] = t["top1_fused" if fused else "top1_unfused"]
     steps = s.steps_for(arch)
     out: dict[str, Any] = {"steps": steps, "size": s.size_for(arch), "top1_default": "fused" if fused else "unfused",

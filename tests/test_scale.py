@@ -160,6 +160,28 @@ def test_a_fused_route_stays_fused_between_runs_and_anything_else_gets_the_base_
     assert not engine._fuse_buffers
 
 
+def test_auto_fuses_on_cpu_where_the_runs_lora_cost_passes_the_fuse(sd15, monkeypatch):
+    from mixdiff_cli.sampling import engine as engine_module
+    from mixdiff_cli.sampling.engine import Engine, Request
+
+    engine = Engine(sd15.speed, device="cpu")
+    engine.ensure_loaded(["c"])
+    adapter = engine._loaded["c"].adapter
+    layers = [m for m in engine.unet.modules() if hasattr(m, "lora_A") and adapter in m.lora_A]
+    assert engine._fuse_pays(layers, [adapter], 1)  # small layers: always
+    monkeypatch.setattr(engine_module, "_CPU_FUSE_MAX_PER_LAYER", 0)  # judge these layers by cost alone
+    weights = sum(m.get_base_layer().weight.numel() for m in layers)
+    lora = sum(m.lora_A[adapter].weight.numel() + m.lora_B[adapter].weight.numel() for m in layers)
+    even = weights * engine_module._CPU_FUSE_S_PER_WEIGHT / (lora * engine_module._CPU_LORA_S_PER_PARAM_TOKEN)
+    assert not engine._fuse_pays(layers, [adapter], int(0.9 * even)) and engine._fuse_pays(layers, [adapter], int(1.1 * even) + 1)
+    assert not engine._fuse_pays(layers, [adapter], None)
+    seen = []  # generate passes the run's tokens: images x 2 (CFG) x steps x latent pixels
+    monkeypatch.setattr(Engine, "_fuse_pays", lambda self, layers, adapters=(), tokens=None: seen.append(tokens) or False)
+    engine.generate([Request(PROMPT, seed=1, steps=3, width=64, height=128)], ["c"], output_type="np")
+    scale = engine.pipe.vae_scale_factor
+    assert seen == [2 * 3 * (64 // scale) * (128 // scale)] and not engine.fused
+
+
 def test_plain_diffusers_on_the_engines_own_unet_stays_plain(bench, sd15):
     """bench_scale's SharedPlain (SDXL float32 in 24 GB: one UNet for both): plain images are not touched by the
     engine's fused weights, nor the engine's by plain's adapter."""

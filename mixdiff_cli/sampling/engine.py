@@ -34,8 +34,14 @@ if TYPE_CHECKING:
 
 
 
-# Fusing a LoRA on CPU pays when its layers average at most this many base-weight elements (Engine._fuse_pays).
+# Fusing a LoRA on CPU (Engine._fuse_pays): always when its layers average at most this many base-weight
+# elements (a LoRA layer's fixed per-call cost dominates there); else when what the run's unfused LoRA layers
+# would cost passes the fuse. Both costs measured on SD 1.5 geometry, one thread (benchmarks/bench_scale.py
+# --sections speed fused): a fuse 0.40 s for 267M targeted weights; unfused, a rank-32 LoRA (13.6M
+# parameters) adds 0.22 s to a denoiser call over 2 x 1024 latent tokens (256 px with CFG).
 _CPU_FUSE_MAX_PER_LAYER = 400_000
+_CPU_FUSE_S_PER_WEIGHT = 1.5e-9
+_CPU_LORA_S_PER_PARAM_TOKEN = 7.9e-12
 
 
 def _plus_delta(module: Any, adapter: str, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -687,7 +693,7 @@ class Engine:
             conditioning = None
         return Blend(slices=slices, models=model_names, weights=weights, conditioning=conditioning)
 
-    def _fuse(self, adapters: list[str]) -> None:
+    def _fuse(self, adapters: list[str], tokens: int | None = None) -> None:
         """Fuse `adapters` (at their set_adapters weights) into the base UNet where that pays (`_fuse_pays`),
         and keep them fused after the run: the next run of the same route (the next image of a prompt file,
         the next batch) starts fused and pays nothing. `unfuse` gives the base weights back bit for bit
@@ -711,7 +717,7 @@ class Engine:
             self._lora_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
         layers = [m for m in self._lora_layers if any(a in m.lora_A for a in adapters)]
         vanilla = all(not getattr(m, "lora_variant", {}).get(a) and not m.lora_bias.get(a) for m in layers for a in adapters)
-        if not layers or not vanilla or not self._fuse_pays(layers):  # DoRA and LoRA biases: run unfused
+        if not layers or not vanilla or not self._fuse_pays(layers, adapters, tokens):  # DoRA and LoRA biases: run unfused
             return
         saved: list[tuple[Any, Any]] = []
         self._fusion = (key, saved, layers)
@@ -763,16 +769,19 @@ class Engine:
         """The adapters fused into the base UNet now (empty: none)."""
         return self._fusion[0][0] if self._fusion is not None else ()
 
-    def _fuse_pays(self, layers: list[Any]) -> bool:
-        """Whether fusing beats running the LoRA layers unfused (`self.fuse`: auto, always, never).
+    def _fuse_pays(self, layers: list[Any], adapters: Sequence[str] = (), tokens: int | None = None) -> bool:
+        """Whether fusing `adapters` beats running their LoRA `layers` unfused (`self.fuse`: auto, always,
+        never) for a run of `tokens` latent tokens through the UNet (samples x calls x latent pixels; None:
+        not known).
 
         auto: never in bfloat16 (its 8-bit mantissa rounds W + dW: 4-9/255 off the unfused image, against
         < 1/255 in float16 and ~1e-6 in float32). On an accelerator always (a fuse is milliseconds there). On
-        CPU a fuse is one addmm over the targeted weights, ~3.3 ns an element on one thread (0.9 s for SD
-        1.5's 267M), against ~60 us per LoRA layer per UNet call unfused at 64 px (benchmarks/bench_scale.py):
-        over ~30 calls fusing pays below ~400k weight elements a layer (the tiny test models), not for one
-        image on SD 1.5 (1.4M a layer); a fused route stays fused for its next images, which then run at the
-        bare UNet's speed."""
+        CPU a fuse is one addmm over the targeted weights (0.40 s for SD 1.5's 267M on one thread), against
+        ~60 us per LoRA layer per UNet call unfused at 64 px, growing with the tokens (0.22 s a call for
+        SD 1.5's rank-32 LoRA at 256 px with CFG; constants above): small layers (the tiny test models)
+        always pay; SD 1.5 pays at 256 px from 2 steps on, not at 64 px for one image (a fuse is ~35 steps
+        of what the LoRA layers cost there). A fused route stays fused for its next images, which then run
+        at the bare UNet's speed."""
         import torch
 
         if self.fuse != "auto":
@@ -781,7 +790,11 @@ class Engine:
             return False
         if self.device.type != "cpu":
             return True
-        return sum(m.get_base_layer().weight.numel() for m in layers) <= _CPU_FUSE_MAX_PER_LAYER * len(layers)
+        weights = sum(m.get_base_layer().weight.numel() for m in layers)
+        if weights <= _CPU_FUSE_MAX_PER_LAYER * len(layers):
+            return True
+        lora = sum(m.lora_A[a].weight.numel() + m.lora_B[a].weight.numel() for m in layers for a in adapters if a in m.lora_A)
+        return tokens is not None and tokens * lora * _CPU_LORA_S_PER_PARAM_TOKEN >= weights * _CPU_FUSE_S_PER_WEIGHT
 
     @contextlib.contextmanager
     def _installed(self):
@@ -810,8 +823,12 @@ class Engine:
         self.pipe.scheduler = self._scheduler(scheduler)
         starts = {start: (stage, blend) for start, stage, blend in spans[1:]}
 
+        cfg = guidance > 1 and self.unet.config.time_cond_proj_dim is None
+        scale = self.pipe.vae_scale_factor
+        tokens = len(reqs) * (2 if cfg else 1) * steps * (height // scale) * (width // scale)  # through the UNet
+
         def activate(stage: _Stage) -> None:  # each one-LoRA (or merged) stage fused while it runs, where that pays
-            self._fuse(self._apply(stage.members, stage.mode)[4])
+            self._fuse(self._apply(stage.members, stage.mode)[4], tokens)
 
         kwargs: dict[str, Any] = {}
         if tick is not None or starts:
