@@ -700,7 +700,7 @@ class Engine:
         before the adapter state changes (another route, an adapter loaded or evicted, `plan`).
 
         Where `fuse_lora` adds in place (W += get_delta_weight, PEFT's merge), this swaps each targeted W
-        for a new W + scale * B @ A (one addmm: a single pass over W) while those LoRA layers are off, and
+        for a buffer holding W + scale * B @ A (one addmm: a single pass over W) while those LoRA layers are off, and
         keeps W itself: no float drift ((W + dW) - dW != W), and an unfuse is a pointer swap. The price is
         one copy of the targeted weights, made at the first fuse and reused by every later one
         (`_fuse_buffer`; `unfuse(release=True)` frees it)."""
@@ -779,8 +779,8 @@ class Engine:
         CPU a fuse is one addmm over the targeted weights (0.40 s for SD 1.5's 267M on one thread), against
         ~60 us per LoRA layer per UNet call unfused at 64 px, growing with the tokens (0.22 s a call for
         SD 1.5's rank-32 LoRA at 256 px with CFG; constants above): small layers (the tiny test models)
-        always pay; SD 1.5 pays at 256 px from 2 steps on, not at 64 px for one image (a fuse is ~35 steps
-        of what the LoRA layers cost there). A fused route stays fused for its next images, which then run
+        always pay; SD 1.5 pays at 256 px from 2 steps on, not at 64 px for one 10-step image (there the
+        fuse is ~30 steps of what this model puts on the LoRA layers). A fused route stays fused for its next images, which then run
         at the bare UNet's speed."""
         import torch
 
