@@ -334,7 +334,11 @@ class SharedPlain:
     def _touch(self, on_off: bool = True) -> None:
         """The engine's fused weights back, and its cached adapter state forgotten (`on_off`: whether the
         LoRA layers may be switched on or off too)."""
-        self._engine._adapters_changed() if on_off else (self._engine.unfuse(), setattr(self._engine, "_active_key", None))
+        if on_off:
+            self._engine._adapters_changed()
+        else:
+            self._engine.unfuse()
+            self._engine._active_key = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._touch()
