@@ -109,7 +109,7 @@ def bench_speed(fx: dict[str, Path], steps: int, reps: int) -> dict[str, float]:
     }
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 4, 32, 32, generator=gen)
-    ctx = torch.randn(4, 77, engine.unet.config.cross_attention_dim, generator=gen)
+    ctx = torch.randn(4, 77, engine.denoiser.config.cross_attention_dim, generator=gen)
     with torch.no_grad():  # plain diffusers' UNet with its one LoRA, at batch 2 (one image + CFG) and 4
         runs["unet_b2"] = lambda: plain.unet(x[:2], 10, ctx[:2])
         runs["unet_b4"] = lambda: plain.unet(x, 10, ctx)

@@ -52,8 +52,8 @@ def main() -> None:
 
         def canvas(width: int, overlap: int) -> float:
             start = time.perf_counter()
-            generate_canvas(cat, None, [f"0:1,0:1={PROMPT} --expert landscapes"], opts.updated(width=width),
-                            CanvasOptions(tile_overlap=overlap), out_dir=out / "canvas", engine=engine)
+            generate_canvas(engine, None, [f"0:1,0:1={PROMPT} --expert landscapes"], opts.updated(width=width),
+                            CanvasOptions(tile_overlap=overlap), out_dir=out / "canvas")
             return time.perf_counter() - start
 
         separate(1), canvas(2 * native, 0)  # warm-up: experts loaded, kernels chosen

@@ -325,7 +325,7 @@ class SharedPlain:
 
     def __init__(self, engine: Any, lora: Path) -> None:
         self._engine = engine
-        self._pipe = type(engine.pipe).from_pipe(engine.pipe, dtype=engine.unet.dtype)  # the same modules
+        self._pipe = type(engine.pipe).from_pipe(engine.pipe, dtype=engine.denoiser.dtype)  # the same modules
         self._pipe.set_progress_bar_config(disable=True)
         self._touch()
         self._pipe.load_lora_weights(str(lora), adapter_name=self.prefix + "a")
@@ -398,7 +398,7 @@ def speed(engine: Any, plain: Any, s: Settings, arch: str) -> dict[str, Any]:
     else:
         t.update({k + ("_later" if k == "top1_fused" else "_again"): v for k, v in _times({k: runs[k] for k in ("plain", "top1_fused")}, s).items()})
     adapter, latent = engine._loaded["a"].adapter, s.size_for(arch) // engine.pipe.vae_scale_factor
-    fused = engine._fuse_pays([m for m in engine.unet.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A], [adapter],
+    fused = engine._fuse_pays([m for m in engine.denoiser.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A], [adapter],
                               2 * s.steps_for(arch) * latent * latent)  # what generate decides for one image with CFG
     t["top1"] = t["top1_fused" if fused else "top1_unfused"]
     steps = s.steps_for(arch)
@@ -754,7 +754,7 @@ def _two_unets_do_not_fit(engine: Any, s: Settings) -> bool:
     the process holds now: the base, its text encoders and VAE, the adapters)."""
     if s.cuda:
         return False
-    unet = sum(p.numel() * p.element_size() for p in engine.unet.parameters())
+    unet = sum(p.numel() * p.element_size() for p in engine.denoiser.parameters())
     return _rss_bytes() + unet > 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

@@ -82,7 +82,7 @@ def test_two_disjoint_bands_equal_the_reference_loop(arch, setup, scheduler):
 def test_overlap_pays_the_noise_blend_only_on_its_steps(setup):
     engine, _, _ = setup
     sizes: list[int] = []
-    handle = engine.unet.register_forward_pre_hook(lambda m, args, kw: sizes.append(int((args[0] if args else kw["sample"]).shape[0])), with_kwargs=True)
+    handle = engine.denoiser.register_forward_pre_hook(lambda m, args, kw: sizes.append(int((args[0] if args else kw["sample"]).shape[0])), with_kwargs=True)
     try:
         banded(engine, ["ink@:0.6", "pixel@0.4:"], "ddim", [1])
     finally:

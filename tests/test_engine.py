@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixdiff_cli.sampling.engine import Engine, ExpertLoadError, Request
+from mixdiff_cli.sampling.engine import Engine, Request
+from mixdiff_cli.sampling.requests import ExpertLoadError
 from mixdiff_cli.core.errors import ExpertNotFound, UsageError
 from mixdiff_cli.experts.manage import add_expert, init_catalog
 
@@ -219,11 +220,11 @@ def test_merge_matches_set_adapters(arch, engine, reference, three_loras):
     want = plain_images(reference)[0]
     engine.ensure_loaded(names)  # the adapters in place first: the state dict has the same keys after
     engine.unfuse()  # an earlier test's route may still be fused
-    before = {k: v.clone() for k, v in engine.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in engine.denoiser.state_dict().items()}
     got = engine.generate([Request(PROMPT, seed=0, steps=STEPS)], [(names[0], 3), (names[1], 2)], blend="merge", output_type="np")[0]
     assert len(engine.fused) == 2  # fused, and left fused for the next run of this route
     engine.unfuse()
-    after = engine.unet.state_dict()
+    after = engine.denoiser.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base back bit for bit
     noise = engine.generate([Request(PROMPT, seed=0, steps=STEPS)], [(names[0], 3), (names[1], 2)], blend="noise", output_type="np")[0]
     assert diff(got, want) <= TOL
@@ -314,15 +315,15 @@ def test_twelve_experts_load_only_the_chosen_and_evict_lru(tiny_sd, lora_files, 
     req = Request(PROMPT, seed=0, steps=2)
     engine.generate([req], [("e03", 0.5), ("e07", 0.5)])
     assert engine.loads == ["e03", "e07"]
-    assert set(engine.unet.peft_config) == {"e03", "e07"}
+    assert set(engine.denoiser.peft_config) == {"e03", "e07"}
     engine.generate([req], ["e07"])  # already there: no load, becomes most recent
     engine.generate([req], ["e01"])
     assert engine.loads == ["e03", "e07", "e01"] and engine.loaded == ["e03", "e07", "e01"]
     engine.generate([req], ["e11"])  # over max_loaded=3: the least recently used (e03) goes
     assert engine.evictions == ["e03"]
-    assert set(engine.unet.peft_config) == {"e07", "e01", "e11"}
+    assert set(engine.denoiser.peft_config) == {"e07", "e01", "e11"}
     engine.generate([req], [("e03", 1), ("e05", 1), ("e09", 1), ("e10", 1)])  # k=4 > max_loaded: all needed stay
-    assert set(engine.unet.peft_config) == {"e03", "e05", "e09", "e10"}
+    assert set(engine.denoiser.peft_config) == {"e03", "e05", "e09", "e10"}
     assert engine.loads[-4:] == ["e03", "e05", "e09", "e10"] and len(engine.loads) == 8
 
 

@@ -290,11 +290,11 @@ def test_terms_of_a_step_share_one_forward_in_chunks_that_do_not_change_the_imag
     regions = ["0:0.6,0:1=a photo of a red cat --expert ink", "0.4:1,0:1=a photo of a blue dog --expert pixel"]
     opts = GenerationOptions(seed=6, steps=3, width=96)
     sizes: list[int] = []
-    handle = engine.unet.register_forward_pre_hook(lambda m, args, kw: sizes.append(int((args[0] if args else kw["sample"]).shape[0])), with_kwargs=True)
+    handle = engine.denoiser.register_forward_pre_hook(lambda m, args, kw: sizes.append(int((args[0] if args else kw["sample"]).shape[0])), with_kwargs=True)
     try:
-        one = generate_canvas(catalog, None, regions, opts, CanvasOptions(tile_overlap=16, feather=0.2), out_dir=tmp_path / "a", engine=engine)
+        one = generate_canvas(engine, None, regions, opts, CanvasOptions(tile_overlap=16, feather=0.2), out_dir=tmp_path / "a")
         calls = len(sizes)
-        two = generate_canvas(catalog, None, regions, opts, CanvasOptions(tile_overlap=16, feather=0.2, max_batch=2), out_dir=tmp_path / "b", engine=engine)
+        two = generate_canvas(engine, None, regions, opts, CanvasOptions(tile_overlap=16, feather=0.2, max_batch=2), out_dir=tmp_path / "b")
     finally:
         handle.remove()
     # 2 tiles x 2 regions: 4 conditional + 4 unconditional samples, one forward per step; max_batch 2: four forwards

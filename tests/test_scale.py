@@ -58,7 +58,7 @@ def sd15(bench, cache):
 
 def lora_bytes(engine) -> int:
     """Bytes of every LoRA tensor in the engine's UNet and text encoder, counted on the model itself."""
-    models = [engine.unet, engine.pipe.text_encoder]
+    models = [engine.denoiser, engine.pipe.text_encoder]
     return sum(p.numel() * p.element_size() for m in models for n, p in m.named_parameters() if ".lora_" in n)
 
 
@@ -102,7 +102,7 @@ def test_fused_top1_matches_unfused_and_restores_the_base_bit_for_bit(sd15):
     engine = Engine(sd15.speed, device="cpu")
     request = [Request(PROMPT, seed=5, steps=3, width=64, height=64)]
     engine.ensure_loaded(["c"])
-    base = {n: p.detach().clone() for n, p in engine.unet.named_parameters() if ".lora_" not in n}
+    base = {n: p.detach().clone() for n, p in engine.denoiser.named_parameters() if ".lora_" not in n}
     images = {}
     for mode in ("never", "always", "again"):
         engine.fuse = "always" if mode == "always" else "never"
@@ -110,9 +110,9 @@ def test_fused_top1_matches_unfused_and_restores_the_base_bit_for_bit(sd15):
     diff = float(np.abs(images["never"] - images["always"]).max())
     assert 0 < diff <= 1 / 255  # fused: other float sums, the same image
     assert np.array_equal(images["never"], images["again"])  # the base came back exactly
-    assert all(torch.equal(p, base[n]) for n, p in engine.unet.named_parameters() if ".lora_" not in n)
+    assert all(torch.equal(p, base[n]) for n, p in engine.denoiser.named_parameters() if ".lora_" not in n)
     engine.fuse = "auto"  # small layers on CPU: fusing pays (bench_scale measures where it does not)
-    layers = [m for m in engine.unet.modules() if hasattr(m, "lora_A") and "c" in m.lora_A]
+    layers = [m for m in engine.denoiser.modules() if hasattr(m, "lora_A") and "c" in m.lora_A]
     assert engine._fuse_pays(layers)
 
 
@@ -129,10 +129,10 @@ def test_a_fused_route_stays_fused_between_runs_and_anything_else_gets_the_base_
     engine.fuse = "always"
     request = [Request(PROMPT, seed=5, steps=2, width=64, height=64)]
     engine.ensure_loaded(["a", "c"])
-    base = {n: p.detach().clone() for n, p in engine.unet.named_parameters() if ".lora_" not in n}
+    base = {n: p.detach().clone() for n, p in engine.denoiser.named_parameters() if ".lora_" not in n}
 
     def base_back() -> bool:
-        return not engine.fused and all(torch.equal(p, base[n]) for n, p in engine.unet.named_parameters() if ".lora_" not in n)
+        return not engine.fused and all(torch.equal(p, base[n]) for n, p in engine.denoiser.named_parameters() if ".lora_" not in n)
 
     first = engine.generate(request, ["c"], output_type="np")[0]
     fuses = len(calls)
@@ -167,7 +167,7 @@ def test_auto_fuses_on_cpu_where_the_runs_lora_cost_passes_the_fuse(sd15, monkey
     engine = Engine(sd15.speed, device="cpu")
     engine.ensure_loaded(["c"])
     adapter = engine._loaded["c"].adapter
-    layers = [m for m in engine.unet.modules() if hasattr(m, "lora_A") and adapter in m.lora_A]
+    layers = [m for m in engine.denoiser.modules() if hasattr(m, "lora_A") and adapter in m.lora_A]
     assert engine._fuse_pays(layers, [adapter], 1)  # small layers: always
     monkeypatch.setattr(engine_module, "_CPU_FUSE_MAX_PER_LAYER", 0)  # judge these layers by cost alone
     weights = sum(m.get_base_layer().weight.numel() for m in layers)

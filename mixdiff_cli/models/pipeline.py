@@ -8,14 +8,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.families.base import Family, read_folder
 
 if TYPE_CHECKING:
     from mixdiff_cli.catalog.schema import Catalog
-
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 
 
 class BaseModelError(MixdiffError):
@@ -27,15 +26,20 @@ class BaseInfo:
     """What we know about a base from its configs, before loading any weights."""
 
     path: Path
-    family: Literal["sd", "sdxl"]
-    arch: str  # sd1, sd2, sdxl
+    family: Family
     vae_scale: int
-    unet_multiple: int  # latent sides must be multiples of this
+    size_multiple: int  # image sides must be multiples of this many pixels
     native_resolution: int
+
+    @property
+    def arch(self) -> str:
+        return self.family.name
 
 
 def inspect_base(path: str | Path) -> BaseInfo:
-    """Check that `path` is a diffusers SD/SDXL folder and read its geometry (configs only)."""
+    """Check that `path` is a diffusers folder of a known family and read its geometry (configs only)."""
+    from mixdiff_cli import families
+
     path = Path(path).expanduser()
     if not path.exists():
         raise BaseModelError(f"base model {path} does not exist", "pass --base with a diffusers pipeline folder, or fix the catalog's base")
@@ -48,19 +52,16 @@ def inspect_base(path: str | Path) -> BaseInfo:
         raise BaseModelError(f"{path} has no model_index.json", "pass a diffusers pipeline folder (as written by save_pretrained)")
     try:
         cls = json.loads(index.read_text())["_class_name"]
-        unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+        family = families.of_folder(path)
         vae_cfg = json.loads((path / "vae" / "config.json").read_text())
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise BaseModelError(f"cannot read the configs of base {path}: {exc}", "check the folder is a complete diffusers pipeline") from None
-    if cls not in SUPPORTED_PIPELINES:
-        raise BaseModelError(f"base {path} is a {cls}", "fine-tune trains LoRAs for StableDiffusionPipeline and StableDiffusionXLPipeline bases")
-    family = SUPPORTED_PIPELINES[cls]
-    arch = "sdxl" if family == "sdxl" else ("sd2" if unet_cfg.get("cross_attention_dim") == 1024 else "sd1")
+    if family is None:
+        known = " and ".join(dict.fromkeys(p for name in families.names() for p in families.get(name).pipelines))
+        raise BaseModelError(f"base {path} is a {cls}", f"fine-tune trains LoRAs for {known} bases")
+    config = read_folder(path, family.denoiser)[1]
     vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
-    size = unet_cfg.get("sample_size", 64)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    unet_multiple = 2 ** (len(unet_cfg.get("block_out_channels", [0])) - 1)
-    return BaseInfo(path, family, arch, vae_scale, unet_multiple, int(size) * vae_scale)
+    return BaseInfo(path, family, vae_scale, family.size_multiple(config, vae_scale), family.native_size(config, vae_scale))
 
 
 @contextlib.contextmanager
@@ -86,16 +87,17 @@ def load_pipeline(path: str | Path, dtype: Any = None, device: Any = None, *, te
     """The text-to-image pipeline in a local diffusers folder (SD 1.x/2.x, SDXL, ...): safetensors only, in
     `dtype` (None: float32), on `device` (None: where it loads), without progress bars. `text_only`
     leaves out the UNet and VAE; `safety_checker=False` leaves out an SD 1.x safety checker."""
+    from mixdiff_cli import families
+
     path = Path(path)
-    kwargs: dict[str, Any] = {"unet": None, "vae": None} if text_only else {}
+    family = families.of_folder(path) or families.get(families.names()[0])  # an unknown class fails in the loader
+    kwargs: dict[str, Any] = {family.denoiser: None, "vae": None} if text_only else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if not safety_checker and "safety_checker" in json.loads((path / "model_index.json").read_text()):
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     with _loading(path, "check the folder is a complete diffusers pipeline"):
-        from diffusers import AutoPipelineForText2Image  # its import alone warns about torchvision
-
-        pipe = AutoPipelineForText2Image.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
+        pipe = family.load(path, **kwargs)
     return _ready(pipe, device)
 
 
@@ -114,12 +116,12 @@ def load_base(catalog: Catalog, device: Any, dtype: Any, *, text_only: bool = Fa
         return load_pipeline(path, dtype, device, text_only=text_only)
     if path.suffix != ".safetensors":
         raise BaseModelError(f"{path} is not a .safetensors checkpoint", "mixdiff never unpickles; convert it to safetensors")
-    with _loading(path, "check 'base:' in the catalog"):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from mixdiff_cli import families
 
-        cls = StableDiffusionXLPipeline if catalog.base.arch == "sdxl" else StableDiffusionPipeline
-        pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
+    family = families.get(catalog.base.arch or families.names()[0])
+    with _loading(path, "check 'base:' in the catalog"):
+        pipe = family.load_single_file(path, dtype)
     if text_only:
-        pipe.unet = None
+        setattr(pipe, family.denoiser, None)
         pipe.vae = None
     return _ready(pipe, device)

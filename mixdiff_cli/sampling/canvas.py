@@ -4,10 +4,10 @@ overlapping native-size tiles, and at each step
 
     eps(x) = sum_j m_j(x) eps_j(x[tile_j]) / sum_j m_j(x)      m_j = tile Gaussian x region map x expert weight
 
-over the terms j = (tile, region, expert) whose weights touch the tile. `CanvasUNet` has the UNet's forward
-signature, so a standard diffusers pipeline samples it unchanged (every scheduler, classifier-free
+over the terms j = (tile, region, expert) whose weights touch the tile. `CanvasDenoiser` has the base
+denoiser's forward signature, so a standard diffusers pipeline samples it unchanged (every scheduler, classifier-free
 guidance: weights are the same for both halves, so guidance after the blend equals guidance per term).
-Terms that share a step run in ONE batched forward of the base UNet, each sample with its own adapter
+Terms that share a step run in ONE batched forward of the base denoiser, each sample with its own adapter
 (PEFT's per-sample hook, `mixture.adapter_names_hooks`), in chunks of at most `max_batch` samples.
 """
 
@@ -27,8 +27,9 @@ from mixdiff_cli.catalog.schema import Catalog, load_catalog
 from mixdiff_cli.core.errors import MixdiffWarning
 from mixdiff_cli.core.fsutil import writable_dir
 from mixdiff_cli.routing.route import check_known, parse_members
-from mixdiff_cli.sampling.engine import Active, Engine, Request, RouteInfo, make_scheduler
-from mixdiff_cli.sampling.mixture import BASE, MixtureUNet, adapter_names_hooks
+from mixdiff_cli.families.base import Cond, cat
+from mixdiff_cli.sampling.engine import Active, Engine, Request, RouteInfo
+from mixdiff_cli.sampling.mixture import BASE, Mixture, adapter_names_hooks
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions, check_image
 from mixdiff_cli.sampling.regions import (CanvasOptions, Region, RegionError, Tile, check_regions, parse_box, parse_regions, region_map,
                                           tile_weights, tiles)
@@ -37,13 +38,13 @@ if TYPE_CHECKING:
     from mixdiff_cli.models.text import Encoded
     from mixdiff_cli.sampling.generate import Generated
 
-MODEL = "model:"  # prefix of a term's UNet key when the expert is a full model (else: adapter name or BASE)
+MODEL = "model:"  # prefix of a term's denoiser key when the expert is a full model (else: adapter name or BASE)
 NEGATIVE = 0  # row of the negative prompt in the text table
 
 
 @dataclass
 class Term:
-    """One (tile, region, expert): `unet` runs on the tile under text row `text`, weighted by `weight`
+    """One (tile, region, expert): denoiser `unet` runs on the tile under text row `text`, weighted by `weight`
     ((h, w) over the tile, already divided by the sum of all terms' weights there)."""
 
     tile: int
@@ -58,34 +59,33 @@ class CanvasPlan:
 
     tiles: list[Tile]
     terms: list[Term]
-    embeds: torch.Tensor  # (T, L, D): row 0 the negative, then one row per prompt
-    pooled: torch.Tensor | None  # (T, P) SDXL text_embeds, same rows
-    time_ids: list[torch.Tensor] | None  # SDXL micro-conditioning per tile: (6,) orig h, w, crop top, left, target h, w
-    hooked: bool  # more than one adapter (or the bare base) shares the base UNet: per-sample hooks
+    texts: Cond  # the denoiser's text conditioning (T, ...): row 0 the negative, then one row per prompt
+    tile_conds: list[Cond]  # each tile's own conditioning (1, ...) (e.g. size micro-conditioning); {} for none
+    hooked: bool  # more than one adapter (or the bare base) shares the base denoiser: per-sample hooks
     max_batch: int = 16
     images: int = 1  # B: images sampled together
 
 
-class CanvasUNet(MixtureUNet):
-    """A drop-in UNet over the whole latent canvas (B or 2B under guidance, C, H, W)."""
+class CanvasDenoiser(Mixture):
+    """A drop-in base denoiser over the whole latent canvas (B or 2B under guidance, C, H, W)."""
 
-    def __init__(self, base: torch.nn.Module, models: Any, plan: CanvasPlan):
-        super().__init__(base)
-        self._experts = models  # full-model experts by name (the engine's mixture holds them)
+    def __init__(self, engine: Engine, plan: CanvasPlan):
+        super().__init__(engine.denoiser, engine.family)
+        self._experts = engine.mixture.models  # full-model experts by name (the engine's mixture holds them)
         self.plan = plan
 
-    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
-                added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = True, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         plan = self.plan
         b = plan.images
+        sample, timestep, _, rest = self.family.split(args, kwargs)
         halves = [sample[:b], sample[b:]] if sample.shape[0] == 2 * b else [sample]  # [uncond, cond] under guidance
         t = timestep[0] if isinstance(timestep, torch.Tensor) and timestep.ndim == 1 else timestep
-        calls: dict[tuple[int, int, str, int], None] = {}  # (half, tile, unet, text row), in order
+        calls: dict[tuple[int, int, str, int], None] = {}  # (half, tile, denoiser, text row), in order
         for term in plan.terms:
             if len(halves) == 2:
                 calls[(0, term.tile, term.unet, NEGATIVE)] = None
             calls[(len(halves) - 1, term.tile, term.unet, term.text)] = None
-        eps = self._run(list(calls), halves, t, kwargs)
+        eps = self._run(list(calls), halves, t, rest)
         out = [torch.zeros_like(h) for h in halves]
         for term in plan.terms:
             rows, cols = plan.tiles[term.tile].window
@@ -93,15 +93,17 @@ class CanvasUNet(MixtureUNet):
                 text = NEGATIVE if half == 0 and len(halves) == 2 else term.text
                 out[half][:, :, rows, cols] += term.weight * eps[(half, term.tile, term.unet, text)]
         mixed = torch.cat(out) if len(out) == 2 else out[0]
-        if not return_dict:
-            return (mixed,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        return self.family.output(mixed, kwargs.get("return_dict", True))
 
-        return UNet2DConditionOutput(sample=mixed)
+    def _cond(self, tile: int, text: int) -> Cond:
+        """The (B, ...) conditioning of one call: text row `text` on tile `tile`."""
+        plan, b = self.plan, self.plan.images
+        one = {**{k: v[text : text + 1] for k, v in plan.texts.items()}, **plan.tile_conds[tile]}
+        return {k: v.expand(b, *v.shape[1:]) for k, v in one.items()}
 
     def _run(self, calls: list[tuple[int, int, str, int]], halves: list[torch.Tensor], t: Any,
-             kwargs: dict[str, Any]) -> dict[tuple[int, int, str, int], torch.Tensor]:
-        """Each call's (B, C, h, w) noise prediction: base-UNet calls batched with per-sample adapters,
+             rest: dict[str, Any]) -> dict[tuple[int, int, str, int], torch.Tensor]:
+        """Each call's (B, C, h, w) noise prediction: base-denoiser calls batched with per-sample adapters,
         full-model calls batched per model, at most `max_batch` samples per forward."""
         plan, b = self.plan, self.plan.images
         groups: dict[str, list[tuple[int, int, str, int]]] = {}
@@ -110,19 +112,15 @@ class CanvasUNet(MixtureUNet):
         per = max(1, plan.max_batch // b)  # calls per forward
         eps: dict[tuple[int, int, str, int], torch.Tensor] = {}
         for key, group in groups.items():
-            unet = self._experts[key.removeprefix(MODEL)] if key else self.base
+            model = self._experts[key.removeprefix(MODEL)] if key else self.base
             for start in range(0, len(group), per):
                 chunk = group[start : start + per]
                 x = torch.cat([halves[h][:, :, rows, cols] for h, tile, _, _ in chunk for rows, cols in [plan.tiles[tile].window]])
-                ehs = torch.cat([plan.embeds[text].expand(b, -1, -1) for _, _, _, text in chunk])  # (n*B, L, D)
-                added = None
-                if plan.pooled is not None and plan.time_ids is not None:
-                    added = {"text_embeds": torch.cat([plan.pooled[text].expand(b, -1) for _, _, _, text in chunk]),
-                             "time_ids": torch.cat([plan.time_ids[tile].expand(b, -1) for _, tile, _, _ in chunk])}
+                cond = cat([self._cond(tile, text) for _, tile, _, text in chunk])  # (n*B, ...)
                 names = [name for _, _, name, _ in chunk for _ in range(b)]
-                hooks = adapter_names_hooks(unet, names) if plan.hooked and not key else contextlib.nullcontext()
+                hooks = adapter_names_hooks(model, names) if plan.hooked and not key else contextlib.nullcontext()
                 with hooks:
-                    pred = unet(x, t, ehs, added_cond_kwargs=added, return_dict=False, **kwargs)[0]  # (n*B, C, h, w)
+                    pred = self.family.run(model, x, t, cond, rest)  # (n*B, C, h, w)
                 eps.update(zip(chunk, pred.split(b)))
         return eps
 
@@ -144,14 +142,12 @@ class _Entry:
 
 def _native(engine: Engine) -> tuple[int, int]:
     """(native latent size, pixels per latent cell) of the base."""
-    size = engine.unet.config.sample_size
-    return int(size if isinstance(size, int) else size[0]), int(engine.pipe.vae_scale_factor)
+    f = int(engine.pipe.vae_scale_factor)
+    return engine.native_size() // f, f
 
 
 def plan_canvas(engine: Engine, entries: list[_Entry], encoded: Encoded, size: tuple[int, int], canvas: CanvasOptions) -> CanvasPlan:
     """Tiles of the (height, width) px canvas, the weighted terms, the text table, the adapter state."""
-    from mixdiff_cli.models.text import is_sdxl
-
     native, f = _native(engine)
     height, width = size[0] // f, size[1] // f
     overlap = (canvas.tile_overlap if canvas.tile_overlap is not None else native * f // 4) // f
@@ -159,8 +155,8 @@ def plan_canvas(engine: Engine, entries: list[_Entry], encoded: Encoded, size: t
     names = list(dict.fromkeys(n for e in entries for n, _ in e.chosen))
     engine.ensure_loaded(names)
     engine.plan([Active(engine.catalog.expert(n), 1.0) for n in names], "noise")  # every LoRA at its strength
-    unet_key = {n: (MODEL + n if engine.catalog.expert(n).kind == "model" else engine._loaded[n].adapter) for n in names}
-    adapted = [n for n in names if getattr(engine._loaded[n], "text_encoder", False)]
+    unet_key = {n: MODEL + n if kind == "model" else adapter for n, (kind, adapter) in engine.slots(names).items()}
+    adapted = engine.text_adapted(names)
     if adapted:
         warnings.warn(f"regions use the bare text encoders: the text-encoder part of {', '.join(adapted)} is not applied",
                       MixdiffWarning, stacklevel=2)
@@ -183,15 +179,13 @@ def plan_canvas(engine: Engine, entries: list[_Entry], encoded: Encoded, size: t
     total = torch.zeros(height, width, dtype=torch.float64)
     for tile_index, _, _, w in raw:
         total[grid[tile_index].window] += w
-    dtype, device = engine.unet.dtype, engine.device
+    dtype, device = engine.denoiser.dtype, engine.device
     terms = [Term(t, u, r, (w / total[grid[t].window]).to(device=device, dtype=dtype)) for t, u, r, w in raw]
-    embeds = torch.cat([encoded.negative_prompt_embeds[:1], encoded.prompt_embeds])
-    pooled = time_ids = None
-    if is_sdxl(engine.pipe):
-        pooled = torch.cat([encoded.negative_pooled_prompt_embeds[:1], encoded.pooled_prompt_embeds])
-        time_ids = [torch.tensor([[size[0], size[1], t.y0 * f, t.x0 * f, t.h * f, t.w * f]], dtype=embeds.dtype, device=device) for t in grid]
+    texts = engine.family.denoiser_cond({k: torch.cat([encoded.negatives[k][:1], v]) for k, v in encoded.fields.items()})
+    like = next(iter(texts.values()))
+    tile_conds = [engine.family.tile_cond((t.y0 * f, t.x0 * f, t.h * f, t.w * f), size, like) for t in grid]
     hooked = len({term.unet for term in terms if not term.unet.startswith(MODEL)}) > 1
-    return CanvasPlan(grid, terms, embeds, pooled, time_ids, hooked, canvas.max_batch)
+    return CanvasPlan(grid, terms, texts, tile_conds, hooked, canvas.max_batch)
 
 
 # --- generation --------------------------------------------------------------------------------------
@@ -227,7 +221,7 @@ def _route_entries(engine: Engine, entries: list[_Entry], encoded: Encoded, repl
 
 
 def generate_canvas(
-    catalog: Catalog | str | Path,
+    catalog: Catalog | str | Path | Engine,
     background: str | None,
     regions: Sequence[str | Region] = (),
     options: GenerationOptions | None = None,
@@ -235,16 +229,17 @@ def generate_canvas(
     *,
     out_dir: str | Path = "outputs",
     from_image: str | Path | None = None,
-    engine: Engine | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Generated:
     """A canvas of regions, each with its own prompt and experts (routed or pinned), over a `background`
     prompt (None: none) at `canvas.background_weight`; `options.num_images` PNGs with metadata in `out_dir`.
-    With `from_image`, the recorded regions, routes and settings replay (options left None take the record's)."""
-    from mixdiff_cli.sampling.generate import Generated, _batch_invariant, _next_index
+    `catalog` may be an engine already loaded. With `from_image`, the recorded regions, routes and settings
+    replay (options left None take the record's)."""
+    from mixdiff_cli.sampling.generate import Generated, _next_index
     from mixdiff_cli.sampling.pngmeta import read_record, save_png
 
-    cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
+    engine = catalog if isinstance(catalog, Engine) else None
+    cat = engine.catalog if engine is not None else catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
     opts = (options or GenerationOptions()).check(len(cat.experts))
     canvas = (canvas or CanvasOptions()).check()
     check_known(opts.experts, cat.names)
@@ -274,7 +269,7 @@ def generate_canvas(
     out_dir = writable_dir(out_dir)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(opts.num_images)]
     index, paths = _next_index(out_dir), []
-    with _batch_invariant(engine):
+    with engine.batch_invariant():
         for start in range(0, len(seeds), opts.batch_size):
             chunk = seeds[start : start + opts.batch_size]
             tick = None if progress is None else (lambda done, base=start * steps: progress(base + done, steps * len(seeds)))
@@ -327,15 +322,12 @@ def sample_canvas(run: CanvasRun, seeds: Sequence[int], progress: Callable[[int]
 
     engine, req, pipe = run.engine, run.request, run.engine.pipe
     run.plan.images = len(seeds)
-    unet = CanvasUNet(engine.unet, engine.mixture.models, run.plan)
     tick = None if progress is None else (lambda p, i, t, tensors: (progress(i + 1), tensors)[1])
-    pipe.unet, pipe.scheduler = unet, make_scheduler(req.scheduler, engine._scheduler_config)
-    try:
+    pipe.scheduler = engine.scheduler_for(req.scheduler)
+    with engine.installed(CanvasDenoiser(engine, run.plan)):
         images = pipe(**run.encoded.take([0] * len(seeds)).pipeline_kwargs(), num_inference_steps=req.steps, guidance_scale=req.guidance,
                       width=req.width, height=req.height, output_type="pil", callback_on_step_end=tick,
                       generator=[torch.Generator(device=engine.device).manual_seed(s) for s in seeds]).images
-    finally:
-        pipe.unet = engine.unet
     for s, image in zip(seeds, images):
         record = canvas_record(engine, run.entries, Request(req.prompt, req.negative, s, req.steps, req.guidance, req.width, req.height,
                                                             req.scheduler), run.canvas, len(run.plan.tiles))

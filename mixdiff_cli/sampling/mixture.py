@@ -1,11 +1,13 @@
-"""The mixture of experts as a denoiser: a module with the base UNet's forward signature that blends
-its experts' noise predictions, eps(x_t) = sum_i w_i * eps_i(x_t). Any diffusers pipeline samples from
-it unchanged (schedulers, classifier-free guidance, SDXL micro-conditioning).
+"""The mixture of experts as a denoiser over denoisers: a module with the base denoiser's forward signature
+that blends its experts' predictions, eps(x_t) = sum_i w_i(t, x) * eps_i(x_t, t, cond_i). Any diffusers
+pipeline samples from it unchanged (schedulers, classifier-free guidance, micro-conditioning): the
+family's wrapper (`Family.split` / `run` / `output`) turns the pipeline's call into (x, t, cond) and back,
+so nothing here knows which model family it blends.
 
-What to blend is data (`Blend`), set on the module for a sampling run (`MixtureUNet.routed`):
-- LoRA experts on the base run in ONE batched forward of the base UNet, each slice of the batch with
+What to blend is data (`Blend`), set on the module for a sampling run (`Mixture.routed`):
+- LoRA experts on the base run in ONE batched forward of the base denoiser, each slice of the batch with
   its own adapter, each adapter adding its LoRA output to its contiguous slice (`adapter_slices_hooks`);
-- full-model experts run on their own UNets;
+- full-model experts run on their own denoisers;
 - a single slice (top-1, merge, bare base) is a plain forward of the base with the adapters the
   caller activated, at no extra cost.
 """
@@ -19,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mixdiff_cli.families.base import Family, cat, repeat
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 ACTIVE = None  # a slice that runs the base with whatever adapters are active (set_adapters)
@@ -99,12 +103,12 @@ def adapter_slices_hooks(model: nn.Module, adapter_names: Sequence[str]) -> Iter
 class Blend:
     """One route as the denoiser sees it.
 
-    `slices`: the base-UNet batch is repeated once per slice; a slice names a LoRA adapter, `__base__`
+    `slices`: the base denoiser's batch is repeated once per slice; a slice names a LoRA adapter, `__base__`
     (the bare base) or ACTIVE (None: the adapters set active by the caller, e.g. merged in weight space).
-    `models`: names of full-model experts (keys of `MixtureUNet.models`).
+    `models`: names of full-model experts (keys of `Mixture.models`).
     `weights`: one per slice, then one per model.
-    `conditioning`: optional per-member overrides of `encoder_hidden_states` / `text_embeds` (members
-    whose LoRA also adapts the text encoder), same layout as what the pipeline passes.
+    `conditioning`: optional per-member overrides of the denoiser's conditioning (`Family.denoiser_cond`;
+    members whose LoRA also adapts the text encoder), same batch layout as what the pipeline passes.
     """
 
     slices: list[str | None] = field(default_factory=lambda: [ACTIVE])
@@ -133,19 +137,13 @@ class Blend:
         return torch.tensor(self.weights, dtype=sample.dtype, device=sample.device).view(-1, 1, 1, 1, 1)
 
 
-def _repeat(x: Any, m: int) -> Any:
-    """(B, ...) -> (m*B, ...): the batch repeated m times; non-tensors and 0-d tensors pass through."""
-    if not isinstance(x, torch.Tensor) or x.ndim == 0 or m == 1:
-        return x
-    return x.repeat(m, *([1] * (x.ndim - 1)))
+class Mixture(nn.Module):
+    """A drop-in for the base denoiser: same forward, same `config`/`dtype`/`device` and attributes."""
 
-
-class MixtureUNet(nn.Module):
-    """A drop-in `UNet2DConditionModel`: same forward, same `config`/`dtype`/`device`/`add_embedding`."""
-
-    def __init__(self, base: nn.Module, models: Mapping[str, nn.Module] | None = None):
+    def __init__(self, base: nn.Module, family: Family, models: Mapping[str, nn.Module] | None = None):
         super().__init__()
         self.base = base
+        self.family = family
         # full-model experts by expert name: a plain dict, not a ModuleDict, whose keys may not be Module
         # attributes (an expert may be called `half` or `to`); the engine places and parks them itself
         self.models: dict[str, nn.Module] = dict(models or {})
@@ -153,7 +151,7 @@ class MixtureUNet(nn.Module):
         self._hooks: contextlib.ExitStack | None = None
         self._hooked: tuple[str, ...] = ()
 
-    # attributes pipelines read from their UNet
+    # attributes pipelines read from their denoiser
     @property
     def config(self) -> Any:
         return self.base.config
@@ -175,8 +173,12 @@ class MixtureUNet(nn.Module):
                 raise
             return getattr(base, name)  # add_embedding, encoder_hid_proj, ...
 
+    def denoisers(self) -> list[nn.Module]:
+        """The base and every model expert's denoiser."""
+        return [self.base, *self.models.values()]
+
     @contextlib.contextmanager
-    def routed(self, blend: Blend) -> Iterator[MixtureUNet]:
+    def routed(self, blend: Blend) -> Iterator[Mixture]:
         """Blend with `blend` for the duration (one sampling run); per-sample hooks are removed after."""
         self.blend = blend
         try:
@@ -204,62 +206,33 @@ class MixtureUNet(nn.Module):
             self._hooks.close()
         self._hooks, self._hooked = None, ()
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        *args: Any,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-        return_dict: bool = True,
-        **kwargs: Any,
-    ) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         blend = self.blend
         if blend is None or blend.single:
-            unet = self.base if blend is None or blend.slices else self.models[blend.models[0]]
-            return unet(
-                sample, timestep, encoder_hidden_states, *args,
-                added_cond_kwargs=added_cond_kwargs, return_dict=return_dict, **kwargs,
-            )
-
-        batch = sample.shape[0]  # B: images x (uncond, cond) halves
-        cond = blend.conditioning or [None] * (len(blend.slices) + len(blend.models))
-
-        def member_cond(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-            ehs, added = encoder_hidden_states, added_cond_kwargs
-            if cond[i] is not None:
-                ehs = cond[i].get("encoder_hidden_states", ehs)
-                if added is not None and "text_embeds" in cond[i]:
-                    added = {**added, "text_embeds": cond[i]["text_embeds"]}
-            return ehs, added
-
+            model = self.base if blend is None or blend.slices else self.models[blend.models[0]]
+            return model(*args, **kwargs)
+        family = self.family
+        x, t, cond, rest = family.split(args, kwargs)
+        batch = x.shape[0]  # B: images x (uncond, cond) halves
+        override = blend.conditioning or [None] * (len(blend.slices) + len(blend.models))
+        member = [{**cond, **o} if o is not None else cond for o in override]  # each member's conditioning
         eps: list[torch.Tensor] = []  # k x (B, C, H, W)
         m = len(blend.slices)
         if m:
             if m > 1:
                 self._hook(tuple(name for name in blend.slices for _ in range(batch)))
-            members = [member_cond(i) for i in range(m)]
-            overridden = any(c is not None for c in cond[:m])
-            ehs = torch.cat([e for e, _ in members]) if overridden else _repeat(encoder_hidden_states, m)
-            added = None
-            if added_cond_kwargs is not None:
-                added = {key: torch.cat([a[key] for _, a in members]) for key in added_cond_kwargs}
-            out = self.base(
-                _repeat(sample, m), _repeat(timestep, m), ehs, *args,
-                added_cond_kwargs=added, return_dict=False, **kwargs,
-            )[0]  # (m*B, C, H, W)
+            batched = cat(member[:m]) if any(o is not None for o in override[:m]) else repeat(cond, m)
+            out = family.run(self.base, _repeat(x, m), _repeat(t, m), batched, rest)  # (m*B, C, H, W)
             eps.extend(out.chunk(m))
         for j, name in enumerate(blend.models):
-            ehs, added = member_cond(m + j)
-            eps.append(
-                self.models[name](
-                    sample, timestep, ehs, *args, added_cond_kwargs=added, return_dict=False, **kwargs
-                )[0]
-            )
-        weights = blend.weights_at(timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep), sample)
+            eps.append(family.run(self.models[name], x, t, member[m + j], rest))
+        weights = blend.weights_at(t if isinstance(t, torch.Tensor) else torch.tensor(t), x)
         mixed = (torch.stack(eps) * weights).sum(0)  # (k, B, C, H, W) -> (B, C, H, W)
-        if not return_dict:
-            return (mixed,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        return family.output(mixed, kwargs.get("return_dict", True))
 
-        return UNet2DConditionOutput(sample=mixed)
+
+def _repeat(x: Any, m: int) -> Any:
+    """(B, ...) -> (m*B, ...): the batch repeated m times; non-tensors and 0-d tensors pass through."""
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or m == 1:
+        return x
+    return x.repeat(m, *([1] * (x.ndim - 1)))

@@ -1,0 +1,43 @@
+"""SDXL (stabilityai/stable-diffusion-xl-base-1.0 and its fine-tunes): two CLIP text encoders, pooled text
+embeddings and size/crop micro-conditioning (`time_ids`) beside the cross-attention context."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mixdiff_cli.families.base import Cond
+from mixdiff_cli.families.unet import UNetFamily
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SDXL(UNetFamily):
+    name, label = "sdxl", "SDXL"
+    pipelines = ("StableDiffusionXLPipeline",)
+    text_encoders = ("text_encoder", "text_encoder_2")
+
+    def load_single_file(self, path: Path, dtype: Any) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline.from_single_file(str(path), dtype=dtype, local_files_only=True)
+
+    def encode(self, pipe: Any, texts: list[str], device: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The router vector is the second encoder's projected `text_embeds` (N, P), which the UNet reads too."""
+        embeds, _, pooled, _ = pipe.encode_prompt(texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, pooled
+
+    def zero_negative(self, pipe: Any) -> bool:
+        return bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+
+    def denoiser_cond(self, fields: Mapping[str, torch.Tensor]) -> Cond:
+        return {"encoder_hidden_states": fields["prompt_embeds"], "text_embeds": fields["pooled_prompt_embeds"]}
+
+    def tile_cond(self, box: tuple[int, int, int, int], canvas: tuple[int, int], like: torch.Tensor) -> Cond:
+        """`time_ids` (1, 6): original size (the canvas), crop top-left (the tile's corner), target size (the tile)."""
+        import torch
+
+        y0, x0, h, w = box
+        return {"time_ids": torch.tensor([[canvas[0], canvas[1], y0, x0, h, w]], dtype=like.dtype, device=like.device)}
