@@ -13,6 +13,7 @@ PACKAGE = Path(mixdiff_cli.__file__).parent
 # lowest first; a module may import its own layer and the layers before it
 LAYERS: list[tuple[str, ...]] = [
     ("core",),
+    ("families",),
     ("catalog",),
     ("models",),
     ("routing",),
@@ -126,18 +127,115 @@ def test_core_imports_nothing_else_of_mixdiff():
             assert all(layer_of(t) <= 0 for t in targets), (module, targets)
 
 
-MAX_PARAMETERS = 12  # a function that needs more takes a value (e.g. GenerationOptions) instead
+MAX_PARAMETERS = 8  # a function that needs more takes a value (e.g. GenerationOptions) instead
+MAX_FUNCTION_LINES = 60  # def line to last line, docstring included
+MAX_MODULE_LINES = 500
 
 
-def test_no_library_function_takes_more_than_a_dozen_parameters():
-    heavy = []
-    for path in PACKAGE.rglob("*.py"):
-        if "cli" in path.relative_to(PACKAGE).parts:
-            continue  # commands declare one parameter per option
+def _library_functions(package: Path = PACKAGE):
+    """(path, node) of every function outside cli/ (commands declare one parameter per option)."""
+    for path in sorted(package.rglob("*.py")):
+        if "cli" in path.relative_to(package).parts:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                a = node.args
-                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
-                if len(names) > MAX_PARAMETERS:
-                    heavy.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} takes {len(names)}")
+                yield path, node
+
+
+def parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+    return len(names) + (a.vararg is not None) + (a.kwarg is not None)
+
+
+def test_no_library_function_takes_more_than_eight_parameters():
+    heavy = [f"{p.relative_to(PACKAGE)}:{n.lineno} {n.name} takes {parameter_count(n)}"
+             for p, n in _library_functions() if parameter_count(n) > MAX_PARAMETERS]
     assert not heavy, "\n".join(heavy)
+
+
+def test_no_library_function_is_longer_than_sixty_lines():
+    long = [f"{p.relative_to(PACKAGE)}:{n.lineno} {n.name} is {n.end_lineno - n.lineno + 1} lines"
+            for p, n in _library_functions() if n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, "\n".join(long)
+
+
+def test_no_library_module_is_longer_than_five_hundred_lines():
+    big = [f"{p.relative_to(PACKAGE)} is {n} lines" for p in sorted(PACKAGE.rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not big, "\n".join(big)
+
+
+def test_the_size_checks_find_a_planted_violation(tmp_path):
+    pkg = tmp_path / "mixdiff_cli"
+    (pkg / "core").mkdir(parents=True)
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    (pkg / "core" / "big.py").write_text(f"def f(a, b, c, d, e, f, g, h, *rest):\n{body}\n")
+    (pkg / "cli").mkdir()
+    (pkg / "cli" / "cmd.py").write_text("def command(a, b, c, d, e, f, g, h, i, j):\n    pass\n")
+    found = {(n.name, parameter_count(n), n.end_lineno - n.lineno + 1) for _, n in _library_functions(pkg)}
+    assert found == {("f", 9, 62)}  # the cli/ command is not counted
+
+
+# What only a model family may name: its classes, its components, its conditioning and config keys, its
+# LoRA key prefixes. A string with whitespace is prose (help text, messages) and may name a family to
+# users; comments are not code.
+FAMILY_NAMES = frozenset({
+    "UNet2DConditionModel", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "text_encoder_2", "tokenizer_2",
+    "add_time_ids", "time_ids", "text_embeds", "pooled_prompt_embeds", "cross_attention_dim", "addition_embed_type",
+    "addition_time_embed_dim", "projection_class_embeddings_input_dim", "time_cond_proj_dim", "is_sdxl",
+    "lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "model.diffusion_model.",
+})
+FAMILY_VALUES = frozenset({"sd", "sd1", "sd2", "sdxl"})  # a comparison with one of these is a family branch
+
+
+def family_names_outside_families(package: Path = PACKAGE) -> list[str]:
+    """`module:line name` for every family-specific name a module outside `families/` uses."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.parts[0] == "families":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.alias):
+                names = [node.name.rpartition(".")[2], node.asname or ""]
+            elif isinstance(node, (ast.keyword, ast.arg)):
+                names = [node.arg or ""]
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and not any(c.isspace() for c in node.value):
+                names = [node.value] + [n for n in FAMILY_NAMES if n.endswith(("_", ".")) and node.value.startswith(n)]
+            elif isinstance(node, ast.Compare):
+                names = [f"== {c.value!r}" for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in FAMILY_VALUES]
+            found += [f"{rel.as_posix()}:{getattr(node, 'lineno', 0)} {n}" for n in names if n in FAMILY_NAMES or n.startswith("== ")]
+    return found
+
+
+def test_family_names_stay_inside_the_families():
+    found = family_names_outside_families()
+    assert not found, "\n".join(found)
+
+
+PLANTED = '''def f(pipe, arch):
+    """Help that names SDXL and its text_encoder_2 to users is prose."""
+    if arch == "sdxl":
+        return pipe.text_encoder_2
+    return {"time_ids": 1}, "lora_unet_down_blocks"
+'''
+
+
+def test_the_family_check_finds_a_planted_violation(tmp_path):
+    pkg = tmp_path / "mixdiff_cli"
+    (pkg / "sampling").mkdir(parents=True)
+    (pkg / "families").mkdir()
+    (pkg / "families" / "sdxl.py").write_text("from diffusers import UNet2DConditionModel\nKEY = 'text_encoder_2'\n")
+    (pkg / "sampling" / "engine.py").write_text(PLANTED)
+    assert sorted(family_names_outside_families(pkg)) == [
+        "sampling/engine.py:3 == 'sdxl'", "sampling/engine.py:4 text_encoder_2", "sampling/engine.py:5 lora_unet_",
+        "sampling/engine.py:5 time_ids",
+    ]

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from mixdiff_cli.catalog.schema import Catalog, load_catalog
 from mixdiff_cli.core.errors import ExpertNotFound, MixdiffError, UsageError
 from mixdiff_cli.catalog.formats import sha256_file as file_sha256
-from mixdiff_cli.sampling.invariant import batch_invariant, invariant_models
 from mixdiff_cli.routing.route import catalog_bands, check_known, explicit_route, parse_members, spread_bands
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions
 from mixdiff_cli.sampling.prompts import PromptFileError, PromptItem, parse_prompts
@@ -516,7 +515,7 @@ def _sample(engine: Engine, chunk: list[_Work], blend: str | None, stop: _Stop, 
 
     t0 = time.perf_counter()
     engine.ensure_loaded([name for name, _ in chunk[0].route.chosen])  # before patching: new LoRA layers get covered
-    with batch_invariant(*invariant_models(engine)) if invariant else contextlib.nullcontext():
+    with engine.batch_invariant(invariant):
         images = engine.generate(
             [w.request for w in chunk], chunk[0].route, blend, route_info=chunk[0].info, progress=progress
         )
@@ -535,7 +534,7 @@ def _sample_canvas(engine: Engine, w: _Work, opts: GenerationOptions | None, sto
     t0 = time.perf_counter()
     opts = (opts or GenerationOptions()).updated(experts=parse_members(w.item.experts) or (opts.experts if opts else ()))
     run = prepare_canvas(engine, w.item.prompt or None, parse_regions(w.item.regions), canvas_request(engine, w.request), opts, CanvasOptions())
-    with batch_invariant(*invariant_models(engine)) if invariant else contextlib.nullcontext():
+    with engine.batch_invariant(invariant):
         images = sample_canvas(run, [w.request.seed], progress)
     return images, time.perf_counter() - t0
 

@@ -22,7 +22,7 @@ from mixdiff_cli.sampling.options import BLEND_MODES, MAX_SEED, SCHEDULERS, Blen
 from mixdiff_cli.catalog.formats import sha256_file as file_sha256
 from mixdiff_cli.sampling.fusion import Fusion
 from mixdiff_cli.sampling.loaders import Loaders
-from mixdiff_cli.sampling.planning import Planning, _bands_label, _layout
+from mixdiff_cli.sampling.planning import Planning
 from mixdiff_cli.sampling.requests import Active, Request, RouteInfo, _Loaded, _Stage
 from mixdiff_cli.sampling.residency import Residency
 
@@ -125,15 +125,16 @@ class Engine(Residency, Loaders, Fusion, Planning):
         return make_scheduler(name, self._scheduler_config)
 
     @contextlib.contextmanager
-    def batch_invariant(self) -> Iterator[None]:
-        """On CPU, each image's bytes independent of its batch for the duration (`invariant.batch_invariant`),
-        model experts loaded meanwhile included."""
-        if self.device.type != "cpu" or self.compile or self._invariance is not None:
+    def batch_invariant(self, on: bool | None = None) -> Iterator[None]:
+        """Each image's bytes independent of its batch for the duration (`invariant.batch_invariant`: base,
+        model experts loaded meanwhile included, text encoders, VAE). `on`: None = on CPU without compile."""
+        on = self.device.type == "cpu" and not self.compile if on is None else on
+        if not on or self._invariance is not None:
             yield
             return
-        from mixdiff_cli.sampling.invariant import batch_invariant, invariant_models
+        from mixdiff_cli.sampling.invariant import batch_invariant
 
-        with batch_invariant(*invariant_models(self)) as cover:
+        with batch_invariant(*self.mixture.denoisers(), getattr(self.pipe, "vae", None), *self.family.encoders(self.pipe)) as cover:
             self._invariance = cover
             try:
                 yield
@@ -203,32 +204,10 @@ class Engine(Residency, Loaders, Fusion, Planning):
         members = self._members(route)
         self.ensure_loaded([m.name for m in members])
 
-        prompts, negatives = [r.prompt for r in reqs], [r.negative for r in reqs]
-        if encoded is not None and (encoded.negatives is None or len(encoded) != len(reqs)):
-            encoded = None  # routing-only encodings lack the negatives
-        bare: list[Encoded] = [encoded] if encoded is not None else []
-
-        def base_encoding() -> Encoded:  # the bare text encoders' pass, once
-            if not bare:
-                bare.append(self.encode(prompts, negatives))
-            return bare[0]
-
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault((r.steps, r.width, r.height, r.scheduler, r.guidance), []).append(i)
-        layouts = {key[0]: _layout(members, key[0]) for key in groups}  # steps -> [(first step, members)]
-        stages: dict[tuple[str, ...], _Stage] = {}
-        for layout in layouts.values():
-            for _, active in layout:
-                key = tuple(m.name for m in active)
-                if key not in stages:
-                    stages[key] = self._stage(active, mode, prompts, negatives, base_encoding)
-        # several stages, one of them encoding through a text-encoder LoRA: every stage passes its own
-        explicit = len(stages) > 1 and any(s.adapted for s in stages.values())
-        only = next(iter(stages.values())) if len(stages) == 1 else None
-        banded = any(m.band is not None for m in members)
-        plan = self._apply(only.members, mode) if only is not None else None
-        label = plan[3] if plan is not None and not banded else _bands_label(list(layouts.values()), mode)
+        layouts, stages, explicit, label = self._stages(members, mode, reqs, list(dict.fromkeys(key[0] for key in groups)), encoded)
 
         results: list[Any] = [None] * len(reqs)
         total = sum(reqs[idx[0]].steps for idx in groups.values())

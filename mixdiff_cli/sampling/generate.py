@@ -3,7 +3,6 @@ image with its metadata. `mixdiff generate PROMPT` is this function."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from mixdiff_cli.routing.route import Member, Route, catalog_bands, check_known,
 from mixdiff_cli.sampling.engine import Engine, Request, RouteInfo
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions
 from mixdiff_cli.core.fsutil import writable_dir
-from mixdiff_cli.sampling.invariant import batch_invariant, invariant_models
 
 if TYPE_CHECKING:
     from mixdiff_cli.models.text import Encoded
@@ -99,7 +97,7 @@ def generate_images(
     paths: list[Path] = []
     index = _next_index(out_dir)
     total = steps * opts.num_images
-    with _batch_invariant(engine):
+    with engine.batch_invariant():  # on CPU: --batch-size never changes an image, --from reproduces it bit-exactly
         for start in range(0, opts.num_images, opts.batch_size):
             chunk = requests[start : start + opts.batch_size]
             tick = None if progress is None else (lambda done, _t, base=start * steps: progress(base + done, total))
@@ -109,14 +107,6 @@ def generate_images(
                 index += 1
     label = images[0].info["mixdiff"]["blend"]
     return Generated(paths=paths, seeds=seeds, route=info.decision or {}, blend=label)
-
-
-def _batch_invariant(engine: Engine) -> Any:
-    """On CPU, make each image independent of its batch (as `mixdiff_cli.sampling.batch` does), so that
-    `--batch-size` never changes an image and `--from` reproduces any image bit-exactly."""
-    if engine.device.type != "cpu" or engine.compile:
-        return contextlib.nullcontext()
-    return batch_invariant(*invariant_models(engine))
 
 
 def _decide(engine: Engine, prompt: str, encoded: Encoded, members: tuple[Member, ...], replaying: bool,

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from mixdiff_cli.sampling.engine import Engine
-
+from typing import Any
 
 
 class _Cover:
@@ -74,9 +70,3 @@ def batch_invariant(*models: Any) -> Iterator[_Cover]:
         yield cover
     finally:
         cover.close()
-
-
-def invariant_models(engine: Engine) -> list[Any]:
-    """The modules `batch_invariant` must cover for an engine: base denoiser, model experts, text encoders, VAE."""
-    pipe = engine.pipe
-    return [*engine.mixture.denoisers(), getattr(pipe, "vae", None), *engine.family.encoders(pipe)]

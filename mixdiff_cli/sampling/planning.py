@@ -131,6 +131,35 @@ class Planning:
         self.pipe.set_adapters(adapters, adapter_weights=weights)
         return encode(self.pipe, prompts, negatives, device=self.device)
 
+    def _stages(self, members: list[Active], mode: BlendMode, reqs: list[Any], run_steps: list[int],
+                encoded: Encoded | None) -> tuple[dict[int, list[tuple[int, list[Active]]]], dict[tuple[str, ...], _Stage], bool, str]:
+        """For runs of `run_steps` steps: each one's band layout, the stages they use (text conditioning
+        encoded once per stage), whether every stage passes its own conditioning, and the blend label."""
+        prompts, negatives = [r.prompt for r in reqs], [r.negative for r in reqs]
+        if encoded is not None and (encoded.negatives is None or len(encoded) != len(reqs)):
+            encoded = None  # routing-only encodings lack the negatives
+        bare: list[Encoded] = [encoded] if encoded is not None else []
+
+        def base_encoding() -> Encoded:  # the bare text encoders' pass, once
+            if not bare:
+                bare.append(self.encode(prompts, negatives))
+            return bare[0]
+
+        layouts = {n: _layout(members, n) for n in run_steps}  # steps -> [(first step, members)]
+        stages: dict[tuple[str, ...], _Stage] = {}
+        for layout in layouts.values():
+            for _, active in layout:
+                key = tuple(m.name for m in active)
+                if key not in stages:
+                    stages[key] = self._stage(active, mode, prompts, negatives, base_encoding)
+        # several stages, one of them encoding through a text-encoder LoRA: every stage passes its own
+        explicit = len(stages) > 1 and any(s.adapted for s in stages.values())
+        only = next(iter(stages.values())) if len(stages) == 1 else None
+        banded = any(m.band is not None for m in members)
+        plan = self._apply(only.members, mode) if only is not None else None
+        label = plan[3] if plan is not None and not banded else _bands_label(list(layouts.values()), mode)
+        return layouts, stages, explicit, label
+
     def _blend(self, stage: _Stage, idx: list[int], cfg: bool, explicit: bool) -> Blend:
         """The mixture's view of a stage for the requests `idx`; `explicit`: pass the stage's own text
         conditioning even when the pipeline's is the same."""
