@@ -31,6 +31,7 @@ class Family:
     text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline attributes holding the text encoders
     schedulers: tuple[str, ...] = ("ddim", "euler", "euler-a", "dpm++")  # mixdiff scheduler names that apply
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # what fine-tune trains by default
+    public: dict[str, dict[str, dict]] = {}  # public checkpoint -> its configs by component ("unet", "text_encoder", "scheduler")
     checkpoint_prefix: str = ""  # the denoiser's key prefix in an original single-file checkpoint
 
     # --- detection ------------------------------------------------------------------------------------

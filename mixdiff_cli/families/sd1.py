@@ -13,12 +13,41 @@ from mixdiff_cli.families.unet import UNetFamily
 if TYPE_CHECKING:
     import torch
 
+# The public configs of the real checkpoints, kept literally as their config.json files on the Hub say, so
+# that a file can be checked against a real base without its weights (tests/test_compat.py builds each on
+# the meta device and compares every module).
+_SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+_SD_UNET = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "down_block_types": _SD_DOWN, "downsample_padding": 1, "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+    "norm_num_groups": 32, "out_channels": 4, "up_block_types": _SD_UP,
+}  # fmt: skip
+_CLIP_L = {
+    "architectures": ["CLIPTextModel"], "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "projection_dim": 768, "hidden_act": "quick_gelu", "max_position_embeddings": 77,
+    "vocab_size": 49408,
+}  # fmt: skip
+_DDIM = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+         "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "num_train_timesteps": 1000}  # fmt: skip
+
 
 class SD1(UNetFamily):
     name, label = "sd1", "SD 1.x"
     pipelines = ("StableDiffusionPipeline",)
     text_encoders = ("text_encoder",)
     context_dim = 768  # the UNet's cross-attention width, what tells SD 1.x from SD 2.x
+    public = {
+        # runwayml/stable-diffusion-v1-5
+        "sd15": {
+            "unet": {**_SD_UNET, "attention_head_dim": 8, "cross_attention_dim": 768, "sample_size": 64},
+            "text_encoder": _CLIP_L,
+            "scheduler": {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                          "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1, "num_train_timesteps": 1000,
+                          "prediction_type": "epsilon"},
+        },
+    }  # fmt: skip
 
     def matches(self, pipeline: str, denoiser_config: Mapping[str, Any]) -> bool:
         return pipeline in self.pipelines and denoiser_config.get("cross_attention_dim") != SD2.context_dim
@@ -41,6 +70,18 @@ class SD1(UNetFamily):
 class SD2(SD1):
     name, label = "sd2", "SD 2.x"
     context_dim = 1024  # OpenCLIP ViT-H
+    public = {
+        # stabilityai/stable-diffusion-2-1 (768-v: v-prediction)
+        "sd21": {
+            "unet": {**_SD_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "sample_size": 96,
+                     "dual_cross_attention": False, "num_class_embeds": None, "only_cross_attention": False,
+                     "upcast_attention": True, "use_linear_projection": True},
+            "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_size": 1024, "intermediate_size": 4096,
+                             "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512, "hidden_act": "gelu",
+                             "max_position_embeddings": 77, "vocab_size": 49408},
+            "scheduler": {**_DDIM, "prediction_type": "v_prediction"},
+        },
+    }  # fmt: skip
 
     def matches(self, pipeline: str, denoiser_config: Mapping[str, Any]) -> bool:
         return pipeline in self.pipelines and denoiser_config.get("cross_attention_dim") == self.context_dim

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.families.base import Cond
+from mixdiff_cli.families.sd1 import _CLIP_L, _SD_UNET
 from mixdiff_cli.families.unet import UNetFamily
 
 if TYPE_CHECKING:
@@ -18,6 +19,23 @@ class SDXL(UNetFamily):
     name, label = "sdxl", "SDXL"
     pipelines = ("StableDiffusionXLPipeline",)
     text_encoders = ("text_encoder", "text_encoder_2")
+    public = {
+        # stabilityai/stable-diffusion-xl-base-1.0
+        "sdxl": {
+            "unet": {**_SD_UNET, "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+                     "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+                     "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                     "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+                     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True},
+            "text_encoder": _CLIP_L,
+            "text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"], "hidden_size": 1280, "intermediate_size": 5120,
+                               "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu",
+                               "max_position_embeddings": 77, "vocab_size": 49408},
+            "scheduler": {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                          "beta_schedule": "scaled_linear", "interpolation_type": "linear", "num_train_timesteps": 1000,
+                          "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading"},
+        },
+    }  # fmt: skip
 
     def load_single_file(self, path: Path, dtype: Any) -> Any:
         from diffusers import StableDiffusionXLPipeline
