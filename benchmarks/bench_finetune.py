@@ -65,13 +65,15 @@ class _Clock:
 def worker_mixdiff(base: Path, data: Path, work: Path, args) -> dict:
     """What `mixdiff fine-tune DATA --name bench --base BASE --no-register ...` runs: the library call
     the command makes, with a step callback (the CLI's is its progress bar) for the clock."""
-    from mixdiff_cli.training.finetune import FineTuneConfig, StepEvent, fine_tune
+    from mixdiff_cli.training.config import FineTuneConfig, FineTuneJob
+    from mixdiff_cli.training.finetune import fine_tune
+    from mixdiff_cli.training.report import StepEvent
 
     out = work / f"run-{os.getpid()}"
     clock = _Clock(args.steps)
     cfg = FineTuneConfig(rank=RANK, lr=LR, seed=SEED, steps=args.steps, batch_size=args.batch_size, resolution=args.resolution,
                          validation_split=0, checkpoint_every=args.steps)
-    fine_tune(None, data, "bench", cfg, base=base, register=False, output=out / "bench.safetensors", output_dir=out / "run",
+    fine_tune(FineTuneJob(None, data, "bench", cfg, base=base, register=False, output=out / "bench.safetensors", output_dir=out / "run"),
               on_event=lambda e: clock.tick(e.step) if isinstance(e, StepEvent) else None)
     return {**clock.rates(), "peak_mb": _peak_mb()}
 

@@ -162,6 +162,7 @@ def test_writes_never_fall_back_to_the_packaged_demo(no_catalog):
 def test_library_writes_refuse_the_packaged_demo(no_catalog):
     from mixdiff_cli.experts.manage import add_expert, init_catalog, remove_expert
     from mixdiff_cli.routing.train import train_router
+    from mixdiff_cli.training.config import FineTuneJob
     from mixdiff_cli.training.finetune import fine_tune
 
     demo = catmod.packaged_catalog_path()
@@ -169,8 +170,8 @@ def test_library_writes_refuse_the_packaged_demo(no_catalog):
     attempts = {
         "train_router": lambda: train_router(demo),
         "train_router output": lambda: train_router(write(no_catalog / "cwd" / "experts.yaml", "version: 1\n"), output=demo.parent / "r.safetensors"),
-        "fine_tune": lambda: fine_tune(demo, no_catalog / "images", "again"),
-        "fine_tune output": lambda: fine_tune(None, no_catalog / "images", "again", base=demo.parent / "base", register=False, output_dir=demo.parent / "runs"),
+        "fine_tune": lambda: fine_tune(FineTuneJob(demo, no_catalog / "images", "again")),
+        "fine_tune output": lambda: fine_tune(FineTuneJob(None, no_catalog / "images", "again", base=demo.parent / "base", register=False, output_dir=demo.parent / "runs")),
         "edit_catalog": lambda: edit_catalog(demo).__enter__(),
         "save_catalog": lambda: save_catalog(load_catalog(demo)),
         "remove_expert": lambda: remove_expert(demo, "shapes"),

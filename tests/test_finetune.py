@@ -20,12 +20,9 @@ from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.cli import app
 from mixdiff_cli.training.dataset import DatasetError, scan_dataset, with_trigger
 from mixdiff_cli.experts.manage import init_catalog
-from mixdiff_cli.training.finetune import (
-    CheckpointError,
-    FineTuneConfig,
-    InvalidConfig,
-    fine_tune,
-)
+from mixdiff_cli.training.config import FineTuneConfig, FineTuneJob, InvalidConfig
+from mixdiff_cli.training.finetune import fine_tune
+from mixdiff_cli.training.resume import CheckpointError
 from mixdiff_cli.training.loss import denoising_loss
 
 runner = CliRunner()
@@ -292,7 +289,7 @@ def test_dropped_captions_never_reach_the_model(tmp_path, tiny_sd, train_text_en
             _image(folder / f"{i}.png", colour=(60 * i, 30, 200 - 40 * i))
             (folder / f"{i}.txt").write_text(f"a {word} square number {i}")
         cfg = FineTuneConfig(**FAST, steps=2, caption_dropout=p, train_text_encoder=train_text_encoder, validation_split=0)
-        out = fine_tune(None, folder, "x", cfg, base=tiny_sd, register=False, output=folder / "x.safetensors", output_dir=folder / "run")
+        out = fine_tune(FineTuneJob(None, folder, "x", cfg, base=tiny_sd, register=False, output=folder / "x.safetensors", output_dir=folder / "run"))
         return tensors(out.lora_path)
 
     # p = 0.999: each of the 4 captions drawn survives with probability 0.001 (seeded: the same draws in both runs)
@@ -311,25 +308,25 @@ RESUME = dict(FAST, steps=8, checkpoint_every=3, keep=2, grad_accum=2, random_fl
 def uninterrupted(tmp_path_factory, tiny_sd, small) -> Path:
     """The reference: the RESUME run without interruption."""
     folder = tmp_path_factory.mktemp("ref")
-    result = fine_tune(None, small, "ref", FineTuneConfig(**RESUME), base=tiny_sd, register=False,
-                       output=folder / "ref.safetensors", output_dir=folder / "run")
+    result = fine_tune(FineTuneJob(None, small, "ref", FineTuneConfig(**RESUME), base=tiny_sd, register=False,
+                                   output=folder / "ref.safetensors", output_dir=folder / "run"))
     assert result.finished and len(result.history) == 3  # steps 3, 6, 8
     return result.lora_path
 
 
 def test_stopped_run_resumes_to_the_same_weights(tmp_path, tiny_sd, small, uninterrupted):
     kw = dict(base=tiny_sd, register=False, output=tmp_path / "x.safetensors", output_dir=tmp_path / "run")
-    first = fine_tune(None, small, "x", FineTuneConfig(**RESUME), stop_after=4, **kw)
+    first = fine_tune(FineTuneJob(None, small, "x", FineTuneConfig(**RESUME), stop_after=4, **kw))
     assert not first.finished and first.lora_path is None and first.step == 4
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000004"]
     # a checkpoint is safetensors + JSON only: nothing a loader would unpickle
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-000004").iterdir()) == ["lora.safetensors", "optimizer.safetensors", "state.json"]
     with pytest.raises(CheckpointError, match="earlier run"):
-        fine_tune(None, small, "x", FineTuneConfig(**RESUME), **kw)
+        fine_tune(FineTuneJob(None, small, "x", FineTuneConfig(**RESUME), **kw))
     with pytest.raises(CheckpointError, match="different run"):
-        fine_tune(None, small, "x", FineTuneConfig(**{**RESUME, "lr": 2e-3}), resume="latest", **kw)
+        fine_tune(FineTuneJob(None, small, "x", FineTuneConfig(**{**RESUME, "lr": 2e-3}), resume="latest", **kw))
     events = []
-    second = fine_tune(None, small, "x", FineTuneConfig(**RESUME), resume="latest", on_event=events.append, **kw)
+    second = fine_tune(FineTuneJob(None, small, "x", FineTuneConfig(**RESUME), resume="latest", **kw), on_event=events.append)
     assert second.finished and second.step == 8
     assert type(events[0]).__name__ == "Note" and "step 4/8" in events[0].text
     assert [e.step for e in events if type(e).__name__ == "StepEvent"] == [5, 6, 7, 8]
@@ -365,7 +362,8 @@ def test_lora_is_registered_and_loads_in_plain_diffusers(tmp_path, catalog, smal
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from mixdiff_cli.training.finetune import _split, base_hash
+    from mixdiff_cli.training.export import base_hash
+    from mixdiff_cli.training.plan import _split
 
     result = run("fine-tune", small, "--name", "sq", "--catalog", catalog, "--steps", "6", "--rank", "4", "--alpha", "8",
                  "--resolution", "32", "--batch-size", "2", "--seed", "1", "--lr", "1e-2", "--trigger", "zqx", "--json")
@@ -438,8 +436,8 @@ def test_text_encoder_lora_random_crops_and_samples(tmp_path, tiny_sd, tiny_sdxl
     cfg = FineTuneConfig(**{**FAST, "lr": 1e-2}, steps=3, crop="random", random_flip=True, snr_gamma=5.0, train_text_encoder=True,
                          validation_prompts=["red stripes"], validation_inference_steps=2, validation_split=0.34)
     events = []
-    result = fine_tune(None, data, "st", cfg, base=base, register=False, output=tmp_path / "st.safetensors",
-                       output_dir=tmp_path / "run", on_event=events.append)
+    result = fine_tune(FineTuneJob(None, data, "st", cfg, base=base, register=False, output=tmp_path / "st.safetensors",
+                                   output_dir=tmp_path / "run"), on_event=events.append)
     assert result.finished and (result.n_train, result.n_val) == (4, 2)
     shots = [e.samples for e in events if type(e).__name__ == "CheckpointEvent"][-1]
     assert [p.name for p in shots] == ["step-000003-0.png"] and shots[0].is_file()
@@ -472,8 +470,8 @@ def test_two_processes_train_one_lora_like_one_process_with_twice_the_batch(tmp_
     assert data["registered"] and load_catalog(catalog).names == ["dp"]
     assert sorted(p.name for p in (catalog.parent / "experts").iterdir()) == ["dp.safetensors"]
 
-    single = fine_tune(None, small, "one", FineTuneConfig(rank=4, resolution=32, seed=5, lr=1e-3, steps=4, validation_split=0.2, batch_size=2),
-                       base=tiny_sd, register=False, output=tmp_path / "one.safetensors", output_dir=tmp_path / "run1")
+    single = fine_tune(FineTuneJob(None, small, "one", FineTuneConfig(rank=4, resolution=32, seed=5, lr=1e-3, steps=4, validation_split=0.2, batch_size=2),
+                                   base=tiny_sd, register=False, output=tmp_path / "one.safetensors", output_dir=tmp_path / "run1"))
     assert max_diff(tensors(catalog.parent / "experts" / "dp.safetensors"), tensors(single.lora_path)) < 1e-5
     assert data["lora_loss"] == pytest.approx(single.lora_loss, abs=1e-5)
 
@@ -483,7 +481,7 @@ def test_bf16_gradient_checkpointing_and_epochs(tmp_path, tiny_sd, small):
     from safetensors import safe_open
 
     cfg = FineTuneConfig(**{**FAST, "lr": 1e-2}, epochs=0.5, mixed_precision="bf16", gradient_checkpointing=True, validation_split=0.2)
-    result = fine_tune(None, small, "bf", cfg, base=tiny_sd, register=False, output=tmp_path / "bf.safetensors", output_dir=tmp_path / "run")
+    result = fine_tune(FineTuneJob(None, small, "bf", cfg, base=tiny_sd, register=False, output=tmp_path / "bf.safetensors", output_dir=tmp_path / "run"))
     assert (result.n_train, result.total_steps) == (10, 3)  # ceil(0.5 * 10 images / batch 2)
     assert result.finished and 0 < result.train_loss < 10 and result.lora_loss < result.base_loss
     with safe_open(str(result.lora_path), "pt") as fh:

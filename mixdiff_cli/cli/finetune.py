@@ -69,7 +69,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from mixdiff_cli.catalog.schema import find_catalog
         from mixdiff_cli.core.errors import CatalogNotFound
-        from mixdiff_cli.training.finetune import FineTuneConfig, Registration, fine_tune
+        from mixdiff_cli.training.config import FineTuneConfig, FineTuneJob, Registration
+        from mixdiff_cli.training.finetune import fine_tune
 
         if json_out:
             out.configure(json_mode=True)
@@ -88,11 +89,11 @@ def register(app: typer.Typer) -> None:
                 raise
             catalog_path = None
         with _Progress() as progress:
-            result = fine_tune(
+            job = FineTuneJob(
                 catalog_path, data, name, cfg, base=base, output=output, output_dir=output_dir,
                 register=False if no_register else Registration(description), resume=resume, stop_after=stop_after, device=device,
-                on_event=progress.on_event,
             )
+            result = fine_tune(job, on_event=progress.on_event)
         if not result.main_process:
             return
         if out.json:
@@ -136,7 +137,7 @@ class _Progress:
             self.bar.__exit__(*exc)
 
     def on_event(self, event) -> None:
-        from mixdiff_cli.training.finetune import CheckpointEvent, Note, StepEvent
+        from mixdiff_cli.training.report import CheckpointEvent, Note, StepEvent
 
         if isinstance(event, Note):
             (out.warn if event.level == "warn" else out.info)(event.text)

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixdiff_cli.catalog.schema import load_catalog
-from mixdiff_cli.routing.checkpoint import ROUTER_FILE, for_catalog, save_checkpoint
+from mixdiff_cli.catalog.schema import Catalog, load_catalog
+from mixdiff_cli.routing.checkpoint import ROUTER_FILE, Checkpoint, for_catalog, save_checkpoint
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
 from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, forward_features, forward_logits, prototype_gate, row_matrix
@@ -175,29 +175,8 @@ def _check_config(config: TrainConfig) -> None:
     check_encoder(config.encoder)
 
 
-def train_router(
-    catalog_path: str | Path,
-    *,
-    prompts_file: str | Path | None = None,
-    config: TrainConfig | None = None,
-    output: str | Path | None = None,
-    encoder: Encoder | None = None,
-    progress: Callable[[int, float], None] | None = None,
-) -> TrainResult:
-    """Learn the gate from each expert's prompts, trigger words (and `prompts_file`), report held-out
-    accuracy, save the checkpoint atomically and point the catalog's `router:` at it."""
-    import torch
-
-    from mixdiff_cli.catalog.schema import check_writable, edit_catalog
-
-    check_writable(catalog_path, output)  # before training: the packaged demo is read-only
-    config = config or TrainConfig()
-    cat = load_catalog(catalog_path)
-    if len(cat.experts) < 2:
-        raise RouterError(f"the catalog {cat.path} has {len(cat.experts)} expert(s); a router needs at least 2", "add experts with 'mixdiff add-expert'")
-    _check_config(config)
-    k = max(1, min(config.top_k, len(cat.experts)))
-    enc = encoder or get_encoder(cat, config.encoder)
+def _examples(cat: Catalog, prompts_file: str | Path | None, config: TrainConfig) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(training, held-out) (text, expert index) pairs of the catalog's experts and the labelled file."""
     names = cat.names
     # example prompts (the experts' own and the labelled file's) are split into training and held-out sets;
     # the texts an expert ships with (trigger words, tags, title, description, file name) always train
@@ -211,6 +190,45 @@ def train_router(
     train, val = _split([(t, index[n]) for t, n in pairs], len(names), config.val_split, config.seed)
     known = set(pairs)
     train += [(t, index[e.name]) for e in cat.experts for t in expert_texts(e) if (t, e.name) not in known]
+    return train, val
+
+
+def _save(ckpt: Checkpoint, cat: Catalog, out_path: Path) -> None:
+    """Write the checkpoint and point the catalog's `router:` at it, unless its experts changed meanwhile."""
+    from mixdiff_cli.catalog.schema import edit_catalog
+
+    with edit_catalog(cat.path) as live:
+        if live.hash() != ckpt.catalog_hash:
+            raise StaleRouter("the catalog's experts changed while the router trained", "run 'mixdiff router train' again")
+        save_checkpoint(ckpt, out_path)
+        live.router = live.relative_source(out_path)
+
+
+def train_router(
+    catalog_path: str | Path,
+    *,
+    prompts_file: str | Path | None = None,
+    config: TrainConfig | None = None,
+    output: str | Path | None = None,
+    encoder: Encoder | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Learn the gate from each expert's prompts, trigger words (and `prompts_file`), report held-out
+    accuracy, save the checkpoint atomically and point the catalog's `router:` at it."""
+    import torch
+
+    from mixdiff_cli.catalog.schema import check_writable
+
+    check_writable(catalog_path, output)  # before training: the packaged demo is read-only
+    config = config or TrainConfig()
+    cat = load_catalog(catalog_path)
+    if len(cat.experts) < 2:
+        raise RouterError(f"the catalog {cat.path} has {len(cat.experts)} expert(s); a router needs at least 2", "add experts with 'mixdiff add-expert'")
+    _check_config(config)
+    k = max(1, min(config.top_k, len(cat.experts)))
+    enc = encoder or get_encoder(cat, config.encoder)
+    names = cat.names
+    train, val = _examples(cat, prompts_file, config)
 
     texts = [t for t, _ in train + val]
     vecs = enc(texts)
@@ -230,12 +248,7 @@ def train_router(
     out_path = Path(output) if output else cat.root / ROUTER_FILE
     training = {"epochs": epochs_run(config, len(train)), "lr": config.lr, "seed": config.seed, "val_split": config.val_split,
                 "balance": config.balance, "n_train": len(train), "n_val": len(val), "top1": top1, f"top{k}": topk}
-    ckpt = for_catalog(gate, cat, enc.id, training=training)
-    with edit_catalog(cat.path) as live:
-        if live.hash() != ckpt.catalog_hash:
-            raise StaleRouter("the catalog's experts changed while the router trained", "run 'mixdiff router train' again")
-        save_checkpoint(ckpt, out_path)
-        live.router = live.relative_source(out_path)
+    _save(for_catalog(gate, cat, enc.id, training=training), cat, out_path)
     return TrainResult(
         checkpoint=out_path, names=names, n_train=len(train), n_val=len(val), top1=top1, topk=topk, k=k,
         train_top1=train_top1, confusion=confusion, loss=loss, config=config, confused=confused, epochs=epochs_run(config, len(train)),

@@ -44,7 +44,7 @@ class CaptionEncoder:
         if family == "sd":
             self.tokenizers, self.encoders = [pipe.tokenizer], [pipe.text_encoder]
         else:
-            self.tokenizers, self.encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+            self.tokenizers, self.encoders = _sdxl_text_modules(pipe)
 
     def tokenize(self, captions: Sequence[str]) -> list[torch.Tensor]:
         return [
@@ -54,18 +54,28 @@ class CaptionEncoder:
 
     def encode(self, ids: list[torch.Tensor], encoders: Sequence[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids per tokenizer -> (hidden (B, T, D), pooled (B, P) or None)."""
-        import torch
-
         encoders = encoders or self.encoders
         if self.family == "sd":
             enc = encoders[0]
             return enc(ids[0].to(device_of(enc)), return_dict=False)[0], None
-        hidden, pooled = [], None
-        for enc, tok_ids in zip(encoders, ids):
-            out = enc(tok_ids.to(device_of(enc)), output_hidden_states=True, return_dict=False)
-            pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, P); the last one wins
-            hidden.append(out[-1][-2])  # (B, T, D_i)
-        return torch.cat(hidden, dim=-1), pooled
+        return _sdxl_encode(encoders, ids)
+
+
+def _sdxl_text_modules(pipe: Any) -> tuple[list[Any], list[Any]]:
+    """SDXL's two (tokenizer, text encoder) pairs: ([tokenizer, tokenizer_2], [text_encoder, text_encoder_2])."""
+    return [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+
+
+def _sdxl_encode(encoders: Sequence[Any], ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: penultimate hidden states of both encoders concatenated (B, T, D1 + D2), the second's pooled (B, P)."""
+    import torch
+
+    hidden, pooled = [], None
+    for enc, tok_ids in zip(encoders, ids):
+        out = enc(tok_ids.to(device_of(enc)), output_hidden_states=True, return_dict=False)
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, P); the last one wins
+        hidden.append(out[-1][-2])  # (B, T, D_i)
+    return torch.cat(hidden, dim=-1), pooled
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,20 @@ def time_ids(size: tuple[int, int], top: int, left: int, resolution: int) -> lis
     return [size[0], size[1], top, left, resolution, resolution]
 
 
+def sdxl_center_time_ids(sizes: Sequence[tuple[int, int]], resolution: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL time ids (N, 6) of center crops of images of original (h, w) `sizes`, unflipped and flipped."""
+    import torch
+
+    tids, tids_f = [], []
+    for (h, w) in sizes:
+        scale = resolution / min(h, w)
+        rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+        top, left = round((rh - resolution) / 2), round((rw - resolution) / 2)
+        tids.append(time_ids((h, w), top, left, resolution))
+        tids_f.append(time_ids((h, w), top, rw - left - resolution, resolution))
+    return torch.tensor(tids, dtype=torch.float32, device=device), torch.tensor(tids_f, dtype=torch.float32, device=device)
+
+
 def build_cache(
     pipe: Any, text: CaptionEncoder, records: Sequence[Record], spec: CacheSpec, resolution: int, seed: int, device: Any, chunk: int = 8
 ) -> Cache:
@@ -144,15 +168,7 @@ def build_cache(
                 resized.append(im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), Image.Resampling.BICUBIC))
         cache.images = resized
     if text.family == "sdxl":
-        tids, tids_f = [], []
-        for (h, w) in sizes:
-            scale = resolution / min(h, w)
-            rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-            top, left = round((rh - resolution) / 2), round((rw - resolution) / 2)
-            tids.append(time_ids((h, w), top, left, resolution))
-            tids_f.append(time_ids((h, w), top, rw - left - resolution, resolution))
-        cache.time_ids = torch.tensor(tids, dtype=torch.float32, device=device)
-        cache.time_ids_flipped = torch.tensor(tids_f, dtype=torch.float32, device=device)
+        cache.time_ids, cache.time_ids_flipped = sdxl_center_time_ids(sizes, resolution, device)
     if spec.cache_text:
         hid, pooled = [], []
         with torch.no_grad():

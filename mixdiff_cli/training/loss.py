@@ -38,16 +38,27 @@ def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor
     raise BaseModelError(f"unsupported prediction_type {kind!r} in the base's scheduler", "use a base whose scheduler predicts epsilon, v or sample")
 
 
-def per_sample_loss(
-    unet: Any, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
-    pooled: torch.Tensor | None, time_ids: torch.Tensor | None, dtype: Any = None,
-) -> torch.Tensor:
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on besides the timestep."""
+
+    hidden: torch.Tensor  # (B, T, D) caption embeddings
+    pooled: torch.Tensor | None = None  # (B, P) SDXL
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL
+
+
+def sdxl_added_cond(cond: Conditioning) -> dict[str, torch.Tensor] | None:
+    """SDXL's `added_cond_kwargs` (pooled text embeddings and time ids); None for SD 1.x/2.x."""
+    return None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+
+
+def per_sample_loss(unet: Any, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                    dtype: Any = None) -> torch.Tensor:
     """Unweighted denoising MSE per sample, (B,); the UNet sees the noisy latents in `dtype` (None: as they are)."""
     import torch.nn.functional as F
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
-    pred = unet(noisy if dtype is None else noisy.to(dtype), timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
+    pred = unet(noisy if dtype is None else noisy.to(dtype), timesteps, cond.hidden, added_cond_kwargs=sdxl_added_cond(cond), return_dict=False)[0]
     loss = F.mse_loss(pred.float(), prediction_target(scheduler, latents, noise, timesteps).float(), reduction="none")
     return loss.mean(dim=tuple(range(1, loss.ndim)))
 
@@ -117,7 +128,7 @@ def heldout_losses(unet: Any, scheduler: Any, text: CaptionEncoder, val: Heldout
             if dtype is not None:
                 h, p, t_ids = (None if x is None else x.to(dtype) for x in (h, p, t_ids))
             out.append(per_sample_loss(unet, scheduler, val.latents[i : i + chunk], val.noise[i : i + chunk], val.timesteps[i : i + chunk],
-                                       h, p, t_ids, dtype))
+                                       Conditioning(h, p, t_ids), dtype))
     return out
 
 
