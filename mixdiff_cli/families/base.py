@@ -29,9 +29,12 @@ class Family:
     pipelines: tuple[str, ...] = ()  # diffusers text-to-image pipeline classes (model_index.json `_class_name`)
     denoiser: str = "unet"  # the pipeline attribute holding the denoiser
     text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline attributes holding the text encoders
+    tokenizers: tuple[str, ...] = ("tokenizer",)  # and their tokenizers
     schedulers: tuple[str, ...] = ("ddim", "euler", "euler-a", "dpm++")  # mixdiff scheduler names that apply
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # what fine-tune trains by default
     public: dict[str, dict[str, dict]] = {}  # public checkpoint -> its configs by component ("unet", "text_encoder", "scheduler")
+    modelspec_architecture: str = ""  # SAI model spec `modelspec.architecture` of this family's LoRAs
+    kohya_base_version: str = ""  # kohya `ss_base_model_version`
     checkpoint_prefix: str = ""  # the denoiser's key prefix in an original single-file checkpoint
 
     # --- detection ------------------------------------------------------------------------------------
@@ -96,6 +99,29 @@ class Family:
     def uses_cfg(self, denoiser_config: Mapping[str, Any], guidance: float) -> bool:
         """Whether the pipeline runs classifier-free guidance (two halves per image) at `guidance`."""
         return guidance > 1
+
+    # --- training ---------------------------------------------------------------------------------------
+
+    def caption_modules(self, pipe: Any) -> tuple[list[Any], list[Any]]:
+        """(tokenizers, text encoders) that fine-tune encodes captions with."""
+        return [getattr(pipe, name) for name in self.tokenizers], [getattr(pipe, name) for name in self.text_encoders]
+
+    def caption_encode(self, encoders: Sequence[Any], ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids per tokenizer -> (hidden (B, T, D), pooled (B, P) or None), as diffusers' training scripts do."""
+        raise NotImplementedError
+
+    def micro_cond(self, size: tuple[int, int], top: int, left: int, resolution: int) -> list[float] | None:
+        """Per-image micro-conditioning of a `resolution` crop at (top, left) of an image of original `size`
+        (h, w); None where the family has none."""
+        return None
+
+    def train_cond(self, hidden: torch.Tensor, pooled: torch.Tensor | None, micro: torch.Tensor | None) -> Cond:
+        """The denoiser conditioning of a training batch."""
+        return {"encoder_hidden_states": hidden}
+
+    def lora_writer(self) -> Any:
+        """The diffusers pipeline class whose `save_lora_weights` writes this family's LoRA files."""
+        raise NotImplementedError(f"fine-tune does not train {self.label} LoRAs")
 
     # --- the denoiser wrapper -------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ class SD1(UNetFamily):
     pipelines = ("StableDiffusionPipeline",)
     text_encoders = ("text_encoder",)
     context_dim = 768  # the UNet's cross-attention width, what tells SD 1.x from SD 2.x
+    modelspec_architecture, kohya_base_version = "stable-diffusion-v1/lora", "sd_v1"
     public = {
         # runwayml/stable-diffusion-v1-5
         "sd15": {
@@ -66,10 +67,21 @@ class SD1(UNetFamily):
     def denoiser_cond(self, fields: Mapping[str, torch.Tensor]) -> Cond:
         return {"encoder_hidden_states": fields["prompt_embeds"]}
 
+    def caption_encode(self, encoders: Sequence[Any], ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last hidden state (B, T, D)."""
+        enc = encoders[0]
+        return enc(ids[0].to(next(enc.parameters()).device), return_dict=False)[0], None
+
+    def lora_writer(self) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
 
 class SD2(SD1):
     name, label = "sd2", "SD 2.x"
     context_dim = 1024  # OpenCLIP ViT-H
+    modelspec_architecture, kohya_base_version = "stable-diffusion-v2-512/lora", "sd_v2"
     public = {
         # stabilityai/stable-diffusion-2-1 (768-v: v-prediction)
         "sd21": {

@@ -3,7 +3,7 @@ embeddings and size/crop micro-conditioning (`time_ids`) beside the cross-attent
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,8 @@ class SDXL(UNetFamily):
     name, label = "sdxl", "SDXL"
     pipelines = ("StableDiffusionXLPipeline",)
     text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    modelspec_architecture, kohya_base_version = "stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0"
     public = {
         # stabilityai/stable-diffusion-xl-base-1.0
         "sdxl": {
@@ -52,6 +54,29 @@ class SDXL(UNetFamily):
 
     def denoiser_cond(self, fields: Mapping[str, torch.Tensor]) -> Cond:
         return {"encoder_hidden_states": fields["prompt_embeds"], "text_embeds": fields["pooled_prompt_embeds"]}
+
+    def caption_encode(self, encoders: Sequence[Any], ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The penultimate hidden states of both encoders concatenated (B, T, D1 + D2), the second's pooled (B, P)."""
+        import torch
+
+        hidden, pooled = [], None
+        for enc, tok_ids in zip(encoders, ids):
+            out = enc(tok_ids.to(next(enc.parameters()).device), output_hidden_states=True, return_dict=False)
+            pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, P); the last one wins
+            hidden.append(out[-1][-2])  # (B, T, D_i)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def micro_cond(self, size: tuple[int, int], top: int, left: int, resolution: int) -> list[float] | None:
+        """`time_ids`: original size, crop top-left, target size."""
+        return [size[0], size[1], top, left, resolution, resolution]
+
+    def train_cond(self, hidden: torch.Tensor, pooled: torch.Tensor | None, micro: torch.Tensor | None) -> Cond:
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": micro}
+
+    def lora_writer(self) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
 
     def tile_cond(self, box: tuple[int, int, int, int], canvas: tuple[int, int], like: torch.Tensor) -> Cond:
         """`time_ids` (1, 6): original size (the canvas), crop top-left (the tile's corner), target size (the tile)."""

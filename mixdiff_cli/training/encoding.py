@@ -17,6 +17,8 @@ from mixdiff_cli.training.dataset import Crop, Record, load_image, to_tensor, wi
 if TYPE_CHECKING:
     import torch
 
+    from mixdiff_cli.families.base import Family
+
 
 def derive(seed: int, *salt: object) -> int:
     """A 63-bit seed from (seed, salt): independent streams for every purpose and index."""
@@ -36,15 +38,12 @@ def device_of(module: Any) -> torch.device:
 
 
 class CaptionEncoder:
-    """Prompt encoding the way diffusers' training scripts do it (SD: last hidden state; SDXL: the
-    penultimate hidden states of both encoders concatenated, plus the second encoder's pooled output)."""
+    """Caption encoding the way diffusers' training scripts do it, for the pipeline's family
+    (`Family.caption_encode`: e.g. SD's last hidden state)."""
 
-    def __init__(self, pipe: Any, family: str):
+    def __init__(self, pipe: Any, family: Family):
         self.family = family
-        if family == "sd":
-            self.tokenizers, self.encoders = [pipe.tokenizer], [pipe.text_encoder]
-        else:
-            self.tokenizers, self.encoders = _sdxl_text_modules(pipe)
+        self.tokenizers, self.encoders = family.caption_modules(pipe)
 
     def tokenize(self, captions: Sequence[str]) -> list[torch.Tensor]:
         return [
@@ -54,28 +53,11 @@ class CaptionEncoder:
 
     def encode(self, ids: list[torch.Tensor], encoders: Sequence[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids per tokenizer -> (hidden (B, T, D), pooled (B, P) or None)."""
-        encoders = encoders or self.encoders
-        if self.family == "sd":
-            enc = encoders[0]
-            return enc(ids[0].to(device_of(enc)), return_dict=False)[0], None
-        return _sdxl_encode(encoders, ids)
+        return self.family.caption_encode(encoders or self.encoders, ids)
 
-
-def _sdxl_text_modules(pipe: Any) -> tuple[list[Any], list[Any]]:
-    """SDXL's two (tokenizer, text encoder) pairs: ([tokenizer, tokenizer_2], [text_encoder, text_encoder_2])."""
-    return [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
-
-
-def _sdxl_encode(encoders: Sequence[Any], ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL: penultimate hidden states of both encoders concatenated (B, T, D1 + D2), the second's pooled (B, P)."""
-    import torch
-
-    hidden, pooled = [], None
-    for enc, tok_ids in zip(encoders, ids):
-        out = enc(tok_ids.to(device_of(enc)), output_hidden_states=True, return_dict=False)
-        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, P); the last one wins
-        hidden.append(out[-1][-2])  # (B, T, D_i)
-    return torch.cat(hidden, dim=-1), pooled
+    def cond(self, hidden: torch.Tensor, pooled: torch.Tensor | None, micro: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The denoiser conditioning of a batch (`Family.train_cond`)."""
+        return self.family.train_cond(hidden, pooled, micro)
 
 
 @dataclass(frozen=True)
@@ -97,10 +79,10 @@ class Cache:
     latents: torch.Tensor | None  # (N, C, h, w), None when random crops are encoded per step
     latents_flipped: torch.Tensor | None
     hidden: torch.Tensor | None  # (N, T, D), None when the text encoder trains
-    pooled: torch.Tensor | None  # (N, P) SDXL
+    pooled: torch.Tensor | None  # (N, P) pooled caption embeddings, where the family has them
     ids: list[torch.Tensor]  # token ids per tokenizer, (N, T)
-    time_ids: torch.Tensor | None  # (N, 6) SDXL: original size, crop top-left, target size
-    time_ids_flipped: torch.Tensor | None
+    micro: torch.Tensor | None  # (N, K) the family's micro-conditioning of the center crops (`Family.micro_cond`)
+    micro_flipped: torch.Tensor | None
     images: list[Any]  # resized (not cropped) PIL images, for random crops
     sizes: list[tuple[int, int]]  # original (h, w)
 
@@ -116,29 +98,27 @@ def encode_images(vae: Any, pixels: torch.Tensor, mode: str, gen: torch.Generato
     return ((z - shift) * vae.config.scaling_factor).float()
 
 
-def time_ids(size: tuple[int, int], top: int, left: int, resolution: int) -> list[float]:
-    """SDXL's micro-conditioning: original size, crop top-left, target size."""
-    return [size[0], size[1], top, left, resolution, resolution]
-
-
-def sdxl_center_time_ids(sizes: Sequence[tuple[int, int]], resolution: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL time ids (N, 6) of center crops of images of original (h, w) `sizes`, unflipped and flipped."""
+def center_micro(family: Family, sizes: Sequence[tuple[int, int]], resolution: int, device: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The family's micro-conditioning (N, K) of center crops of images of original (h, w) `sizes`,
+    unflipped and flipped; (None, None) where the family has none."""
     import torch
 
-    tids, tids_f = [], []
+    rows, flipped = [], []
     for (h, w) in sizes:
         scale = resolution / min(h, w)
         rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
         top, left = round((rh - resolution) / 2), round((rw - resolution) / 2)
-        tids.append(time_ids((h, w), top, left, resolution))
-        tids_f.append(time_ids((h, w), top, rw - left - resolution, resolution))
-    return torch.tensor(tids, dtype=torch.float32, device=device), torch.tensor(tids_f, dtype=torch.float32, device=device)
+        rows.append(family.micro_cond((h, w), top, left, resolution))
+        flipped.append(family.micro_cond((h, w), top, rw - left - resolution, resolution))
+    if not rows or rows[0] is None:
+        return None, None
+    return torch.tensor(rows, dtype=torch.float32, device=device), torch.tensor(flipped, dtype=torch.float32, device=device)
 
 
 def build_cache(
     pipe: Any, text: CaptionEncoder, records: Sequence[Record], spec: CacheSpec, resolution: int, seed: int, device: Any, chunk: int = 8
 ) -> Cache:
-    """Latents, token ids, SDXL time ids and (spec.cache_text) caption embeddings of `records`, on `device`."""
+    """Latents, token ids, micro-conditioning and (spec.cache_text) caption embeddings of `records`, on `device`."""
     import torch
     from PIL import Image
 
@@ -167,8 +147,7 @@ def build_cache(
                 scale = resolution / min(im.size)
                 resized.append(im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), Image.Resampling.BICUBIC))
         cache.images = resized
-    if text.family == "sdxl":
-        cache.time_ids, cache.time_ids_flipped = sdxl_center_time_ids(sizes, resolution, device)
+    cache.micro, cache.micro_flipped = center_micro(text.family, sizes, resolution, device)
     if spec.cache_text:
         hid, pooled = [], []
         with torch.no_grad():

@@ -13,10 +13,9 @@ from mixdiff_cli import __version__
 from mixdiff_cli.training.config import FineTuneConfig, Registration
 
 if TYPE_CHECKING:
+    from mixdiff_cli.families.base import Family
     from mixdiff_cli.training.plan import Plan
 
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 def base_hash(path: str | Path) -> str:
@@ -46,11 +45,14 @@ class Provenance:
 def lora_metadata(prov: Provenance, cfg: FineTuneConfig, base_loss: float | None, lora_loss: float | None) -> dict[str, str]:
     """safetensors header entries: our own `mixdiff.*`, the SAI model spec (`modelspec.*`) and the
     kohya `ss_*` keys that web UIs read."""
+    from mixdiff_cli import families
+
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    family = families.get(prov.arch)
     name, steps, resolution = prov.name, prov.steps, prov.resolution
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH[prov.arch],
+        "modelspec.architecture": family.modelspec_architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
         "modelspec.trigger_phrase": ", ".join(cfg.trigger),
@@ -72,7 +74,7 @@ def lora_metadata(prov: Provenance, cfg: FineTuneConfig, base_loss: float | None
         "ss_network_alpha": str(cfg.lora_alpha),
         "ss_steps": str(steps),
         "ss_learning_rate": str(cfg.lr),
-        "ss_base_model_version": KOHYA_BASE_VERSION[prov.arch],
+        "ss_base_model_version": family.kohya_base_version,
         "ss_output_name": name,
     }
     if base_loss is not None and lora_loss is not None:
@@ -81,25 +83,18 @@ def lora_metadata(prov: Provenance, cfg: FineTuneConfig, base_loss: float | None
     return meta
 
 
-def _sd_lora_writer(family: str) -> Any:
-    """The diffusers pipeline class whose `save_lora_weights` writes this family's LoRA file (SD or SDXL)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-
-
-def _sd_text_encoder_layers(encoders: list[Any], te_config: Any) -> dict[str, Any]:
-    """`save_lora_weights` arguments of the trained text encoders (text_encoder, SDXL's text_encoder_2)."""
+def _text_encoder_layers(family: Family, encoders: list[Any], te_config: Any) -> dict[str, Any]:
+    """`save_lora_weights` arguments of the trained text encoders, named by their pipeline components."""
     from peft.utils import get_peft_model_state_dict
 
     kwargs: dict[str, Any] = {}
-    for key, enc in zip(("text_encoder", "text_encoder_2"), encoders):
+    for key, enc in zip(family.text_encoders, encoders):
         kwargs[f"{key}_lora_layers"] = get_peft_model_state_dict(enc)
         kwargs[f"{key}_lora_adapter_metadata"] = te_config.to_dict()
     return kwargs
 
 
-def export_lora(path: Path, family: str, unet: Any, unet_config: Any, encoders: list[Any], te_config: Any, metadata: dict[str, str]) -> Path:
+def export_lora(path: Path, family: Family, unet: Any, unet_config: Any, encoders: list[Any], te_config: Any, metadata: dict[str, str]) -> Path:
     """Write a diffusers-format LoRA (save_lora_weights, PEFT key names `unet.*.lora_A.weight` as
     diffusers' own `save_lora_adapter` writes them) with `metadata` in its header, atomically."""
     from peft.utils import get_peft_model_state_dict
@@ -109,11 +104,11 @@ def export_lora(path: Path, family: str, unet: Any, unet_config: Any, encoders: 
     from mixdiff_cli.core.fsutil import atomic_path
 
     kwargs: dict[str, Any] = {
-        "unet_lora_layers": get_peft_model_state_dict(unet),
-        "unet_lora_adapter_metadata": unet_config.to_dict(),  # carries lora_alpha, so alpha != rank loads right
-        **_sd_text_encoder_layers(encoders, te_config),
+        f"{family.denoiser}_lora_layers": get_peft_model_state_dict(unet),
+        f"{family.denoiser}_lora_adapter_metadata": unet_config.to_dict(),  # carries lora_alpha, so alpha != rank loads right
+        **_text_encoder_layers(family, encoders, te_config),
     }
-    cls = _sd_lora_writer(family)
+    cls = family.lora_writer()
     with atomic_path(path) as tmp:
         cls.save_lora_weights(tmp.parent, weight_name=tmp.name, **kwargs)
         with safe_open(tmp, "pt") as fh:

@@ -20,6 +20,7 @@ from mixdiff_cli.training.encoding import CacheSpec, CaptionEncoder, build_cache
 if TYPE_CHECKING:
     import torch
 
+    from mixdiff_cli.families.base import Family
     from mixdiff_cli.training.dataset import Record
 
 VAL_SEED = 20261126  # validation noise/timesteps are fixed across runs and seeds
@@ -38,27 +39,14 @@ def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor
     raise BaseModelError(f"unsupported prediction_type {kind!r} in the base's scheduler", "use a base whose scheduler predicts epsilon, v or sample")
 
 
-@dataclass
-class Conditioning:
-    """What the UNet is conditioned on besides the timestep."""
-
-    hidden: torch.Tensor  # (B, T, D) caption embeddings
-    pooled: torch.Tensor | None = None  # (B, P) SDXL
-    time_ids: torch.Tensor | None = None  # (B, 6) SDXL
-
-
-def sdxl_added_cond(cond: Conditioning) -> dict[str, torch.Tensor] | None:
-    """SDXL's `added_cond_kwargs` (pooled text embeddings and time ids); None for SD 1.x/2.x."""
-    return None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-
-
-def per_sample_loss(unet: Any, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                    dtype: Any = None) -> torch.Tensor:
-    """Unweighted denoising MSE per sample, (B,); the UNet sees the noisy latents in `dtype` (None: as they are)."""
+def per_sample_loss(family: Family, denoiser: Any, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    cond: dict[str, torch.Tensor], dtype: Any = None) -> torch.Tensor:
+    """Unweighted denoising MSE per sample, (B,), of `denoiser` called through its family's wrapper on `cond`
+    (`CaptionEncoder.cond`); it sees the noisy latents in `dtype` (None: as they are)."""
     import torch.nn.functional as F
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy if dtype is None else noisy.to(dtype), timesteps, cond.hidden, added_cond_kwargs=sdxl_added_cond(cond), return_dict=False)[0]
+    pred = family.run(denoiser, noisy if dtype is None else noisy.to(dtype), timesteps, cond, {})
     loss = F.mse_loss(pred.float(), prediction_target(scheduler, latents, noise, timesteps).float(), reduction="none")
     return loss.mean(dim=tuple(range(1, loss.ndim)))
 
@@ -83,10 +71,10 @@ class HeldoutSet:
     timesteps: torch.Tensor
     rows: torch.Tensor  # (M,) which image each triple uses
     ids: list[torch.Tensor]  # token ids per tokenizer, (n, T)
-    time_ids: torch.Tensor | None  # (n, 6)
+    micro: torch.Tensor | None  # (n, K) the family's micro-conditioning
 
 
-def heldout_set(latents: torch.Tensor, ids: list[torch.Tensor], time_ids: torch.Tensor | None, num_train_timesteps: int,
+def heldout_set(latents: torch.Tensor, ids: list[torch.Tensor], micro: torch.Tensor | None, num_train_timesteps: int,
                 evals: int = VAL_EVALS) -> HeldoutSet:
     """At least `evals` triples over the n images (each image equally often), from the fixed VAL_SEED."""
     import torch
@@ -100,14 +88,14 @@ def heldout_set(latents: torch.Tensor, ids: list[torch.Tensor], time_ids: torch.
     timesteps = (strata[torch.randperm(m, generator=gen)] * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
     noise = torch.randn((m, *latents.shape[1:]), generator=gen)
     dev = latents.device
-    return HeldoutSet(latents.index_select(0, rows.to(dev)), noise.to(dev), timesteps.to(dev), rows.to(dev), ids, time_ids)
+    return HeldoutSet(latents.index_select(0, rows.to(dev)), noise.to(dev), timesteps.to(dev), rows.to(dev), ids, micro)
 
 
 def make_heldout(pipe: Any, text: CaptionEncoder, records: Sequence[Record], resolution: int, device: Any,
                  num_train_timesteps: int, *, trigger: Sequence[str] = (), evals: int = VAL_EVALS) -> HeldoutSet:
     """The held-out set of captioned `records`: center crops, posterior-mean latents, token ids kept."""
     cache = build_cache(pipe, text, list(records), CacheSpec(trigger=tuple(trigger)), resolution, 0, device)
-    return heldout_set(cache.latents, cache.ids, cache.time_ids, num_train_timesteps, evals)
+    return heldout_set(cache.latents, cache.ids, cache.micro, num_train_timesteps, evals)
 
 
 def heldout_losses(unet: Any, scheduler: Any, text: CaptionEncoder, val: HeldoutSet, *, encoders: Sequence[Any] | None = None,
@@ -124,11 +112,11 @@ def heldout_losses(unet: Any, scheduler: Any, text: CaptionEncoder, val: Heldout
             rows = val.rows[i : i + chunk]
             h = hidden.index_select(0, rows.to(hidden.device))
             p = None if pooled is None else pooled.float().index_select(0, rows.to(pooled.device))
-            t_ids = None if val.time_ids is None else val.time_ids.index_select(0, rows)
+            micro = None if val.micro is None else val.micro.index_select(0, rows)
             if dtype is not None:
-                h, p, t_ids = (None if x is None else x.to(dtype) for x in (h, p, t_ids))
-            out.append(per_sample_loss(unet, scheduler, val.latents[i : i + chunk], val.noise[i : i + chunk], val.timesteps[i : i + chunk],
-                                       Conditioning(h, p, t_ids), dtype))
+                h, p, micro = (None if x is None else x.to(dtype) for x in (h, p, micro))
+            out.append(per_sample_loss(text.family, unet, scheduler, val.latents[i : i + chunk], val.noise[i : i + chunk],
+                                       val.timesteps[i : i + chunk], text.cond(h, p, micro), dtype))
     return out
 
 

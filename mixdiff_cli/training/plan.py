@@ -108,8 +108,8 @@ def make_plan(job: FineTuneJob) -> Plan:
     if register and job.base is not None and cat.base is not None:
         _check_same_base(cat, job.base, base_path)
     resolution = cfg.resolution or info.native_resolution
-    if resolution % (info.vae_scale * info.unet_multiple):
-        raise InvalidConfig(f"resolution {resolution} does not fit this base", f"use a multiple of {info.vae_scale * info.unet_multiple}")
+    if resolution % info.size_multiple:
+        raise InvalidConfig(f"resolution {resolution} does not fit this base", f"use a multiple of {info.size_multiple}")
     output, output_dir = _files(job, root)
     ckpt_path = find_checkpoint(output_dir, job.resume) if job.resume is not None else None
     if ckpt_path is None and checkpoint_dirs(output_dir):

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.training.config import FineTuneConfig
 from mixdiff_cli.training.dataset import to_tensor
-from mixdiff_cli.training.encoding import Cache, encode_images, generator, time_ids
+from mixdiff_cli.training.encoding import Cache, encode_images, generator
 
 if TYPE_CHECKING:
     import torch
+
+    from mixdiff_cli.families.base import Family
 
 
 @dataclass
@@ -20,7 +22,7 @@ class Batch:
     timesteps: "torch.Tensor"  # (B,) int64
     hidden: "torch.Tensor | None"  # (B, T, D) when cached
     pooled: "torch.Tensor | None"
-    time_ids: "torch.Tensor | None"
+    micro: "torch.Tensor | None"  # (B, K) the family's micro-conditioning
     ids: list["torch.Tensor"]  # token ids when the text encoder trains
     drop: "torch.Tensor | None" = None  # (B,) bool: captions replaced by "" (caption dropout)
 
@@ -39,8 +41,9 @@ class Stream:
     """The infinite training stream: sample position p -> image perm_{p // N}[p % N]; micro-batch k holds
     positions [k*G, (k+1)*G) for a global batch G, and each process takes its slice of them."""
 
-    def __init__(self, cache: Cache, cfg: FineTuneConfig, draws: Draws, rank: int, device: Any, vae: Any, resolution: int):
-        self.cache, self.cfg = cache, cfg
+    def __init__(self, cache: Cache, cfg: FineTuneConfig, draws: Draws, rank: int, device: Any, vae: Any, resolution: int,
+                 family: Family):
+        self.cache, self.cfg, self.family = cache, cfg, family
         self.n, self.seed, self.T, self.G = draws.n, draws.seed, draws.num_train_timesteps, draws.global_batch
         self.rank, self.device, self.vae, self.resolution = rank, device, vae, resolution
         self._perms: dict[int, "torch.Tensor"] = {}
@@ -79,17 +82,17 @@ class Stream:
             latents = c.latents.index_select(0, idx)
             if c.latents_flipped is not None:
                 latents = torch.where(flip_l[:, None, None, None], c.latents_flipped.index_select(0, idx), latents)
-            tids = None if c.time_ids is None else _sdxl_cached_time_ids(c, idx, flip_l)
+            micro = None if c.micro is None else _cached_micro(c, idx, flip_l)
         else:
             latents, boxes = self._random_crops(idx_list, flip[local].tolist(), crop_u[local])
-            tids = None if c.time_ids is None else self._sdxl_crop_time_ids(idx_list, boxes)
+            micro = None if c.micro is None else self._crop_micro(idx_list, boxes)
         return Batch(
             latents=latents,
             noise=noise[local].to(self.device),
             timesteps=timesteps[local].to(self.device),
             hidden=None if c.hidden is None else c.hidden.index_select(0, idx),
             pooled=None if c.pooled is None else c.pooled.index_select(0, idx),
-            time_ids=tids,
+            micro=micro,
             ids=[t.index_select(0, idx.cpu()) for t in c.ids] if c.hidden is None else [],
             drop=None if drop is None else drop[local].to(self.device),
         )
@@ -113,16 +116,16 @@ class Stream:
         latents = encode_images(self.vae, to_tensor(crops), "mean")
         return latents.to(self.device), boxes
 
-    def _sdxl_crop_time_ids(self, idx: list[int], boxes: list[tuple[int, int]]) -> "torch.Tensor":
-        """SDXL time ids (B, 6) of the random crops at (top, left) `boxes` of images `idx`."""
+    def _crop_micro(self, idx: list[int], boxes: list[tuple[int, int]]) -> "torch.Tensor":
+        """The micro-conditioning (B, K) of the random crops at (top, left) `boxes` of images `idx`."""
         import torch
 
-        tids = [time_ids(self.cache.sizes[i], top, left, self.resolution) for i, (top, left) in zip(idx, boxes)]
-        return torch.tensor(tids, dtype=torch.float32, device=self.device)
+        rows = [self.family.micro_cond(self.cache.sizes[i], top, left, self.resolution) for i, (top, left) in zip(idx, boxes)]
+        return torch.tensor(rows, dtype=torch.float32, device=self.device)
 
 
-def _sdxl_cached_time_ids(cache: Cache, idx: "torch.Tensor", flip: "torch.Tensor") -> "torch.Tensor":
-    """SDXL time ids (B, 6) of the cached center crops `idx`, the flipped ones where `flip`."""
+def _cached_micro(cache: Cache, idx: "torch.Tensor", flip: "torch.Tensor") -> "torch.Tensor":
+    """The micro-conditioning (B, K) of the cached center crops `idx`, the flipped ones where `flip`."""
     import torch
 
-    return torch.where(flip[:, None], cache.time_ids_flipped.index_select(0, idx), cache.time_ids.index_select(0, idx))
+    return torch.where(flip[:, None], cache.micro_flipped.index_select(0, idx), cache.micro.index_select(0, idx))

@@ -12,7 +12,7 @@ from mixdiff_cli.models.pipeline import load_pipeline
 from mixdiff_cli.training.config import TARGET_PRESETS, TEXT_TARGETS, FineTuneConfig, FineTuneError, InvalidConfig
 from mixdiff_cli.training.encoding import CaptionEncoder, build_cache, derive
 from mixdiff_cli.training.export import Provenance, base_hash, export_lora, lora_metadata
-from mixdiff_cli.training.loss import Conditioning, heldout_loss, make_heldout, per_sample_loss, snr_weights
+from mixdiff_cli.training.loss import heldout_loss, make_heldout, per_sample_loss, snr_weights
 from mixdiff_cli.training.plan import Plan
 from mixdiff_cli.training.report import CheckpointEvent, Event, Note
 from mixdiff_cli.training.resume import CHECKPOINT_FORMAT, CheckpointError, check_same_run, run_fingerprint, save_state
@@ -60,9 +60,8 @@ def _total_steps(cfg: FineTuneConfig, n_train: int, global_batch: int) -> int:
     return 500
 
 
-def _sd_named_trainable(trained: list[Any]) -> list[tuple[str, Any]]:
-    """The trainable parameters of (unet, text_encoder, SDXL's text_encoder_2), named `unet.*`, `text_encoder.*`, ..."""
-    prefixes = ["unet", "text_encoder", "text_encoder_2"]
+def _named_trainable(trained: list[Any], prefixes: list[str]) -> list[tuple[str, Any]]:
+    """The trainable parameters of (denoiser, text encoders...), named by their pipeline components (`unet.*`, ...)."""
     return [(f"{pre}.{n}", p) for pre, mod in zip(prefixes, trained) for n, p in mod.named_parameters() if p.requires_grad]
 
 
@@ -101,7 +100,8 @@ class Trainer:
         cfg, dev = self.cfg, self.acc.device
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         self.pipe = pipe = load_pipeline(self.plan.info.path, safety_checker=False)
-        self.unet, self.text = pipe.unet, CaptionEncoder(pipe, self.plan.info.family)
+        family = self.plan.info.family
+        self.unet, self.text = getattr(pipe, family.denoiser), CaptionEncoder(pipe, family)
         for module in (self.unet, pipe.vae, *self.text.encoders):
             module.requires_grad_(False)
         cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
@@ -147,7 +147,7 @@ class Trainer:
             self.unet.enable_gradient_checkpointing()
             for enc in self.trained[1:]:
                 enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.named = _sd_named_trainable(self.trained)
+        self.named = _named_trainable(self.trained, self.plan.info.family.lora_prefixes())
         self.params = [p for _, p in self.named]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup, num_training_steps=self.total)
@@ -166,7 +166,7 @@ class Trainer:
         side = plan.resolution // plan.info.vae_scale
         self.latent_shape = (pipe.vae.config.latent_channels, side, side)
         draws = Draws(plan.seed, len(plan.train), T, global_batch)
-        self.stream = Stream(cache, cfg, draws, self.acc.process_index, dev, pipe.vae, plan.resolution)
+        self.stream = Stream(cache, cfg, draws, self.acc.process_index, dev, pipe.vae, plan.resolution, plan.info.family)
         self.empty_ids = self.text.tokenize([""])  # what a dropped caption becomes
         self.empty = None
         if cfg.caption_dropout and cache.hidden is not None:  # cached embeddings: the frozen encoder's "" once
@@ -209,7 +209,7 @@ class Trainer:
             for m, mode in zip(self.trained, modes):
                 m.train(mode)
 
-    def _condition(self, b: Batch, encoders_w: list[Any] | None) -> Conditioning:
+    def _condition(self, b: Batch, encoders_w: list[Any] | None) -> dict[str, Any]:
         """The micro-batch's caption embeddings, "" where its captions are dropped."""
         import torch
 
@@ -220,7 +220,7 @@ class Trainer:
             keep = ~b.drop
             hidden = torch.where(keep[:, None, None], hidden, self.empty[0].to(hidden))
             pooled = None if pooled is None else torch.where(keep[:, None], pooled, self.empty[1].to(pooled))
-        return Conditioning(hidden, pooled, b.time_ids)
+        return self.text.cond(hidden, pooled, b.micro)
 
     def train_step(self, step: int) -> float:
         """One optimizer step (grad_accum micro-batches); the mean loss of this process."""
@@ -233,7 +233,7 @@ class Trainer:
             b = self.stream.batch(step * cfg.grad_accum + micro, self.latent_shape)
             with acc.accumulate(*self.wrapped):
                 cond = self._condition(b, encoders_w)
-                losses = per_sample_loss(unet_w, self.noise_scheduler, b.latents, b.noise, b.timesteps, cond)
+                losses = per_sample_loss(self.text.family, unet_w, self.noise_scheduler, b.latents, b.noise, b.timesteps, cond)
                 if cfg.snr_gamma is not None:
                     losses = losses * snr_weights(self.noise_scheduler, b.timesteps, cfg.snr_gamma)
                 loss = losses.mean()
