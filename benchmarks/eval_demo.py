@@ -63,7 +63,7 @@ def evaluate_split(engine, router, split: str, args: argparse.Namespace, out: Pa
     from mixdiff_cli.training.dataset import scan_dataset
     from mixdiff_cli.demo import data
     from mixdiff_cli.sampling.engine import Request
-    from mixdiff_cli.evaluation.evaluate import HeldoutLoss
+    from mixdiff_cli.evaluation.heldout import HeldoutLoss
 
     domains = [d for d in data.DOMAINS if d in engine.catalog.names]
     items = []  # (domain, caption, attrs)

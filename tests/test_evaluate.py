@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mixdiff_cli.evaluation import evaluate as E
+from mixdiff_cli import evaluation as E
 from mixdiff_cli.evaluation import figures as F
 from mixdiff_cli.cli import app
 from mixdiff_cli.core.errors import UsageError
@@ -159,8 +159,8 @@ def test_parse_data_specs():
 
 
 def test_heatmap_bars_and_contact_sheet_are_labelled_images(tmp_path):
-    fig = F.heatmap([[3, 1], [0, 4]], ["shapes", "stripes"], ["shapes", "a-very-long-expert-name"], title="Confusion",
-                    row_title="label", col_title="top-1", cmap="blues", highlight=[(0, 0)])
+    fig = F.heatmap([[3, 1], [0, 4]], ["shapes", "stripes"], ["shapes", "a-very-long-expert-name"], highlight=[(0, 0)],
+                    style=F.HeatmapStyle(title="Confusion", row_title="label", col_title="top-1", cmap="blues"))
     fig.save(tmp_path / "h.png")
     back = Image.open(tmp_path / "h.png")
     assert back.mode == "RGB" and back.size == fig.size and fig.width > 100 and fig.height > 100
@@ -293,7 +293,7 @@ def test_routing_counts_trigger_words_and_abstentions_apart_from_the_gate(tiny_s
     add_expert(catalog, str(lora), name="city", prompts=["a city street at night", "an old house and a car"])
     items = [Labeled("a cat and a dog", "animals"), Labeled("a city street with a car at the zoo", "city"),
              Labeled("a street in the city", "city")]
-    report = E.evaluate_routing(catalog, items, encoder="words", top_k=1, threshold=0.9)
+    report = E.evaluate_routing(catalog, items, E.RoutingSettings(encoder="words", top_k=1, threshold=0.9))
     m = report.data["metrics"]
     assert m["top1_accuracy"] == 1.0 and m["predictions"][1]["triggered"] == ["animals"]
     assert m["routes"]["trigger_forced"] == 1
@@ -309,9 +309,9 @@ def test_loss_matrix_is_deterministic_batch_invariant_and_is_fine_tunes_loss(wor
     from mixdiff_cli.training.loss import denoising_loss
 
     data = workspace["data"]
-    one = E.evaluate_experts(workspace["catalog"], data, batch_size=16, evals=6)
-    again = E.evaluate_experts(workspace["catalog"], data, batch_size=16, evals=6)
-    small = E.evaluate_experts(workspace["catalog"], data, batch_size=4, evals=6)
+    one = E.evaluate_experts(workspace["catalog"], data, E.ExpertsSettings(batch_size=16, evals=6))
+    again = E.evaluate_experts(workspace["catalog"], data, E.ExpertsSettings(batch_size=16, evals=6))
+    small = E.evaluate_experts(workspace["catalog"], data, E.ExpertsSettings(batch_size=4, evals=6))
     assert one.data["losses"] == again.data["losses"]  # bit for bit
     flat = lambda r: [r.data["losses"]["base"][d] for d in data] + [v for row in r.data["losses"]["experts"].values() for v in row.values()]
     assert len(flat(one)) == 2 + 3 * 2

@@ -12,7 +12,7 @@ from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
 
 if TYPE_CHECKING:
-    from mixdiff_cli.evaluation.evaluate import Report
+    from mixdiff_cli.evaluation.report import Report
 
 evaluate_app = typer.Typer(
     help="Measure the router, the experts' specialisation and the mixture's samples. Each command writes "
@@ -28,7 +28,7 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Report folder: report
 
 def _finish(report: Report, out_dir: Path, rows: list[dict[str, Any]], columns: list[str], title: str, lines: list[str]) -> None:
     """Write the report, render its summary (or the JSON report), then enforce its gates."""
-    from mixdiff_cli.evaluation.evaluate import write_report
+    from mixdiff_cli.evaluation.report import write_report
 
     written = write_report(report, out_dir)
     if out.json:
@@ -72,15 +72,16 @@ def routing(
     Example: mixdiff evaluate routing --prompts heldout.jsonl --min-accuracy 0.8 -o eval/routing
     """
     from mixdiff_cli.catalog.schema import find_catalog, load_catalog
-    from mixdiff_cli.evaluation.evaluate import evaluate_routing
+    from mixdiff_cli.evaluation.routing import RoutingSettings, evaluate_routing
     from mixdiff_cli.core.quiet import quiet_frameworks
 
     if json_mode:
         out.configure(json_mode=True)
     with quiet_frameworks():
         report = evaluate_routing(
-            load_catalog(find_catalog(catalog)), prompts, top_k=top_k, threshold=threshold, temperature=temperature,
-            encoder=encoder, bins=bins, device=device, min_accuracy=min_accuracy,
+            load_catalog(find_catalog(catalog)), prompts,
+            RoutingSettings(top_k=top_k, threshold=threshold, temperature=temperature, encoder=encoder, bins=bins, device=device,
+                            min_accuracy=min_accuracy),
         )
     m = report.data["metrics"]
     head = m["headline"]
@@ -124,7 +125,9 @@ def experts(
     Example: mixdiff evaluate experts --data stripes=heldout/stripes --data shapes=heldout/shapes --max-loss-ratio 0.95
     """
     from mixdiff_cli.catalog.schema import find_catalog, load_catalog
-    from mixdiff_cli.evaluation.evaluate import BASE_LABEL, evaluate_experts, parse_data_specs
+    from mixdiff_cli.evaluation.experts import ExpertsSettings, evaluate_experts
+    from mixdiff_cli.evaluation.inputs import parse_data_specs
+    from mixdiff_cli.evaluation.metrics import BASE_LABEL
     from mixdiff_cli.core.quiet import quiet_frameworks
 
     if json_mode:
@@ -132,8 +135,9 @@ def experts(
     domains = parse_data_specs(data)
     with quiet_frameworks():
         report = evaluate_experts(
-            load_catalog(find_catalog(catalog)), domains, experts=expert, batch_size=batch_size, evals=evals,
-            max_images=max_images, device=device, dtype=dtype, max_loss_ratio=max_loss_ratio,
+            load_catalog(find_catalog(catalog)), domains,
+            ExpertsSettings(experts=expert, batch_size=batch_size, evals=evals, max_images=max_images, device=device, dtype=dtype,
+                            max_loss_ratio=max_loss_ratio),
         )
     base, losses = report.data["losses"][BASE_LABEL], report.data["losses"]["experts"]
     m = report.data["metrics"]
@@ -154,7 +158,7 @@ def _sweep(spec: str | None, boundaries: str) -> Any:
     if spec is None:
         return None
     from mixdiff_cli.core.errors import UsageError
-    from mixdiff_cli.evaluation.evaluate import Sweep
+    from mixdiff_cli.evaluation.samples import Sweep
 
     first, sep, second = spec.partition(":")
     try:
@@ -199,7 +203,7 @@ def samples(
     Example: mixdiff evaluate samples --prompts prompts.txt --steps 25 --clip ./models/clip-vit-b32
     """
     from mixdiff_cli.catalog.schema import find_catalog, load_catalog
-    from mixdiff_cli.evaluation.evaluate import evaluate_samples
+    from mixdiff_cli.evaluation.samples import evaluate_samples
     from mixdiff_cli.sampling.options import GenerationOptions
     from mixdiff_cli.core.quiet import quiet_frameworks
 

@@ -8,6 +8,7 @@ default font (`ImageFont.load_default`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
@@ -122,19 +123,41 @@ def _canvas(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw
     return img, draw, layout
 
 
+@dataclass(frozen=True)
+class HeatmapStyle:
+    """A heatmap's title, colour map, row and column axis titles, and cell size (None: fitted to the text)."""
+
+    title: str = ""
+    cmap: Colormap = "viridis"
+    row_title: str = ""
+    col_title: str = ""
+    cell: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class _HeatmapLayout:
+    """Where a heatmap's parts go: n x m cells of cw x ch pixels from (left, top), row labels row_w wide."""
+
+    n: int
+    m: int
+    cw: int
+    ch: int
+    row_w: int
+    vertical: bool  # column labels drawn vertically
+    left: int
+    top: int
+    title_h: int
+
+
 def heatmap(
     values: Sequence[Sequence[float | None]],
     rows: Sequence[str],
     cols: Sequence[str],
     *,
-    title: str = "",
     text: Sequence[Sequence[str]] | None = None,
     shade: Sequence[Sequence[float | None]] | None = None,
-    cmap: Colormap = "viridis",
-    row_title: str = "",
-    col_title: str = "",
-    cell: tuple[int, int] | None = None,
     highlight: Sequence[tuple[int, int]] = (),
+    style: HeatmapStyle = HeatmapStyle(),
 ) -> Image.Image:
     """A labelled matrix: one cell per (row, column), coloured by `shade` (in [0, 1]; default: `values`
     min-max scaled) and captioned by `text` (default: `values` to 3 decimals; may hold two lines).
@@ -149,69 +172,91 @@ def heatmap(
         lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
         span = (hi - lo) or 1.0
         shade = [[None if v is None else (v - lo) / span for v in row] for row in values]
+    g = _heatmap_layout(text, rows, cols, style)
+    img, draw, layout = _canvas(g.left + m * g.cw + PAD, g.top + n * g.ch + PAD, style.title)
+    _heatmap_axis_titles(img, draw, layout, g, style)
+    _heatmap_col_labels(img, draw, layout, g, cols)
+    _heatmap_rows(draw, layout, g, rows, text, shade, style.cmap)
+    for i, j in highlight:
+        x0, y0 = g.left + j * g.cw, g.top + i * g.ch
+        draw.rectangle((x0 + 1, y0 + 1, x0 + g.cw - 2, y0 + g.ch - 2), outline=INK, width=3)
+    img.info["layout"] = layout
+    return img
+
+
+def _heatmap_layout(text: Sequence[Sequence[str]], rows: Sequence[str], cols: Sequence[str], style: HeatmapStyle) -> _HeatmapLayout:
+    """Cell size from the widest and tallest cell text (unless `style.cell`), label and title space."""
     lh = _line_height()
     max_lines = max((len(t.split("\n")) for row in text for t in row), default=1)
     cw = max([56] + [text_size(line)[0] + 10 for row in text for t in row for line in t.split("\n")])
     ch = max(32, max_lines * lh + 10)
-    if cell is not None:
-        cw, ch = cell
+    if style.cell is not None:
+        cw, ch = style.cell
     row_w = min(220, max([text_size(r)[0] for r in rows] + [10]))
     vertical = any(text_size(c)[0] > cw - 4 for c in cols)
     col_h = max(_vertical_label(c).height for c in cols) if vertical and cols else lh
-    title_h = lh + PAD if title else 0
-    col_title_h = lh if col_title else 0
-    row_title_w = lh if row_title else 0
-
+    title_h = lh + PAD if style.title else 0
+    col_title_h = lh if style.col_title else 0
+    row_title_w = lh if style.row_title else 0
     left = PAD + row_title_w + row_w + PAD
     top = PAD + title_h + col_title_h + col_h + 4
-    img, draw, layout = _canvas(left + m * cw + PAD, top + n * ch + PAD, title)
-    f = font()
+    return _HeatmapLayout(len(rows), len(cols), cw, ch, row_w, vertical, left, top, title_h)
 
-    if col_title:
-        y = PAD + title_h
-        draw.text((left, y), fit(col_title, m * cw), fill=INK, font=f)
-        layout["col_title"] = (left, y, left + min(m * cw, text_size(col_title)[0]), y + lh)
-    if row_title:
-        strip = _vertical_label(row_title, max_len=max(40, n * ch))
-        y = top + max(0, (n * ch - strip.height) // 2)
+
+def _heatmap_axis_titles(img: Image.Image, draw: ImageDraw.ImageDraw, layout: dict[str, Box], g: _HeatmapLayout, style: HeatmapStyle) -> None:
+    """The column axis title above the column labels, the row axis title (vertical) left of the row labels."""
+    lh = _line_height()
+    if style.col_title:
+        y = PAD + g.title_h
+        draw.text((g.left, y), fit(style.col_title, g.m * g.cw), fill=INK, font=font())
+        layout["col_title"] = (g.left, y, g.left + min(g.m * g.cw, text_size(style.col_title)[0]), y + lh)
+    if style.row_title:
+        strip = _vertical_label(style.row_title, max_len=max(40, g.n * g.ch))
+        y = g.top + max(0, (g.n * g.ch - strip.height) // 2)
         img.paste(strip, (PAD, y), strip)
         layout["row_title"] = (PAD, y, PAD + strip.width, y + strip.height)
+
+
+def _heatmap_col_labels(img: Image.Image, draw: ImageDraw.ImageDraw, layout: dict[str, Box], g: _HeatmapLayout, cols: Sequence[str]) -> None:
+    """Each column's label centred above it, vertical when any label does not fit across."""
+    lh = _line_height()
     for j, name in enumerate(cols):
-        x0 = left + j * cw
-        if vertical:
+        x0 = g.left + j * g.cw
+        if g.vertical:
             strip = _vertical_label(name)
-            x = x0 + (cw - strip.width) // 2
-            y = top - 4 - strip.height
+            x = x0 + (g.cw - strip.width) // 2
+            y = g.top - 4 - strip.height
             img.paste(strip, (x, y), strip)
             layout[f"col:{j}"] = (x, y, x + strip.width, y + strip.height)
         else:
             tw = text_size(name)[0]
-            x = x0 + (cw - tw) // 2
-            draw.text((x, top - 4 - lh), name, fill=INK, font=f)
-            layout[f"col:{j}"] = (x, top - 4 - lh, x + tw, top - 4)
+            x = x0 + (g.cw - tw) // 2
+            draw.text((x, g.top - 4 - lh), name, fill=INK, font=font())
+            layout[f"col:{j}"] = (x, g.top - 4 - lh, x + tw, g.top - 4)
+
+
+def _heatmap_rows(draw: ImageDraw.ImageDraw, layout: dict[str, Box], g: _HeatmapLayout, rows: Sequence[str],
+                  text: Sequence[Sequence[str]], shade: Sequence[Sequence[float | None]], cmap: Colormap) -> None:
+    """Each row's label, right-aligned, and its cells: shaded on `cmap`, captioned in contrasting ink."""
+    lh, f = _line_height(), font()
     for i, name in enumerate(rows):
-        label = fit(name, row_w)
+        label = fit(name, g.row_w)
         tw = text_size(label)[0]
-        y = top + i * ch + (ch - lh) // 2
-        x = left - PAD - tw
+        y = g.top + i * g.ch + (g.ch - lh) // 2
+        x = g.left - PAD - tw
         draw.text((x, y), label, fill=INK, font=f)
         layout[f"row:{i}"] = (x, y, x + tw, y + lh)
-        for j in range(m):
-            x0, y0 = left + j * cw, top + i * ch
+        for j in range(g.m):
+            x0, y0 = g.left + j * g.cw, g.top + i * g.ch
             bg = colour(shade[i][j], cmap)
-            draw.rectangle((x0, y0, x0 + cw - 1, y0 + ch - 1), fill=bg, outline=GRID)
+            draw.rectangle((x0, y0, x0 + g.cw - 1, y0 + g.ch - 1), fill=bg, outline=GRID)
             lines = text[i][j].split("\n") if text[i][j] else []
-            ty = y0 + (ch - len(lines) * lh) // 2
+            ty = y0 + (g.ch - len(lines) * lh) // 2
             for line in lines:
-                line = fit(line, cw - 4)
-                draw.text((x0 + (cw - text_size(line)[0]) // 2, ty), line, fill=ink_on(bg), font=f)
+                line = fit(line, g.cw - 4)
+                draw.text((x0 + (g.cw - text_size(line)[0]) // 2, ty), line, fill=ink_on(bg), font=f)
                 ty += lh
-            layout[f"cell:{i}:{j}"] = (x0, y0, x0 + cw, y0 + ch)
-    for i, j in highlight:
-        x0, y0 = left + j * cw, top + i * ch
-        draw.rectangle((x0 + 1, y0 + 1, x0 + cw - 2, y0 + ch - 2), outline=INK, width=3)
-    img.info["layout"] = layout
-    return img
+            layout[f"cell:{i}:{j}"] = (x0, y0, x0 + g.cw, y0 + g.ch)
 
 
 def bars(
@@ -270,8 +315,6 @@ def contact_sheet(
     """A labelled grid: `images[i][j]` under column header `cols[j]`, beside row label `rows[i]` (word-
     wrapped), with an optional caption line under each image. Images are scaled to `cell` pixels
     (default: their own size, kept between 128 and 256; small ones are enlarged without smoothing)."""
-    from PIL import Image
-
     n, m = len(rows), len(cols)
     if len(images) != n or any(len(r) != m for r in images):
         raise ValueError(f"images must be {n} rows of {m} columns")
@@ -305,17 +348,7 @@ def contact_sheet(
         layout[f"row:{i}"] = (PAD, y0, PAD + max(text_size(l)[0] for l in lines), y0 + len(lines) * lh)
         for j in range(m):
             x0 = left + j * (cell + PAD)
-            im = images[i][j]
-            if im is None:
-                draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=MISSING, outline=GRID)
-                draw.line((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=GRID)
-            else:
-                im = im.convert("RGB")
-                scale = cell / max(im.size)
-                size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-                resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
-                im = im.resize(size, resample) if size != im.size else im
-                sheet.paste(im, (x0 + (cell - im.width) // 2, y0 + (cell - im.height) // 2))
+            _sheet_cell(sheet, draw, images[i][j], (x0, y0), cell)
             layout[f"cell:{i}:{j}"] = (x0, y0, x0 + cell, y0 + cell)
             if captions is not None and captions[i][j]:
                 for k, line in enumerate(captions[i][j].split("\n")):
@@ -324,3 +357,20 @@ def contact_sheet(
                 layout[f"caption:{i}:{j}"] = (x0, y0 + cell + 2, x0 + cell, y0 + cell + 2 + cap_lines * lh)
     sheet.info["layout"] = layout
     return sheet
+
+
+def _sheet_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, im: Image.Image | None, at: tuple[int, int], cell: int) -> None:
+    """`im` scaled to fit a `cell`-pixel square at `at` and centred there (a crossed grey box when None)."""
+    from PIL import Image
+
+    x0, y0 = at
+    if im is None:
+        draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=MISSING, outline=GRID)
+        draw.line((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=GRID)
+        return
+    im = im.convert("RGB")
+    scale = cell / max(im.size)
+    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+    im = im.resize(size, resample) if size != im.size else im
+    sheet.paste(im, (x0 + (cell - im.width) // 2, y0 + (cell - im.height) // 2))
