@@ -716,15 +716,15 @@ def write_header_only(path: str | Path, tensors: Mapping[str, tuple[str, list[in
 
 def real_state(name: str) -> dict[str, dict]:
     """A public base's UNet and text encoders ("sd15", "sd21", "sdxl") as meta-device tensors (shapes, no
-    memory), built by diffusers and transformers from ``catalog.geometry.PUBLIC``: component -> state dict."""
+    memory), built by diffusers and transformers from the families' public configs (``catalog.geometry.public_configs``): component -> state dict."""
     import torch
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from mixdiff_cli.catalog.geometry import PUBLIC
+    from mixdiff_cli.catalog.geometry import public_configs
 
-    configs, out = PUBLIC[name], {}
+    configs, out = public_configs()[name][1], {}
     with init_empty_weights():
         out["unet"] = UNet2DConditionModel.from_config(configs["unet"]).state_dict()
         for component in ("text_encoder", "text_encoder_2"):
@@ -740,7 +740,7 @@ def write_real_lora(name: str, out_path: str | Path, layout: str, rank: int = 4,
     """A header-only LoRA on every attention projection of a public base's UNet and text encoders, in the
     kohya (``kohya``) or diffusers-script (``diffusers-script``) layout, fp16 with real alpha scalars."""
     from mixdiff_cli.catalog.formats import diffusers_to_sgm
-    from mixdiff_cli.catalog.geometry import PUBLIC
+    from mixdiff_cli.catalog.geometry import public_configs
 
     sdxl = name == "sdxl"
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
@@ -755,7 +755,7 @@ def write_real_lora(name: str, out_path: str | Path, layout: str, rank: int = 4,
             fout, fin = value.shape[:2]
             if layout == "kohya":
                 if component == "unet" and sdxl:
-                    module = diffusers_to_sgm(module, PUBLIC[name]["unet"])
+                    module = diffusers_to_sgm(module, public_configs()[name][1]["unet"])
                 stem = kohya_prefix[component] + module.replace(".", "_")
                 down, up, alpha_key = f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"
                 tensors[alpha_key], values[alpha_key] = ("F16", []), struct.pack("<e", alpha)
@@ -771,16 +771,16 @@ def write_real_checkpoint(name: str, out_path: str | Path, in_channels: int = 4)
     its modelspec architecture (and prediction type for v-models); ``in_channels=9``: an inpainting UNet."""
     import torch
 
-    from mixdiff_cli.catalog.geometry import PUBLIC, PUBLIC_ARCH
+    from mixdiff_cli.catalog.geometry import public_configs
 
     state = real_state(name)
     conv_in = state["unet"]["conv_in.weight"]
     state["unet"]["conv_in.weight"] = torch.empty((conv_in.shape[0], in_channels, 3, 3), device="meta")
-    arch = PUBLIC_ARCH[name]
+    arch = public_configs()[name][0]
     texts = {k: v for k, v in state.items() if k != "unet"}
-    tensors = single_file_state(state["unet"], PUBLIC[name]["unet"], texts, arch)
+    tensors = single_file_state(state["unet"], public_configs()[name][1]["unet"], texts, arch)
     spec = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}[arch]
     metadata = {"modelspec.architecture": spec}
-    if PUBLIC[name]["scheduler"]["prediction_type"] == "v_prediction":
+    if public_configs()[name][1]["scheduler"]["prediction_type"] == "v_prediction":
         metadata["modelspec.prediction_type"] = "v"
     return write_header_only(out_path, {k: ("F16", list(v.shape)) for k, v in tensors.items()}, metadata)

@@ -217,10 +217,10 @@ def compat_files(tiny_sd, tiny_sdxl) -> dict[tuple[str, str], Path]:
 
 
 def _build_real(folder: Path) -> None:
-    from mixdiff_cli.catalog.geometry import PUBLIC
+    from mixdiff_cli.catalog.geometry import public_configs
     from mixdiff_cli.testing import write_real_checkpoint, write_real_lora
 
-    for name, configs in PUBLIC.items():
+    for name, (_, configs) in public_configs().items():
         for layout in ("kohya", "diffusers-script"):
             write_real_lora(name, folder / f"{name}-{layout}.safetensors", layout)
         write_real_checkpoint(name, folder / f"{name}-checkpoint.safetensors")

@@ -441,7 +441,9 @@ def test_geometry_tables_agree_with_the_real_configs(name):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, infer_diffusers_model_type
 
     from mixdiff_cli.catalog.formats import _expected_shape
-    from mixdiff_cli.catalog.geometry import PUBLIC, text_module_shape
+    from mixdiff_cli.catalog.geometry import public_configs, text_module_shape
+
+    PUBLIC = {n: configs for n, (_, configs) in public_configs().items()}
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(PUBLIC[name]["unet"])

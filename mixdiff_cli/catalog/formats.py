@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from mixdiff_cli.catalog.convert import LoraKey, parse_key
-from mixdiff_cli.catalog.geometry import PUBLIC, PUBLIC_ARCH, Geometry, text_module_shape
+from mixdiff_cli.catalog.geometry import Geometry, public_configs, text_module_shape
 from mixdiff_cli.core.errors import MixdiffError
 
 ARCH_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # Cross-attention width (text-encoder hidden size) of the real checkpoints, from their public configs:
 # 768 (SD 1.x), 1024 (SD 2.x), 2048 (SDXL).
-CROSS_DIM_ARCH = {PUBLIC[name]["unet"]["cross_attention_dim"]: arch for name, arch in PUBLIC_ARCH.items()}
+CROSS_DIM_ARCH = {cfg["unet"]["cross_attention_dim"]: arch for arch, cfg in public_configs().values()}
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library refuses headers above 100 MB too
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -942,7 +942,7 @@ def _text_fit(shapes: dict[tuple[str, str], tuple[int, int]], encoders: dict[str
 
 def _model_fit(info: SourceInfo, base: Geometry) -> str | None:
     """Why a full model cannot stand in for the base UNet: input channels, conditioning, shapes, prediction type."""
-    cfg, theirs = base.unet, info.unet_config
+    cfg, theirs = base.denoiser, info.unet_config
     if info.prediction_type and base.prediction_type and info.prediction_type != base.prediction_type:
         return f"model predicts {info.prediction_type}, the base predicts {base.prediction_type}"
     conv_in = info.unet_shapes.get("input_blocks.0.0") or info.unet_shapes.get("conv_in")
@@ -965,13 +965,13 @@ def fits_base(info: SourceInfo, base: dict | Geometry) -> str | None:
     included when their configs are known; a full model must take the base's inputs and conditioning.
     """
     base = base if isinstance(base, Geometry) else Geometry(base)
-    arch = arch_of_unet_config(base.unet)
+    arch = arch_of_unet_config(base.denoiser)
     noun = "LoRA" if info.kind == "lora" else "model"
     if info.arch and info.arch_from != "default" and info.arch != arch:
         return f"{noun} for {ARCH_LABELS[info.arch]}, base is {ARCH_LABELS[arch]}"
     if info.kind == "model":
         return _model_fit(info, base)
-    return _unet_fit({**info.unet_shapes, **info.saved_shapes}, base.unet, "LoRA") or _text_fit(info.text_shapes, base.text_encoders)
+    return _unet_fit({**info.unet_shapes, **info.saved_shapes}, base.denoiser, "LoRA") or _text_fit(info.text_shapes, base.text_encoders)
 
 
 def require_fit(info: SourceInfo, base: dict | Geometry) -> None:

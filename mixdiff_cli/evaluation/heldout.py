@@ -7,13 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def _caption_arch(pipe: Any) -> str:
-    """The caption encoder's family: "sdxl" for SDXL pipelines (two text encoders), else "sd"."""
-    from mixdiff_cli.models.text import is_sdxl
-
-    return "sdxl" if is_sdxl(pipe) else "sd"
-
-
 class HeldoutLoss:
     """The held-out denoising loss of any blend of experts on one set of captioned images.
 
@@ -29,10 +22,9 @@ class HeldoutLoss:
         from mixdiff_cli.training.loss import make_heldout
 
         self.engine = engine
-        self.text = CaptionEncoder(engine.pipe, _caption_arch(engine.pipe))
+        self.text = CaptionEncoder(engine.pipe, engine.family)
         self.scheduler = DDPMScheduler.from_config(engine.pipe.scheduler.config)
-        size = engine.unet.config.sample_size
-        self.resolution = int((size if isinstance(size, int) else size[0]) * engine.pipe.vae_scale_factor)
+        self.resolution = engine.native_size()
         # token ids kept: the text is encoded per model (LoRAs on the encoder)
         self.val = make_heldout(engine.pipe, self.text, records, self.resolution, engine.device, self.scheduler.config.num_train_timesteps,
                                 evals=evals)
@@ -46,18 +38,12 @@ class HeldoutLoss:
         module. Summed by callers in float64 in a fixed order, so the batch size changes nothing but
         float32 rounding."""
         from mixdiff_cli.sampling.engine import Active
-        from mixdiff_cli.sampling.mixture import Blend
         from mixdiff_cli.training.loss import heldout_losses
 
         engine = self.engine
-        cat = engine.catalog
-        members = [Active(cat.expert(n), 1.0) for n in experts]
-        engine.ensure_loaded([m.name for m in members])
-        slices, models, weights = engine.plan(members, "noise")[:3]
-        blend = Blend(slices=slices, models=models, weights=weights)
-        unet = engine.mixture
-        with unet.routed(blend):
-            chunks = heldout_losses(unet, self.scheduler, self.text, self.val, chunk=batch_size, dtype=engine.unet.dtype)
+        members = [Active(engine.catalog.expert(n), 1.0) for n in experts]
+        with engine.routed(members) as mixture:
+            chunks = heldout_losses(mixture, self.scheduler, self.text, self.val, chunk=batch_size, dtype=engine.denoiser.dtype)
         return [x for losses in chunks for x in losses.double().cpu().tolist()]
 
     def loss(self, experts: Sequence[str] = (), batch_size: int = 16) -> float:
