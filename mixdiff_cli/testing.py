@@ -353,7 +353,7 @@ def make_full_model(
     if single_file is not None:
         from safetensors.torch import save_file
 
-        from mixdiff_cli.catalog.formats import diffusers_to_sgm
+        from mixdiff_cli.families.unet_geometry import diffusers_to_sgm
 
         cfg = dict(unet.config)
         state = {f"model.diffusion_model.{diffusers_to_sgm(k, cfg)}": v.contiguous() for k, v in unet.state_dict().items()}
@@ -446,7 +446,7 @@ def _kohya(parts: dict[str, dict], sdxl: bool, unet_config: dict, alpha: float, 
     ``.lora_down`` / ``.lora_up`` and a ``.alpha`` scalar per module, all saved in ``dtype``."""
     import torch
 
-    from mixdiff_cli.catalog.formats import diffusers_to_sgm
+    from mixdiff_cli.families.unet_geometry import diffusers_to_sgm
 
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
     out = {}
@@ -620,7 +620,7 @@ def single_file_state(unet_state: Mapping, unet_config: dict, texts: Mapping[str
     SD 1.x ``cond_stage_model.transformer.text_model.…``, SD 2.x ``cond_stage_model.model.…`` (OpenCLIP),
     SDXL ``conditioner.embedders.0.transformer.text_model.…`` and ``conditioner.embedders.1.model.…``.
     (The VAE's ``first_stage_model.`` keys are left out: nothing here reads them.)"""
-    from mixdiff_cli.catalog.formats import diffusers_to_sgm
+    from mixdiff_cli.families.unet_geometry import diffusers_to_sgm
 
     def hf(prefix: str, state: Mapping) -> dict:
         return {f"{prefix}text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
@@ -739,7 +739,7 @@ def real_state(name: str) -> dict[str, dict]:
 def write_real_lora(name: str, out_path: str | Path, layout: str, rank: int = 4, alpha: float = 2.0) -> Path:
     """A header-only LoRA on every attention projection of a public base's UNet and text encoders, in the
     kohya (``kohya``) or diffusers-script (``diffusers-script``) layout, fp16 with real alpha scalars."""
-    from mixdiff_cli.catalog.formats import diffusers_to_sgm
+    from mixdiff_cli.families.unet_geometry import diffusers_to_sgm
     from mixdiff_cli.catalog.geometry import public_configs
 
     sdxl = name == "sdxl"

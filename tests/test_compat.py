@@ -440,7 +440,7 @@ def test_geometry_tables_agree_with_the_real_configs(name):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, infer_diffusers_model_type
 
-    from mixdiff_cli.catalog.formats import _expected_shape
+    from mixdiff_cli.families.unet_geometry import expected_shape as _expected_shape
     from mixdiff_cli.catalog.geometry import public_configs, text_module_shape
 
     PUBLIC = {n: configs for n, (_, configs) in public_configs().items()}

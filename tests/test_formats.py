@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from mixdiff_cli import families
 from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.catalog.formats import (
-    ARCH_LABELS,
     AmbiguousSource,
     ArchitectureMismatch,
     BadSidecar,
@@ -25,9 +25,7 @@ from mixdiff_cli.catalog.formats import (
     PickleRefused,
     SourceNotFound,
     UnknownLoraFormat,
-    arch_of_unet_config,
     autov2,
-    diffusers_to_sgm,
     fits_base,
     inspect_source,
     kohya_to_dotted,
@@ -35,6 +33,7 @@ from mixdiff_cli.catalog.formats import (
     require_fit,
     sha256_file,
 )
+from mixdiff_cli.families.unet_geometry import diffusers_to_sgm
 
 ATTN = ["to_k", "to_out.0", "to_q", "to_v"]
 TE = ["k_proj", "out_proj", "q_proj", "v_proj"]
@@ -227,8 +226,8 @@ SDXL = dict(
 
 
 def test_arch_of_unet_config():
-    assert [arch_of_unet_config(c) for c in (SD15, SD21, SDXL)] == ["sd1", "sd2", "sdxl"]
-    assert ARCH_LABELS == {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+    assert [families.of_config(c).name for c in (SD15, SD21, SDXL)] == ["sd1", "sd2", "sdxl"]
+    assert {n: families.label(n) for n in families.names()} == {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 def _lora(tmp_path: Path, name: str, pairs: dict[str, tuple[int, int]], kohya: bool = False, metadata=None) -> Path:
@@ -296,7 +295,7 @@ def test_expected_shapes_match_diffusers_unets(name, cfg, tiny_sd, tiny_sdxl):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from mixdiff_cli.catalog.formats import _expected_shape, _sgm_to_diffusers
+    from mixdiff_cli.families.unet_geometry import expected_shape as _expected_shape, sgm_to_diffusers as _sgm_to_diffusers
 
     if cfg is None:
         cfg = unet_config(tiny_sd if name == "tiny-sd" else tiny_sdxl)

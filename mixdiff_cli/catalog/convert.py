@@ -1,6 +1,6 @@
 """LoRA key layouts, and the conversions that turn a layout diffusers cannot load into one it loads exactly.
 
-Key layouts (component: ``unet``, ``text_encoder`` or ``text_encoder_2``; module: its dotted path):
+Key layouts (component: a pipeline component the families name (`families.components()`); module: its dotted path):
 
     PEFT                  [base_model.model.]<module>.lora_A[.<adapter>].weight / .lora_B...   (save_pretrained)
     diffusers, PEFT keys  <component>.<module>.lora_A.weight / .lora_B.weight                   (save_lora_weights)
@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from mixdiff_cli import families
+
 _ATTN = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
          "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}  # fmt: skip
 # (pattern, layout); group 1: module path, group 2: which matrix
@@ -38,7 +39,7 @@ _ROLES = {"down": "down", "A": "down", "up": "up", "B": "up", "alpha": "alpha"}
 class LoraKey:
     """One tensor of a diffusers / PEFT LoRA file."""
 
-    component: str  # unet | text_encoder | text_encoder_2
+    component: str  # a pipeline component (`families.components()`)
     module: str  # dotted path inside the component
     role: str  # down | up | bias | alpha
     layout: str  # peft | script | attn-procs | bias | alpha
@@ -48,7 +49,7 @@ class LoraKey:
 def _split_component(path: str) -> tuple[str, str, bool]:
     path = path.removeprefix("base_model.model.")
     head, _, rest = path.partition(".")
-    if head in COMPONENTS and rest:
+    if head in families.components() and rest:
         return head, rest, True
     return ("text_encoder" if path.startswith("text_model.") else "unet"), path, False
 

@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from mixdiff_cli.catalog.convert import LoraKey, parse_key
-from mixdiff_cli.catalog.geometry import Geometry, public_configs, text_module_shape
+from mixdiff_cli import families
+from mixdiff_cli.catalog.geometry import Geometry, text_module_shape
 from mixdiff_cli.core.errors import MixdiffError
 
-ARCH_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# Cross-attention width (text-encoder hidden size) of the real checkpoints, from their public configs:
-# 768 (SD 1.x), 1024 (SD 2.x), 2048 (SDXL).
-CROSS_DIM_ARCH = {cfg["unet"]["cross_attention_dim"]: arch for arch, cfg in public_configs().values()}
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library refuses headers above 100 MB too
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -325,7 +322,6 @@ class _Parsed:
     saved: dict[str, tuple[int, int]]  # PEFT modules_to_save: module -> (in, out) of the saved weight
 
 
-_KOHYA = (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"))
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 # how each layout names its two matrices, for messages
 _MATRICES = {"kohya": ("lora_down", "lora_up"), "peft": ("lora_A", "lora_B"), "script": ("lora.down", "lora.up"),
@@ -350,7 +346,7 @@ _PEFT_TYPES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "(IA)^3", "ADALORA": "AdaL
 def _kohya_key(key: str) -> LoraKey | None:
     stem, _, suffix = key.partition(".")
     role = _KOHYA_ROLES.get(suffix)
-    for prefix, component in _KOHYA:
+    for prefix, component in families.kohya_prefixes():
         if role and stem.startswith(prefix):
             return LoraKey(component, kohya_to_dotted(stem[len(prefix) :]), role, "kohya", True)
     return None
@@ -422,73 +418,6 @@ def _lora_modules(file: Path, header: dict[str, dict], fmt: str, saved: list[str
             alphas.append(g["alpha"][0])
     layout = next((x for x in ("attn-procs", "diffusers-script", "diffusers-peft", "peft", "kohya") if x in layouts), fmt)
     return _Parsed(modules, alphas, layout, saved_shapes)
-
-
-# ---------------------------------------------------------------------------------------------
-# architecture
-
-
-def arch_of_unet_config(cfg: dict) -> str:
-    """sdxl if the UNet takes text_time added conditions, sd2 if its cross-attention is 1024 wide, else sd1."""
-    if cfg.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    cross = cfg.get("cross_attention_dim")
-    cross = cross[-1] if isinstance(cross, (list, tuple)) else cross
-    return "sd2" if cross == 1024 else "sd1"
-
-
-def _arch_from_metadata(meta: dict[str, str], sidecar: dict) -> str | None:
-    spec = (meta.get("modelspec.architecture") or "").lower()
-    version = (meta.get("ss_base_model_version") or "").lower()
-    side = str(sidecar.get("sd version") or "").lower()
-    if spec.startswith("stable-diffusion-xl") or version.startswith("sdxl") or side == "sdxl":
-        return "sdxl"
-    if spec.startswith("stable-diffusion-v2") or version.startswith("sd_v2") or meta.get("ss_v2") == "True" or side == "sd2":
-        return "sd2"
-    if spec.startswith("stable-diffusion-v1") or version.startswith("sd_v1") or side == "sd1":
-        return "sd1"
-    return None
-
-
-def _arch_of_lora(mods: list[_Module], meta: dict[str, str], sidecar: dict) -> tuple[str | None, str | None]:
-    """(arch, evidence). Real checkpoints: SDXL has a second text encoder and several transformer
-    blocks per attention (SD 1.x/2.x exactly one); the cross-attention input width is 768 (SD 1.x),
-    1024 (SD 2.x) or 2048 (SDXL). Other widths (tiny test models) fall back to metadata, then sd1,
-    mirroring ``arch_of_unet_config``."""
-    if not mods:
-        return _arch_from_metadata(meta, sidecar), "metadata"
-    unet = [m for m in mods if m.component == "unet"]
-    if any(m.component == "text_encoder_2" for m in mods):
-        return "sdxl", "keys"
-    if any(int(k) >= 1 for m in unet for k in re.findall(r"transformer_blocks\.(\d+)", m.path)):
-        return "sdxl", "keys"
-    if any(m.path.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for m in unet):
-        return "sdxl", "keys"  # kohya names SGM blocks for SDXL only (SD 1.x/2.x files use diffusers names)
-    cross = {m.in_features for m in unet if re.search(r"attn2\.to_[kv]$", m.path)}
-    for width in cross:
-        if width in CROSS_DIM_ARCH:
-            return CROSS_DIM_ARCH[width], "shapes"
-    if meta_arch := _arch_from_metadata(meta, sidecar):
-        return meta_arch, "metadata"
-    te_width = {m.in_features for m in mods if m.component == "text_encoder" and m.path.endswith("q_proj")}
-    if 1024 in te_width:
-        return "sd2", "shapes"
-    return "sd1", "default"
-
-
-def _arch_of_checkpoint(header: dict[str, dict], meta: dict[str, str]) -> tuple[str | None, str | None]:
-    """Architecture of a full single-file checkpoint (original SGM/LDM key names or diffusers names)."""
-    keys = header.keys()
-    if any(k.startswith(("model.diffusion_model.label_emb", "conditioner.embedders.1", "add_embedding.")) for k in keys):
-        return "sdxl", "keys"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP text encoder
-        return "sd2", "keys"
-    for k, t in header.items():
-        if re.search(r"attn2\.to_k\.weight$", k) and len(t.get("shape", [])) == 2 and t["shape"][1] in CROSS_DIM_ARCH:
-            return CROSS_DIM_ARCH[t["shape"][1]], "shapes"
-    if meta_arch := _arch_from_metadata(meta, {}):
-        return meta_arch, "metadata"
-    return "sd1", "default"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +500,7 @@ def _inspect_lora(file: Path, header: dict[str, dict], meta: dict[str, str], fmt
     if not mods:
         raise UnknownLoraFormat(f"{file} has LoRA-like keys but no down/A matrices", "export the LoRA again with diffusers, PEFT or kohya")
     sidecar = _sidecar(file)
-    arch, arch_from = _arch_of_lora(mods, meta, sidecar)
+    arch, arch_from = families.of_lora(mods, meta, sidecar)
     info = SourceInfo(
         kind="lora", format=fmt, arch=arch, arch_from=arch_from, file=file, rank=max(m.rank for m in mods),
         alpha=_alpha(file, header, meta, parsed, peft_config), targets=sorted({module_type(m.path) for m in mods}),
@@ -587,9 +516,9 @@ def _inspect_lora(file: Path, header: dict[str, dict], meta: dict[str, str], fmt
 
 def _classify(header: dict[str, dict]) -> str | None:
     keys = list(header)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(tuple(p for p, _ in families.kohya_prefixes())) for k in keys):
         return "kohya"
-    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.", "cond_stage_model.")) for k in keys):
+    if any(k.startswith(families.checkpoint_prefixes()) for k in keys):
         return "single-file"
     if "conv_in.weight" in header and any(k.startswith("time_embedding.") for k in keys):
         return "diffusers-unet"
@@ -631,10 +560,10 @@ def _inspect_file(file: Path, checksum: bool) -> SourceInfo:
     elif kind in ("single-file", "diffusers-unet"):
         if kind == "diffusers-unet" and (file.parent / "config.json").is_file():
             return _inspect_model_folder(file.parent, checksum)
-        arch, arch_from = _arch_of_checkpoint(header, meta)
+        arch, arch_from = families.of_checkpoint(header, meta)
         info = SourceInfo(
             kind="model", format="single-file", arch=arch, arch_from=arch_from, file=file, metadata=meta,
-            unet_shapes=_checkpoint_shapes(header, "model.diffusion_model." if kind == "single-file" else ""),
+            unet_shapes=_checkpoint_shapes(header, families.get(arch).checkpoint_prefix if kind == "single-file" else ""),
             prediction_type=_prediction_type(meta),
         )  # fmt: skip
         info = _describe(info, meta, _sidecar(file))
@@ -660,10 +589,6 @@ def _read_json(path: Path, error: type[MixdiffError] = NoModelFound, hint: str =
     return data
 
 
-def _is_unet_config(cfg: dict) -> bool:
-    return cfg.get("_class_name") == "UNet2DConditionModel" or ("cross_attention_dim" in cfg and "block_out_channels" in cfg)
-
-
 def _weights_in(folder: Path, stem: str) -> Path:
     """``<stem>.safetensors`` (or its shard index / fp16 variant) in a diffusers model folder."""
     for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors"):
@@ -679,7 +604,7 @@ def _inspect_model_folder(folder: Path, checksum: bool) -> SourceInfo:
     """A diffusers pipeline folder (model_index.json + unet/) or a bare UNet folder (config.json)."""
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
     cfg = _read_json(unet_dir / "config.json")
-    if not _is_unet_config(cfg):
+    if not families.is_denoiser_config(cfg):
         raise NoModelFound(f"{unet_dir / 'config.json'} is not a UNet2DConditionModel config", "point at a Stable Diffusion pipeline or UNet folder")
     file = _weights_in(unet_dir, "diffusion_pytorch_model")
     meta = {}
@@ -688,7 +613,7 @@ def _inspect_model_folder(folder: Path, checksum: bool) -> SourceInfo:
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction = _read_json(scheduler).get("prediction_type", "epsilon") if unet_dir != folder and scheduler.is_file() else None
     info = SourceInfo(
-        kind="model", format="diffusers-model", arch=arch_of_unet_config(cfg), arch_from="config", file=file,
+        kind="model", format="diffusers-model", arch=families.of_config(cfg).name, arch_from="config", file=file,
         unet_config=cfg, metadata=meta, prediction_type=prediction,
     )  # fmt: skip
     if checksum:
@@ -701,7 +626,7 @@ def _inspect_folder(folder: Path, checksum: bool) -> SourceInfo:
         return _inspect_file(_weights_in(folder, "adapter_model"), checksum)
     if (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file():
         return _inspect_model_folder(folder, checksum)
-    if (folder / "config.json").is_file() and _is_unet_config(_read_json(folder / "config.json")):
+    if (folder / "config.json").is_file() and families.is_denoiser_config(_read_json(folder / "config.json")):
         return _inspect_model_folder(folder, checksum)
     if (folder / DIFFUSERS_LORA).is_file():
         return _inspect_file(folder / DIFFUSERS_LORA, checksum)
@@ -743,186 +668,7 @@ def inspect_source(path: str | Path, *, checksum: bool = True) -> SourceInfo:
 
 
 # ---------------------------------------------------------------------------------------------
-# fitting a base UNet
-
-
-def _per_block(value: Any, n: int) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * n
-
-
-_SGM_FIXED = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-              "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-              "out.0": "conv_norm_out", "out.2": "conv_out"}  # fmt: skip
-_SGM_RESNET = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-
-
-def _sgm_to_diffusers(path: str, cfg: dict) -> str | None:
-    """Original SGM/LDM UNet names (input_blocks.4.1...) -> diffusers names (down_blocks.1.attentions.0...)."""
-    for sgm, name in _SGM_FIXED.items():
-        if path == sgm or path.startswith(sgm + "."):
-            return name + path[len(sgm) :]
-    m = re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)(?:\.(\d+))?\.?(.*)$", path)
-    if not m:
-        return path
-    layers = _per_block(cfg.get("layers_per_block", 2), len(cfg["block_out_channels"]))
-    up_types = list(cfg.get("up_block_types", []))
-    where, n, sub, rest = m.group(1), int(m.group(2)), int(m.group(3) or 0), m.group(4)
-
-    def part(kind: str, j: int) -> str:
-        return f"resnets.{j}.{_SGM_RESNET.get(rest, rest)}" if kind == "resnets" else f"{kind}.{j}.{rest}"
-
-    if where == "middle_block":
-        return f"mid_block.{part(*[('resnets', 0), ('attentions', 0), ('resnets', 1)][n])}" if n < 3 else None
-    if where == "input_blocks":
-        n -= 1
-        for i, count in enumerate(layers):  # each down block: `count` resnet(+attention) entries, then a downsampler
-            if n == count:
-                return f"down_blocks.{i}.downsamplers.0.conv"
-            if n < count:
-                return f"down_blocks.{i}.{part('resnets' if sub == 0 else 'attentions', n)}"
-            n -= count + 1
-        return None
-    for i, count in enumerate(reversed(layers)):  # each up block: count + 1 entries, the last with the upsampler
-        if n <= count:
-            has_attn = i < len(up_types) and "CrossAttn" in up_types[i]
-            if sub == 0:
-                return f"up_blocks.{i}.{part('resnets', n)}"
-            if sub == 1 and has_attn:
-                return f"up_blocks.{i}.{part('attentions', n)}"
-            return f"up_blocks.{i}.upsamplers.0.conv"
-        n -= count + 1
-    return None
-
-
-def diffusers_to_sgm(path: str, cfg: dict) -> str:
-    """diffusers UNet module names -> original SGM/LDM names (the inverse of ``_sgm_to_diffusers``)."""
-    layers = _per_block(cfg.get("layers_per_block", 2), len(cfg["block_out_channels"]))
-    up_types = list(cfg.get("up_block_types", []))
-    for sgm, name in _SGM_FIXED.items():
-        if path == name or path.startswith(name + "."):
-            return sgm + path[len(name) :]
-    resnet = {v: k for k, v in _SGM_RESNET.items()} | {"norm1": "in_layers.0", "norm2": "out_layers.0"}
-
-    def inner(kind: str, rest: str) -> str:
-        if kind != "resnets":
-            return rest
-        head, _, tail = rest.partition(".")
-        return f"{resnet.get(head, head)}.{tail}" if tail else resnet.get(head, head)
-
-    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", path)
-    if m:
-        n = {"resnets": [0, 2], "attentions": [1]}[m.group(1)][int(m.group(2))]
-        return f"middle_block.{n}.{inner(m.group(1), m.group(3))}"
-    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$", path)
-    if not m:
-        return path
-    side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-    if side == "down":
-        base = 1 + sum(n + 1 for n in layers[:i])
-        if kind == "downsamplers":
-            return f"input_blocks.{base + layers[i]}.0.{rest.replace('conv', 'op', 1)}"
-        return f"input_blocks.{base + j}.{0 if kind == 'resnets' else 1}.{inner(kind, rest)}"
-    rlayers = list(reversed(layers))
-    base = sum(n + 1 for n in rlayers[:i])
-    if kind == "upsamplers":
-        has_attn = i < len(up_types) and "CrossAttn" in up_types[i]
-        return f"output_blocks.{base + rlayers[i]}.{2 if has_attn else 1}.{rest}"
-    return f"output_blocks.{base + j}.{0 if kind == 'resnets' else 1}.{inner(kind, rest)}"
-
-
-def _expected_shape(path: str, cfg: dict) -> tuple[int, int] | None:
-    """(in, out) features of a UNet module in a diffusers UNet2DConditionModel with config ``cfg``.
-
-    None: no Linear / Conv2d of that name in that UNet (LoRA targets nothing else).
-    """
-    ch = list(cfg["block_out_channels"])
-    nb = len(ch)
-    layers = _per_block(cfg.get("layers_per_block", 2), nb)
-    down_types = list(cfg.get("down_block_types", []))
-    up_types = list(cfg.get("up_block_types", []))
-    cross = _per_block(cfg.get("cross_attention_dim", 1280), nb)
-    tlayers = _per_block(cfg.get("transformer_layers_per_block", 1), nb)
-    rev_tlayers = cfg.get("reverse_transformer_layers_per_block")
-    rev_tlayers = [_per_block(x, 1)[0] if not isinstance(x, list) else max(x) for x in rev_tlayers] if rev_tlayers else list(reversed(tlayers))
-    tlayers = [max(x) if isinstance(x, (list, tuple)) else x for x in tlayers]
-    temb = cfg.get("time_embedding_dim") or ch[0] * 4
-    temb_out = temb * 2 if cfg.get("resnet_time_scale_shift") == "scale_shift" else temb
-
-    def attention(rest: str, c: int, x: int, n_transformers: int):
-        m = re.match(r"transformer_blocks\.(\d+)\.(.+)$", rest)
-        if m:
-            if int(m.group(1)) >= n_transformers:
-                return None
-            return {
-                "attn1.to_q": (c, c), "attn1.to_k": (c, c), "attn1.to_v": (c, c), "attn1.to_out.0": (c, c),
-                "attn2.to_q": (c, c), "attn2.to_k": (x, c), "attn2.to_v": (x, c), "attn2.to_out.0": (c, c),
-                "ff.net.0.proj": (c, 8 * c), "ff.net.2": (4 * c, c),
-            }.get(m.group(2))  # fmt: skip
-        return {"proj_in": (c, c), "proj_out": (c, c)}.get(rest)
-
-    def resnet(rest: str, cin: int, cout: int):
-        if rest == "conv_shortcut":
-            return (cin, cout) if cin != cout else None
-        return {"conv1": (cin, cout), "conv2": (cout, cout), "time_emb_proj": (temb, cout * (temb_out // temb))}.get(rest)
-
-    top = {"conv_in": (cfg.get("in_channels", 4), ch[0]), "conv_out": (ch[0], cfg.get("out_channels", 4)),
-           "time_embedding.linear_1": (ch[0], temb), "time_embedding.linear_2": (temb, temb)}  # fmt: skip
-    if path in top:
-        return top[path]
-    if path.startswith("add_embedding."):
-        if cfg.get("addition_embed_type") != "text_time":
-            return None
-        return {"linear_1": (cfg.get("projection_class_embeddings_input_dim"), temb), "linear_2": (temb, temb)}.get(path.split(".", 1)[1])
-    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$", path)
-    if m:
-        where, i, part, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-        if i >= nb:
-            return None
-        if where == "down_blocks":
-            c, cin = ch[i], ch[i - 1] if i > 0 else ch[0]
-            has_attn = "CrossAttn" in down_types[i] if i < len(down_types) else False
-            if part == "downsamplers":
-                return (c, c) if i < nb - 1 and j == 0 and rest == "conv" else None
-            if j >= layers[i]:
-                return None
-            if part == "attentions":
-                return attention(rest, c, cross[i], tlayers[i]) if has_attn else None
-            return resnet(rest, cin if j == 0 else c, c)
-        rch, rlayers, rcross = list(reversed(ch)), list(reversed(layers)), list(reversed(cross))
-        c, prev = rch[i], rch[i - 1] if i > 0 else rch[0]
-        skip_in = rch[min(i + 1, nb - 1)]
-        has_attn = "CrossAttn" in up_types[i] if i < len(up_types) else False
-        n_layers = rlayers[i] + 1
-        if part == "upsamplers":
-            return (c, c) if i < nb - 1 and j == 0 and rest == "conv" else None
-        if j >= n_layers:
-            return None
-        if part == "attentions":
-            return attention(rest, c, rcross[i], rev_tlayers[i]) if has_attn else None
-        skip = skip_in if j == n_layers - 1 else c
-        return resnet(rest, (prev if j == 0 else c) + skip, c)
-    m = re.match(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)$", path)
-    if m:
-        c = ch[-1]
-        if cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
-            return None
-        part, j, rest = m.group(1), int(m.group(2)), m.group(3)
-        if part == "attentions":
-            return attention(rest, c, cross[-1], tlayers[-1]) if j == 0 else None
-        return resnet(rest, c, c) if j < 2 else None
-    return None
-
-
-def _unet_fit(shapes: dict[str, tuple[int, int]], cfg: dict, noun: str) -> str | None:
-    """Why modules with these (in, out) shapes (SGM or diffusers names) do not all exist in a UNet, or None."""
-    for path, (fin, fout) in sorted(shapes.items()):
-        diffusers_path = _sgm_to_diffusers(path, cfg)
-        want = _expected_shape(diffusers_path, cfg) if diffusers_path else None
-        if want is None:
-            return f"{noun} module {path} does not exist in the base UNet"
-        if fin != want[0] or (fout and fout != want[1]):
-            return f"{noun} shapes ({path}: {fin}->{fout}) do not match the base UNet ({want[0]}->{want[1]})"
-    return None
+# fitting the base
 
 
 def _text_fit(shapes: dict[tuple[str, str], tuple[int, int]], encoders: dict[str, dict]) -> str | None:
@@ -942,20 +688,9 @@ def _text_fit(shapes: dict[tuple[str, str], tuple[int, int]], encoders: dict[str
 
 def _model_fit(info: SourceInfo, base: Geometry) -> str | None:
     """Why a full model cannot stand in for the base UNet: input channels, conditioning, shapes, prediction type."""
-    cfg, theirs = base.denoiser, info.unet_config
     if info.prediction_type and base.prediction_type and info.prediction_type != base.prediction_type:
         return f"model predicts {info.prediction_type}, the base predicts {base.prediction_type}"
-    conv_in = info.unet_shapes.get("input_blocks.0.0") or info.unet_shapes.get("conv_in")
-    channels = theirs.get("in_channels", 4) if theirs is not None else conv_in[0] if conv_in else None
-    if channels is not None and channels != cfg.get("in_channels", 4):
-        inpainting = " (an inpainting UNet)" if channels == 9 else ""
-        return f"model UNet takes {channels} input channels{inpainting}, the base UNet takes {cfg.get('in_channels', 4)}"
-    if theirs is None:
-        return _unet_fit(info.unet_shapes, cfg, "model")
-    for key in ("out_channels", "cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim"):
-        if theirs.get(key) != cfg.get(key):
-            return f"model UNet {key} is {theirs.get(key)}, the base UNet's is {cfg.get(key)}"
-    return None
+    return families.of_config(base.denoiser).model_fit(info.unet_config, info.unet_shapes, base.denoiser)
 
 
 def fits_base(info: SourceInfo, base: dict | Geometry) -> str | None:
@@ -965,13 +700,14 @@ def fits_base(info: SourceInfo, base: dict | Geometry) -> str | None:
     included when their configs are known; a full model must take the base's inputs and conditioning.
     """
     base = base if isinstance(base, Geometry) else Geometry(base)
-    arch = arch_of_unet_config(base.denoiser)
+    family = families.of_config(base.denoiser)
     noun = "LoRA" if info.kind == "lora" else "model"
-    if info.arch and info.arch_from != "default" and info.arch != arch:
-        return f"{noun} for {ARCH_LABELS[info.arch]}, base is {ARCH_LABELS[arch]}"
+    if info.arch and info.arch_from != "default" and info.arch != family.name:
+        return f"{noun} for {families.label(info.arch)}, base is {family.label}"
     if info.kind == "model":
         return _model_fit(info, base)
-    return _unet_fit({**info.unet_shapes, **info.saved_shapes}, base.denoiser, "LoRA") or _text_fit(info.text_shapes, base.text_encoders)
+    shapes = {**info.unet_shapes, **info.saved_shapes}
+    return family.denoiser_fit(shapes, base.denoiser, "LoRA") or _text_fit(info.text_shapes, base.text_encoders)
 
 
 def require_fit(info: SourceInfo, base: dict | Geometry) -> None:

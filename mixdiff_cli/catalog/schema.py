@@ -18,13 +18,13 @@ from typing import Any
 
 import yaml
 
+from mixdiff_cli import families
 from mixdiff_cli.core.errors import CatalogError, CatalogNotFound, ExpertNotFound, InvalidName, ReadOnlyCatalog
 
 CATALOG_NAME = "experts.yaml"
 SCHEMA_VERSION = 1
 KINDS = ("lora", "model")
 FORMATS = ("diffusers", "peft", "kohya", "diffusers-model", "single-file")
-ARCHS = ("sd1", "sd2", "sdxl")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # What `Catalog.hash` covers; router checkpoints record it (1: the base's source string and [name, sha256]).
 IDENTITY_VERSION = 2
@@ -212,10 +212,10 @@ def _spec(cls: type) -> dict[str, str | tuple[str, ...]]:
     specs: dict[type, dict[str, str | tuple[str, ...]]] = {
         Expert: {
             "name": _STR, "kind": KINDS, "source": _STR, "format": FORMATS, "sha256": _STR, "rank": _INT,
-            "alpha": _NUM, "arch": ARCHS, "description": _STR, "prompts": _STRLIST, "trigger": _STRLIST,
+            "alpha": _NUM, "arch": families.names(), "description": _STR, "prompts": _STRLIST, "trigger": _STRLIST,
             "default_weight": _NUM, "tags": _STRLIST, "title": _STR, "preview": _STR, "added": _STR, "band": _BAND,
         },
-        Base: {"source": _STR, "arch": ARCHS, "sha256": _STR, "guidance": _NUM},
+        Base: {"source": _STR, "arch": families.names(), "sha256": _STR, "guidance": _NUM},
     }
     return specs[cls]
 

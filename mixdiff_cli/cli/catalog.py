@@ -156,11 +156,12 @@ def list_experts(
     Example: mixdiff experts list --json
     Example: mixdiff experts list watercolor --tag style --arch sdxl --limit 20 --offset 20
     """
-    from mixdiff_cli.catalog.schema import ARCHS, FORMATS, find_catalog, load_catalog
+    from mixdiff_cli import families
+    from mixdiff_cli.catalog.schema import FORMATS, find_catalog, load_catalog
     from mixdiff_cli.experts.manage import ExpertQuery, expert_rows, select_experts
 
-    if arch is not None and arch not in ARCHS:
-        raise typer.BadParameter(f"{arch!r} is not one of {', '.join(ARCHS)}", param_hint="--arch")
+    if arch is not None and arch not in families.names():
+        raise typer.BadParameter(f"{arch!r} is not one of {', '.join(families.names())}", param_hint="--arch")
     if fmt is not None and fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
     if json_mode:

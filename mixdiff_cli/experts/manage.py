@@ -33,11 +33,11 @@ def _now() -> str:
 
 def base_arch(source_path: Path) -> str | None:
     """Architecture of a base model on disk (diffusers folder or single file), from configs/headers only."""
-    from mixdiff_cli.catalog.formats import arch_of_unet_config, inspect_source
+    from mixdiff_cli import families
+    from mixdiff_cli.catalog.formats import inspect_source
 
-    cfg = source_path / "unet" / "config.json"
-    if cfg.is_file():
-        return arch_of_unet_config(json.loads(cfg.read_text()))
+    if (source_path / "model_index.json").is_file() and (family := families.of_folder(source_path)) is not None:
+        return family.name
     return inspect_source(source_path, checksum=False).arch
 
 
@@ -106,7 +106,8 @@ class ExpertOptions:
 
 def inspect_candidate(cat: Catalog, source: str, options: ExpertOptions | None = None) -> Inspected:
     """Read headers, detect format/architecture, hash, check fit with the base. Writes nothing."""
-    from mixdiff_cli.catalog.formats import ARCH_LABELS, ArchitectureMismatch, fits_base, inspect_source
+    from mixdiff_cli import families
+    from mixdiff_cli.catalog.formats import ArchitectureMismatch, fits_base, inspect_source
 
     if sources.is_hub(source):
         local = sources.fetch(source)
@@ -126,7 +127,7 @@ def inspect_candidate(cat: Catalog, source: str, options: ExpertOptions | None =
             raise ArchitectureMismatch(reason, "add it to a catalog whose base has the same architecture")
     elif cat.base is not None and cat.base.arch and info.arch and info.arch != cat.base.arch:
         raise ArchitectureMismatch(
-            f"{info.kind} for {ARCH_LABELS[info.arch]}, base is {ARCH_LABELS[cat.base.arch]}",
+            f"{info.kind} for {families.label(info.arch)}, base is {families.label(cat.base.arch)}",
             "add it to a catalog whose base has the same architecture",
         )
 

@@ -36,12 +36,47 @@ class Family:
     modelspec_architecture: str = ""  # SAI model spec `modelspec.architecture` of this family's LoRAs
     kohya_base_version: str = ""  # kohya `ss_base_model_version`
     checkpoint_prefix: str = ""  # the denoiser's key prefix in an original single-file checkpoint
+    checkpoint_prefixes: tuple[str, ...] = ()  # key prefixes that mark an original single-file checkpoint
+    kohya_prefixes: tuple[tuple[str, str], ...] = ()  # kohya LoRA key prefix -> pipeline component
+    modelspec_prefix: str = "\0"  # how LoRA metadata names the family: SAI `modelspec.architecture` prefix,
+    kohya_prefix: str = "\0"  # kohya `ss_base_model_version` prefix
 
     # --- detection ------------------------------------------------------------------------------------
 
     def matches(self, pipeline: str, denoiser_config: Mapping[str, Any]) -> bool:
         """Whether a pipeline of class `pipeline` whose denoiser has `denoiser_config` is of this family."""
         return pipeline in self.pipelines
+
+    def claims_config(self, denoiser_config: Mapping[str, Any]) -> bool:
+        """Whether a denoiser with this config (no pipeline around it) is of this family."""
+        return False
+
+    def is_denoiser_config(self, config: Mapping[str, Any]) -> bool:
+        """Whether `config` is a config of this family's denoiser class."""
+        return False
+
+    def from_metadata(self, meta: Mapping[str, str], sidecar: Mapping[str, Any]) -> bool:
+        """Whether a file's metadata (safetensors header, A1111 sidecar) names this family."""
+        spec = (meta.get("modelspec.architecture") or "").lower()
+        version = (meta.get("ss_base_model_version") or "").lower()
+        return spec.startswith(self.modelspec_prefix) or version.startswith(self.kohya_prefix) or str(sidecar.get("sd version") or "").lower() == self.name
+
+    def lora_evidence(self, modules: Sequence[Any], meta: Mapping[str, str], sidecar: Mapping[str, Any]) -> int | None:
+        """How strongly a LoRA's modules (component, path, in/out features) say it is of this family: 0 its
+        keys, 1 its shapes, 2 its metadata, 3 weaker shapes; None: no sign."""
+        return 2 if self.from_metadata(meta, sidecar) else None
+
+    def checkpoint_evidence(self, header: Mapping[str, dict], meta: Mapping[str, str]) -> int | None:
+        """The same for a whole single-file checkpoint's header."""
+        return 2 if self.from_metadata(meta, {}) else None
+
+    def model_fit(self, theirs: Mapping[str, Any] | None, shapes: Mapping[str, tuple[int, int]], mine: Mapping[str, Any]) -> str | None:
+        """Why a whole-model expert (its denoiser config, else its module shapes) cannot stand in for the base's."""
+        return self.denoiser_mismatch(mine, theirs) if theirs is not None else self.denoiser_fit(shapes, mine, "model")
+
+    def denoiser_fit(self, shapes: Mapping[str, tuple[int, int]], config: Mapping[str, Any], noun: str) -> str | None:
+        """Why modules of these (in, out) shapes do not all exist in a denoiser with `config`, or None."""
+        return None
 
     # --- sizes ----------------------------------------------------------------------------------------
 

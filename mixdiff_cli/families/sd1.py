@@ -39,6 +39,7 @@ class SD1(UNetFamily):
     text_encoders = ("text_encoder",)
     context_dim = 768  # the UNet's cross-attention width, what tells SD 1.x from SD 2.x
     modelspec_architecture, kohya_base_version = "stable-diffusion-v1/lora", "sd_v1"
+    modelspec_prefix, kohya_prefix = "stable-diffusion-v1", "sd_v1"
     public = {
         # runwayml/stable-diffusion-v1-5
         "sd15": {
@@ -52,6 +53,11 @@ class SD1(UNetFamily):
 
     def matches(self, pipeline: str, denoiser_config: Mapping[str, Any]) -> bool:
         return pipeline in self.pipelines and denoiser_config.get("cross_attention_dim") != SD2.context_dim
+
+    def claims_config(self, denoiser_config: Mapping[str, Any]) -> bool:
+        cross = denoiser_config.get("cross_attention_dim")
+        cross = cross[-1] if isinstance(cross, (list, tuple)) else cross
+        return denoiser_config.get("addition_embed_type") != "text_time" and (cross == SD2.context_dim) == (self.context_dim == SD2.context_dim)
 
     def load_single_file(self, path: Path, dtype: Any) -> Any:
         from diffusers import StableDiffusionPipeline
@@ -82,6 +88,7 @@ class SD2(SD1):
     name, label = "sd2", "SD 2.x"
     context_dim = 1024  # OpenCLIP ViT-H
     modelspec_architecture, kohya_base_version = "stable-diffusion-v2-512/lora", "sd_v2"
+    modelspec_prefix, kohya_prefix = "stable-diffusion-v2", "sd_v2"
     public = {
         # stabilityai/stable-diffusion-2-1 (768-v: v-prediction)
         "sd21": {
@@ -97,6 +104,20 @@ class SD2(SD1):
 
     def matches(self, pipeline: str, denoiser_config: Mapping[str, Any]) -> bool:
         return pipeline in self.pipelines and denoiser_config.get("cross_attention_dim") == self.context_dim
+
+    def from_metadata(self, meta: Mapping[str, str], sidecar: Mapping[str, Any]) -> bool:
+        return super().from_metadata(meta, sidecar) or meta.get("ss_v2") == "True"
+
+    def lora_evidence(self, modules: Sequence[Any], meta: Mapping[str, str], sidecar: Mapping[str, Any]) -> int | None:
+        found = super().lora_evidence(modules, meta, sidecar)
+        if found is None and self.context_dim in {m.in_features for m in modules if m.component == "text_encoder" and m.path.endswith("q_proj")}:
+            return 3  # an OpenCLIP-H text encoder LoRA
+        return found
+
+    def checkpoint_evidence(self, header: Mapping[str, dict], meta: Mapping[str, str]) -> int | None:
+        if any(k.startswith("cond_stage_model.model.") for k in header):  # OpenCLIP text encoder
+            return 0
+        return super().checkpoint_evidence(header, meta)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ embeddings and size/crop micro-conditioning (`time_ids`) beside the cross-attent
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,28 @@ class SDXL(UNetFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     modelspec_architecture, kohya_base_version = "stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0"
+    modelspec_prefix, kohya_prefix = "stable-diffusion-xl", "sdxl"
+    kohya_prefixes = (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"))
+
+    def claims_config(self, denoiser_config: Mapping[str, Any]) -> bool:
+        return denoiser_config.get("addition_embed_type") == "text_time"
+
+    def lora_evidence(self, modules: Sequence[Any], meta: Mapping[str, str], sidecar: Mapping[str, Any]) -> int | None:
+        """Keys: a second text encoder, several transformer blocks per attention (SD 1.x/2.x have exactly
+        one), or SGM block names (kohya names them for SDXL only)."""
+        unet = [m for m in modules if m.component == "unet"]
+        if any(m.component == "text_encoder_2" for m in modules):
+            return 0
+        if any(int(k) >= 1 for m in unet for k in re.findall(r"transformer_blocks\.(\d+)", m.path)):
+            return 0
+        if any(m.path.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for m in unet):
+            return 0
+        return super().lora_evidence(modules, meta, sidecar)
+
+    def checkpoint_evidence(self, header: Mapping[str, dict], meta: Mapping[str, str]) -> int | None:
+        if any(k.startswith(("model.diffusion_model.label_emb", "conditioner.embedders.1", "add_embedding.")) for k in header):
+            return 0
+        return super().checkpoint_evidence(header, meta)
     public = {
         # stabilityai/stable-diffusion-xl-base-1.0
         "sdxl": {

@@ -3,7 +3,8 @@ whole-model experts, and the conditions on guidance."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,46 @@ class UNetFamily(Family):
 
     denoiser = "unet"
     checkpoint_prefix = "model.diffusion_model."  # CompVis/SGM layout
+    checkpoint_prefixes = ("model.diffusion_model.", "first_stage_model.", "conditioner.", "cond_stage_model.")
+    kohya_prefixes = (("lora_unet_", "unet"), ("lora_te_", "text_encoder"))
+
+    def is_denoiser_config(self, config: Mapping[str, Any]) -> bool:
+        return config.get("_class_name") == "UNet2DConditionModel" or ("cross_attention_dim" in config and "block_out_channels" in config)
+
+    def context_width(self) -> int:
+        """The cross-attention (text context) width of the family's real checkpoints."""
+        return next(iter(self.public.values()))["unet"]["cross_attention_dim"]
+
+    def lora_evidence(self, modules: Sequence[Any], meta: Mapping[str, str], sidecar: Mapping[str, Any]) -> int | None:
+        unet = [m for m in modules if m.component == "unet"]
+        if self.context_width() in {m.in_features for m in unet if re.search(r"attn2\.to_[kv]$", m.path)}:
+            return 1
+        return super().lora_evidence(modules, meta, sidecar)
+
+    def checkpoint_evidence(self, header: Mapping[str, dict], meta: Mapping[str, str]) -> int | None:
+        for k, t in header.items():
+            if re.search(r"attn2\.to_k\.weight$", k) and len(t.get("shape", [])) == 2 and t["shape"][1] == self.context_width():
+                return 1
+        return super().checkpoint_evidence(header, meta)
+
+    def model_fit(self, theirs: Mapping[str, Any] | None, shapes: Mapping[str, tuple[int, int]], mine: Mapping[str, Any]) -> str | None:
+        """Why a whole UNet (its config `theirs`, else its module shapes) cannot stand in for the base's (`mine`)."""
+        conv_in = shapes.get("input_blocks.0.0") or shapes.get("conv_in")
+        channels = theirs.get("in_channels", 4) if theirs is not None else conv_in[0] if conv_in else None
+        if channels is not None and channels != mine.get("in_channels", 4):
+            inpainting = " (an inpainting UNet)" if channels == 9 else ""
+            return f"model UNet takes {channels} input channels{inpainting}, the base UNet takes {mine.get('in_channels', 4)}"
+        if theirs is None:
+            return self.denoiser_fit(shapes, mine, "model")
+        for key in _SHARED[1:]:
+            if theirs.get(key) != mine.get(key):
+                return f"model UNet {key} is {theirs.get(key)}, the base UNet's is {mine.get(key)}"
+        return None
+
+    def denoiser_fit(self, shapes: Mapping[str, tuple[int, int]], config: Mapping[str, Any], noun: str) -> str | None:
+        from mixdiff_cli.families.unet_geometry import unet_fit
+
+        return unet_fit(dict(shapes), dict(config), noun)
 
     def split(self, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, Cond, dict[str, Any]]:
         if len(args) > len(_ARGS):
