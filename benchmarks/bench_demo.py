@@ -30,7 +30,8 @@ image.save(sys.argv[4])
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from mixdiff_cli.catalog.schema import load_catalog, packaged_catalog_path
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.catalog.schema import load_catalog
 
     cat_path = packaged_catalog_path()
     cat = load_catalog(cat_path)

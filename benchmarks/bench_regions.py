@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from mixdiff_cli.catalog.schema import packaged_catalog_path
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
     from mixdiff_cli.core.quiet import quiet_frameworks
     from mixdiff_cli.sampling.canvas import generate_canvas
     from mixdiff_cli.sampling.engine import Engine

@@ -146,7 +146,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mixdiff_cli.catalog.schema import load_catalog, packaged_catalog_path
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.sampling.engine import Engine
     from mixdiff_cli.evaluation.figures import contact_sheet
     from mixdiff_cli.core.quiet import quiet_frameworks

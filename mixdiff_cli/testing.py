@@ -691,7 +691,7 @@ def write_header_only(path: str | Path, tensors: Mapping[str, tuple[str, list[in
                       values: Mapping[str, bytes] | None = None) -> Path:
     """A valid safetensors file of ``{name: (dtype, shape)}`` whose data section is a sparse hole (zeros),
     except ``values`` (raw little-endian bytes of small tensors, e.g. alphas). Real-size files cost a header."""
-    from mixdiff_cli.catalog.formats import DTYPE_BITS
+    from mixdiff_cli.catalog.headers import DTYPE_BITS
 
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0

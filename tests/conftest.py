@@ -253,7 +253,7 @@ def packaged_files() -> dict[str, str]:
     """sha256 of every file under mixdiff_cli/data/, by path (a new file, such as a lock, shows too)."""
     import hashlib
 
-    from mixdiff_cli.catalog.schema import packaged_data_dir
+    from mixdiff_cli.catalog.discovery import packaged_data_dir
 
     root = packaged_data_dir()
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import textwrap
@@ -13,8 +12,10 @@ import pytest
 
 from conftest import packaged_files
 
-from mixdiff_cli.catalog import schema as catmod
-from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, find_catalog, load_catalog, save_catalog
+from mixdiff_cli.catalog import discovery as catmod
+from mixdiff_cli.catalog.discovery import find_catalog
+from mixdiff_cli.catalog.model import Base, Catalog, Expert
+from mixdiff_cli.catalog.schema import edit_catalog, load_catalog, save_catalog
 from mixdiff_cli.core.errors import CatalogError, CatalogNotFound, ExpertNotFound, MixdiffWarning, ReadOnlyCatalog
 
 

@@ -17,7 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from mixdiff_cli.cli import app
-from mixdiff_cli.catalog.schema import load_catalog, packaged_catalog_path, packaged_data_dir
+from mixdiff_cli.catalog.discovery import packaged_catalog_path
+from mixdiff_cli.catalog.schema import load_catalog
 
 runner = CliRunner()
 MIXDIFF = str(Path(sys.executable).with_name("mixdiff"))

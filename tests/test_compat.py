@@ -283,7 +283,7 @@ def test_header_validation_agrees_with_safetensors(tmp_path):
     """What we refuse, the safetensors parser refuses too; what it accepts (an empty tensor, padding), we accept."""
     from safetensors import SafetensorError, safe_open
 
-    from mixdiff_cli.catalog.formats import CorruptSafetensors, read_header
+    from mixdiff_cli.catalog.headers import CorruptSafetensors, read_header
 
     for case in RAW:
         (tmp_path / case).mkdir()
@@ -400,7 +400,7 @@ LABEL = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 def test_real_geometry_headers_detected_and_mismatches_refused(name, real_geometry, tmp_path):
     """Header-only SD 1.5 / 2.1 / SDXL files: the right architecture, rank and alpha by add-expert into a base
     folder of the public configs; refused, in one line, by the other two."""
-    from mixdiff_cli.catalog.formats import fits_base
+    from mixdiff_cli.catalog.fit import fits_base
     from mixdiff_cli.catalog.geometry import public_geometry
 
     arch = REAL[name]

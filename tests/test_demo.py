@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mixdiff_cli.catalog.schema import packaged_catalog_path
+from mixdiff_cli.catalog.discovery import packaged_catalog_path
 from mixdiff_cli.cli import app
 from mixdiff_cli.demo import data
 from mixdiff_cli.sampling.engine import Engine, Request

@@ -15,24 +15,10 @@ import pytest
 
 from mixdiff_cli import families
 from mixdiff_cli.core.errors import MixdiffError
-from mixdiff_cli.catalog.formats import (
-    AmbiguousSource,
-    ArchitectureMismatch,
-    BadSidecar,
-    CorruptSafetensors,
-    NoModelFound,
-    NotSafetensors,
-    PickleRefused,
-    SourceNotFound,
-    UnknownLoraFormat,
-    autov2,
-    fits_base,
-    inspect_source,
-    kohya_to_dotted,
-    module_type,
-    require_fit,
-    sha256_file,
-)
+from mixdiff_cli.catalog.fit import ArchitectureMismatch, fits_base, require_fit
+from mixdiff_cli.catalog.formats import AmbiguousSource, BadSidecar, inspect_source, NoModelFound, SourceNotFound
+from mixdiff_cli.catalog.headers import autov2, CorruptSafetensors, NotSafetensors, PickleRefused, sha256_file
+from mixdiff_cli.catalog.lora_keys import kohya_to_dotted, module_type, UnknownLoraFormat
 from mixdiff_cli.families.unet_geometry import diffusers_to_sgm
 
 ATTN = ["to_k", "to_out.0", "to_q", "to_v"]

@@ -12,8 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import packaged_files
-from mixdiff_cli.catalog import schema
-from mixdiff_cli.catalog.schema import load_catalog, packaged_catalog_path
+from mixdiff_cli.catalog import index, yamlload
+from mixdiff_cli.core.errors import CatalogError
+from mixdiff_cli.catalog.discovery import packaged_catalog_path
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.cli import app
 from mixdiff_cli.core import fsutil
 from mixdiff_cli.demo.library import build_library, concepts, write_lora
@@ -158,29 +160,29 @@ def test_a_200_expert_catalog_reads_from_its_index_and_writes_only_what_changed(
     init_catalog(catalog)
     result = import_library(catalog, [library_200 / "loras"])
     assert result.count("added") == 200 and len(catalog_writes) == 2  # init and the import
-    assert catalog.stat().st_size > schema.INDEX_MIN_BYTES
+    assert catalog.stat().st_size > index.INDEX_MIN_BYTES
 
-    schema._MEMO.clear()  # a new process: the index on disk, no YAML parsing
-    parse = schema._Loader.catalog
-    monkeypatch.setattr(schema._Loader, "catalog", lambda *a: pytest.fail("parsed the YAML"))
+    index._MEMO.clear()  # a new process: the index on disk, no YAML parsing
+    parse = yamlload._Loader.catalog
+    monkeypatch.setattr(yamlload._Loader, "catalog", lambda *a: pytest.fail("parsed the YAML"))
     cat = load_catalog(catalog)
     assert len(cat.experts) == 200 and cat.expert(cat.names[7]).tags
 
     dumped: list[str] = []
-    real_dump = schema._dump
-    monkeypatch.setattr(schema, "_dump", lambda data: dumped.append(data) or real_dump(data))
-    monkeypatch.setattr(schema._Loader, "catalog", parse)
+    real_dump = index._dump
+    monkeypatch.setattr(index, "_dump", lambda data: dumped.append(data) or real_dump(data))
+    monkeypatch.setattr(yamlload._Loader, "catalog", parse)
     extra = write_lora(tmp_path / "extra" / "one-more.safetensors", concepts(1, seed=99)[0])
     add_expert(catalog, str(extra))
     assert len(dumped) == 2  # the catalog's head and the new expert: the other 200 keep their text
-    schema._MEMO.clear()
-    monkeypatch.setattr(schema, "_index_path", lambda path: tmp_path / "no-index.json")  # parse the written text
+    index._MEMO.clear()
+    monkeypatch.setattr(index, "_index_path", lambda path: tmp_path / "no-index.json")  # parse the written text
     fresh = load_catalog(catalog)
     assert fresh.to_dict() == cat.to_dict() | {"experts": cat.to_dict()["experts"] + [fresh.experts[-1].to_dict()]}
 
     text = catalog.read_text()  # a hand edit the index has not seen: parsed again, strictly, with file:line
     catalog.write_text(text.replace("  kind: lora\n", "  kind: lora\n  colour: red\n", 1))
-    with pytest.raises(schema.CatalogError, match=r"experts.yaml:\d+: unknown key 'colour'"):
+    with pytest.raises(CatalogError, match=r"experts.yaml:\d+: unknown key 'colour'"):
         load_catalog(catalog)
 
 

@@ -219,7 +219,7 @@ def test_demo_canvas_each_half_routed_to_its_expert_and_passing_its_checker(tmp_
     bare base (tests/test_demo.py): at least 6 of 8 seeds. Measured 2026-11-29: 8/8 and 8/8."""
     import json
 
-    from mixdiff_cli.catalog.schema import packaged_catalog_path
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
     from mixdiff_cli.demo import data
 
     res = runner.invoke(app, ["generate", "-W", "128", "-r", f"0:0.5,0:1={LANDSCAPE[0]}", "-r", f"0.5:1,0:1={STRIPES[0]}",

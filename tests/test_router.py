@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 
 from mixdiff_cli.routing.route import Route, RouteSpecError, parse_member
 from mixdiff_cli.routing import router as R
-from mixdiff_cli.catalog.formats import sha256_file
+from mixdiff_cli.catalog.headers import sha256_file
 from mixdiff_cli.routing.checkpoint import read_checkpoint
 from mixdiff_cli.routing.encoders import WordsEncoder
 from mixdiff_cli.routing.errors import RouterError, StaleRouter
 from mixdiff_cli.routing.train import TrainConfig, train_router
-from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
+from mixdiff_cli.catalog.model import Base, Catalog, Expert
+from mixdiff_cli.catalog.schema import edit_catalog, load_catalog, save_catalog
 from mixdiff_cli.cli import app
 from mixdiff_cli.core.errors import ExpertNotFound, UsageError
 

@@ -22,7 +22,8 @@ from mixdiff_cli.routing.encoders import WORDS_DIM
 from mixdiff_cli.routing.errors import RouterError, StaleRouter
 from mixdiff_cli.routing.sync import drop_router_row, extend_router
 from mixdiff_cli.routing.train import TrainConfig, train_router
-from mixdiff_cli.catalog.schema import Base, Catalog, Expert, edit_catalog, load_catalog, save_catalog
+from mixdiff_cli.catalog.model import Base, Catalog, Expert
+from mixdiff_cli.catalog.schema import edit_catalog, load_catalog, save_catalog
 
 # Domain words (with synonyms) from the tiny fixture's one-token vocabulary where possible.
 DOMAINS: dict[str, list[str]] = {

@@ -30,7 +30,8 @@ OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 def complete_expert_names(incomplete: str) -> list[str]:
     """Shell completion: expert names from the discovered catalog (never raises)."""
     try:
-        from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+        from mixdiff_cli.catalog.discovery import find_catalog
+        from mixdiff_cli.catalog.schema import load_catalog
 
         cat = load_catalog(find_catalog(None))
         return [e.name for e in cat.experts if e.name.startswith(incomplete)]

@@ -64,7 +64,7 @@ def add_expert(
     Example: mixdiff add-expert my-style.safetensors --prompt "a watercolor harbour" --trigger wtrclr
     Example: mixdiff add-expert ~/stable-diffusion-webui/models/Lora --dry-run
     """
-    from mixdiff_cli.catalog.schema import find_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
     from mixdiff_cli.experts.library import is_library
 
     if kind is not None and kind not in ("lora", "model"):
@@ -157,7 +157,9 @@ def list_experts(
     Example: mixdiff experts list watercolor --tag style --arch sdxl --limit 20 --offset 20
     """
     from mixdiff_cli import families
-    from mixdiff_cli.catalog.schema import FORMATS, find_catalog, load_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
+    from mixdiff_cli.catalog.model import FORMATS
+    from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.experts.manage import ExpertQuery, expert_rows, select_experts
 
     if arch is not None and arch not in families.names():
@@ -185,7 +187,8 @@ def list_experts(
 
 def show(name: ExpertNameArg, catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None:
     """Show one expert's catalog entry."""
-    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
+    from mixdiff_cli.catalog.schema import load_catalog
 
     if json_mode:
         out.configure(json_mode=True)
@@ -196,7 +199,7 @@ def show(name: ExpertNameArg, catalog: CatalogOpt = None, json_mode: JsonOpt = F
 
 def remove(name: ExpertNameArg, catalog: CatalogOpt = None) -> None:
     """Remove an expert from the catalog (its files are kept)."""
-    from mixdiff_cli.catalog.schema import find_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
     from mixdiff_cli.experts.manage import remove_expert
 
     path = find_catalog(catalog, for_write=True)
@@ -210,7 +213,8 @@ def verify(
     json_mode: JsonOpt = False,
 ) -> None:
     """Check that every expert's files exist and match their sha256 (exit 1 on any mismatch)."""
-    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
+    from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.experts.manage import check_verified, verify_experts
 
     if json_mode:

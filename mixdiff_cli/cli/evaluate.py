@@ -71,7 +71,8 @@ def routing(
 
     Example: mixdiff evaluate routing --prompts heldout.jsonl --min-accuracy 0.8 -o eval/routing
     """
-    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
+    from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.evaluation.routing import RoutingSettings, evaluate_routing
     from mixdiff_cli.core.quiet import quiet_frameworks
 
@@ -124,7 +125,8 @@ def experts(
 
     Example: mixdiff evaluate experts --data stripes=heldout/stripes --data shapes=heldout/shapes --max-loss-ratio 0.95
     """
-    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
+    from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.evaluation.experts import ExpertsSettings, evaluate_experts
     from mixdiff_cli.evaluation.inputs import parse_data_specs
     from mixdiff_cli.evaluation.metrics import BASE_LABEL
@@ -202,7 +204,8 @@ def samples(
 
     Example: mixdiff evaluate samples --prompts prompts.txt --steps 25 --clip ./models/clip-vit-b32
     """
-    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
+    from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.evaluation.samples import evaluate_samples
     from mixdiff_cli.sampling.options import GenerationOptions
     from mixdiff_cli.core.quiet import quiet_frameworks

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
-        from mixdiff_cli.catalog.schema import find_catalog
+        from mixdiff_cli.catalog.discovery import find_catalog
         from mixdiff_cli.core.errors import CatalogNotFound
         from mixdiff_cli.training.config import FineTuneConfig, FineTuneJob, Registration
         from mixdiff_cli.training.finetune import fine_tune

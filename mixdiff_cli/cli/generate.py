@@ -108,7 +108,7 @@ def _catalog_for(catalog: Path | None, from_image: Path | None) -> Path:
     """--catalog, else $MIXDIFF_CATALOG, else (for --from) the catalog recorded in the image, else discovery."""
     import os
 
-    from mixdiff_cli.catalog.schema import find_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
 
     if catalog is None and from_image is not None and not os.environ.get("MIXDIFF_CATALOG"):
         from mixdiff_cli.sampling.pngmeta import read_record

@@ -47,7 +47,8 @@ def route(
     Example: mixdiff route "a watercolor fox" --top-k 2
     Example: mixdiff route "a red circle" --expert shapes:0.7 --expert stripes:0.3 --json
     """
-    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
+    from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.routing.router import load_router
 
     if json_mode:

@@ -35,7 +35,7 @@ def train(
 
     Example: mixdiff router train --prompts labeled.jsonl --hidden 64
     """
-    from mixdiff_cli.catalog.schema import find_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
     from mixdiff_cli.routing.train import TrainConfig, train_router
 
     if json_mode:
@@ -66,7 +66,8 @@ def show(catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None:
 
     Example: mixdiff router show
     """
-    from mixdiff_cli.catalog.schema import find_catalog, load_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
+    from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.routing.router import router_status
 
     if json_mode:

@@ -16,7 +16,7 @@ from mixdiff_cli.evaluation.metrics import BASE_LABEL, gates, loss_matrix_metric
 from mixdiff_cli.evaluation.report import EvaluateError, Report, report_header
 
 if TYPE_CHECKING:
-    from mixdiff_cli.catalog.schema import Catalog
+    from mixdiff_cli.catalog.model import Catalog
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from mixdiff_cli.core.errors import MixdiffError
 if TYPE_CHECKING:
     from PIL import Image
 
-    from mixdiff_cli.catalog.schema import Catalog
+    from mixdiff_cli.catalog.model import Catalog
 
 ReportKind = Literal["routing", "experts", "samples"]
 REPORT_FORMAT = "mixdiff-evaluate/1"

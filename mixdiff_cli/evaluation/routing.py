@@ -16,7 +16,7 @@ from mixdiff_cli.evaluation.report import EvaluateError, Report, report_header
 from mixdiff_cli.routing.labels import Labeled, check_labels, read_labeled
 
 if TYPE_CHECKING:
-    from mixdiff_cli.catalog.schema import Catalog
+    from mixdiff_cli.catalog.model import Catalog
 
 
 @dataclass(frozen=True)

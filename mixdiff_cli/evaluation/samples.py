@@ -20,7 +20,7 @@ from mixdiff_cli.evaluation.report import EvaluateError, Report, report_header
 if TYPE_CHECKING:
     from PIL import Image
 
-    from mixdiff_cli.catalog.schema import Catalog
+    from mixdiff_cli.catalog.model import Catalog
     from mixdiff_cli.sampling.options import GenerationOptions
 
 

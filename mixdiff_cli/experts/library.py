@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixdiff_cli.catalog import sources
-from mixdiff_cli.catalog.schema import Catalog, catalog_lock, check_writable, load_catalog, save_catalog, slugify
+from mixdiff_cli.catalog.discovery import check_writable
+from mixdiff_cli.catalog.model import Catalog, slugify
+from mixdiff_cli.catalog.schema import catalog_lock, load_catalog, save_catalog
 from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.experts.manage import ExpertOptions, Inspected, copy_into, inspect_candidate, router_after_change
 

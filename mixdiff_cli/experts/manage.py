@@ -11,19 +11,9 @@ from pathlib import Path
 
 from mixdiff_cli.catalog import sources
 from mixdiff_cli.catalog.geometry import Geometry, read_geometry
-from mixdiff_cli.catalog.schema import (
-    CATALOG_NAME,
-    Base,
-    Catalog,
-    Expert,
-    check_name,
-    edit_catalog,
-    load_catalog,
-    save_catalog,
-    catalog_lock,
-    check_writable,
-    slugify,
-)
+from mixdiff_cli.catalog.discovery import check_writable
+from mixdiff_cli.catalog.model import Base, Catalog, CATALOG_NAME, check_name, Expert, slugify
+from mixdiff_cli.catalog.schema import catalog_lock, edit_catalog, load_catalog, save_catalog
 from mixdiff_cli.core.errors import CatalogError, DuplicateExpert, MixdiffError, MixdiffWarning, UsageError, VerifyFailed
 
 
@@ -55,7 +45,7 @@ def base_geometry(cat: Catalog) -> Geometry | None:
 
 def init_catalog(path: str | Path | None = None, base: str | None = None, *, force: bool = False) -> Catalog:
     """Create a catalog file (refuses to overwrite one unless `force`)."""
-    from mixdiff_cli.catalog.schema import find_catalog
+    from mixdiff_cli.catalog.discovery import find_catalog
 
     path = find_catalog(path, must_exist=False)
     if path.is_dir():
@@ -107,7 +97,8 @@ class ExpertOptions:
 def inspect_candidate(cat: Catalog, source: str, options: ExpertOptions | None = None) -> Inspected:
     """Read headers, detect format/architecture, hash, check fit with the base. Writes nothing."""
     from mixdiff_cli import families
-    from mixdiff_cli.catalog.formats import ArchitectureMismatch, fits_base, inspect_source
+    from mixdiff_cli.catalog.fit import ArchitectureMismatch, fits_base
+    from mixdiff_cli.catalog.formats import inspect_source
 
     if sources.is_hub(source):
         local = sources.fetch(source)
@@ -279,7 +270,7 @@ def expert_file(cat: Catalog, expert: Expert) -> Path:
 
 def verify_experts(cat: Catalog, names: list[str] | None = None) -> list[VerifyResult]:
     """Check every expert's files exist and their sha256 matches the catalog."""
-    from mixdiff_cli.catalog.formats import sha256_file
+    from mixdiff_cli.catalog.headers import sha256_file
 
     results = []
     for expert in [cat.expert(n) for n in names] if names else cat.experts:

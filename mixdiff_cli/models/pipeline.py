@@ -14,7 +14,7 @@ from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.families.base import Family, read_folder
 
 if TYPE_CHECKING:
-    from mixdiff_cli.catalog.schema import Catalog
+    from mixdiff_cli.catalog.model import Catalog
 
 
 class BaseModelError(MixdiffError):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mixdiff_cli.catalog.schema import IDENTITY_VERSION, Catalog, identity_hash
+from mixdiff_cli.catalog.model import Catalog, identity_hash, IDENTITY_VERSION
 from mixdiff_cli.routing.errors import RouterError
 from mixdiff_cli.routing.gate import Gate
 

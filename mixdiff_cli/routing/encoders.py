@@ -18,7 +18,7 @@ from mixdiff_cli.routing.errors import EncoderUnavailable, RouteOptionError
 if TYPE_CHECKING:
     import torch
 
-    from mixdiff_cli.catalog.schema import Catalog
+    from mixdiff_cli.catalog.model import Catalog
 
 EncoderId = Literal["base", "minilm", "words"]
 ENCODERS: tuple[str, ...] = get_args(EncoderId)

@@ -22,7 +22,7 @@ from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.core.jsonl import iter_jsonl, read_utf8
 
 if TYPE_CHECKING:
-    from mixdiff_cli.catalog.schema import Expert
+    from mixdiff_cli.catalog.model import Expert
 
 COLUMNS = ("prompt", "expert")
 TEXTS_VERSION = 2  # what `expert_texts` returns for the same fields; a change invalidates cached prototypes

@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from mixdiff_cli.catalog.formats import sha256_file
-from mixdiff_cli.catalog.schema import Catalog, Expert, is_packaged, load_catalog, user_data_dir
+from mixdiff_cli.catalog.headers import sha256_file
+from mixdiff_cli.catalog.discovery import is_packaged, user_data_dir
+from mixdiff_cli.catalog.model import Catalog
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.routing.checkpoint import FORMAT_VERSION, for_catalog, read_checkpoint, save_checkpoint, stale_reason
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mixdiff_cli.catalog.schema import Catalog, load_catalog
+from mixdiff_cli.catalog.model import Catalog
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.fsutil import file_lock
 from mixdiff_cli.routing.checkpoint import Checkpoint, fits, identities, read_checkpoint, recorded, restamp, save_checkpoint, stale_reason
 from mixdiff_cli.routing.encoders import get_encoder

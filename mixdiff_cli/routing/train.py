@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixdiff_cli.catalog.schema import Catalog, load_catalog
+from mixdiff_cli.catalog.model import Catalog
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.routing.checkpoint import ROUTER_FILE, Checkpoint, for_catalog, save_checkpoint
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
@@ -217,7 +218,7 @@ def train_router(
     accuracy, save the checkpoint atomically and point the catalog's `router:` at it."""
     import torch
 
-    from mixdiff_cli.catalog.schema import check_writable
+    from mixdiff_cli.catalog.discovery import check_writable
 
     check_writable(catalog_path, output)  # before training: the packaged demo is read-only
     config = config or TrainConfig()

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixdiff_cli.catalog.schema import Catalog, load_catalog
+from mixdiff_cli.catalog.model import Catalog
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import ExpertNotFound, MixdiffError, UsageError
-from mixdiff_cli.catalog.formats import sha256_file as file_sha256
+from mixdiff_cli.catalog.headers import sha256_file as file_sha256
 from mixdiff_cli.routing.route import catalog_bands, check_known, explicit_route, parse_members, spread_bands
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions
 from mixdiff_cli.sampling.prompts import PromptFileError, PromptItem, parse_prompts

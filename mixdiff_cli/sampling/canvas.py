@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mixdiff_cli.catalog.schema import Catalog, load_catalog
+from mixdiff_cli.catalog.model import Catalog
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import MixdiffWarning
 from mixdiff_cli.core.fsutil import writable_dir
 from mixdiff_cli.routing.route import check_known, parse_members

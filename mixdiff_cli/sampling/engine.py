@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mixdiff_cli.catalog.schema import Catalog, load_catalog
+from mixdiff_cli.catalog.model import Catalog
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import UsageError
 from mixdiff_cli.core.runtime import pick_device, pick_dtype, versions
 from mixdiff_cli.sampling.options import BLEND_MODES, MAX_SEED, SCHEDULERS, BlendMode, check_image
-from mixdiff_cli.catalog.formats import sha256_file as file_sha256
+from mixdiff_cli.catalog.headers import sha256_file as file_sha256
 from mixdiff_cli.sampling.fusion import Fusion
 from mixdiff_cli.sampling.loaders import Loaders
 from mixdiff_cli.sampling.planning import Planning

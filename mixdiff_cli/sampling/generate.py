@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixdiff_cli.catalog.schema import Catalog, load_catalog
+from mixdiff_cli.catalog.model import Catalog
+from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import UsageError
 from mixdiff_cli.routing.route import Member, Route, catalog_bands, check_known, explicit_route, parse_members, spread_bands
 from mixdiff_cli.sampling.engine import Engine, Request, RouteInfo

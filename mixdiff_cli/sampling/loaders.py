@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.catalog import sources
-from mixdiff_cli.catalog.schema import Expert
+from mixdiff_cli.catalog.model import Expert
 from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.sampling.requests import ExpertLoadError, _Loaded
 from mixdiff_cli.sampling.residency import _nbytes

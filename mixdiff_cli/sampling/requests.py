@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from mixdiff_cli.catalog.schema import Expert
+from mixdiff_cli.catalog.model import Expert
 from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.routing.route import Band
 from mixdiff_cli.sampling.options import BlendMode, SchedulerName

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.catalog import sources
-from mixdiff_cli.catalog.schema import Expert
+from mixdiff_cli.catalog.model import Expert
 from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.sampling.requests import _Loaded
 
@@ -73,7 +73,7 @@ class Residency:
         0 when unknown (the real size is checked after the load)."""
         import math
 
-        from mixdiff_cli.catalog.formats import read_header
+        from mixdiff_cli.catalog.headers import read_header
 
         if expert.name in self._parked:
             return _module_nbytes(self._parked[expert.name])

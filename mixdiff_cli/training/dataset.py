@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.core.jsonl import iter_jsonl
-from mixdiff_cli.catalog.formats import sha256_file
+from mixdiff_cli.catalog.headers import sha256_file
 
 if TYPE_CHECKING:
     import torch

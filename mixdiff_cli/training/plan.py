@@ -15,7 +15,7 @@ from mixdiff_cli.training.dataset import Dataset, scan_dataset
 from mixdiff_cli.training.resume import CheckpointError, checkpoint_dirs, find_checkpoint, load_state
 
 if TYPE_CHECKING:
-    from mixdiff_cli.catalog.schema import Catalog
+    from mixdiff_cli.catalog.model import Catalog
 
 
 def _split(ds: Dataset, fraction: float) -> tuple[list, list]:
@@ -72,7 +72,7 @@ def _check_same_base(cat: Catalog, base: str | Path, base_path: Path) -> None:
 
 def _files(job: FineTuneJob, root: Path) -> tuple[Path, Path]:
     """(the LoRA file, the checkpoint folder), checked: writable, a new .safetensors file."""
-    from mixdiff_cli.catalog.schema import check_writable
+    from mixdiff_cli.catalog.discovery import check_writable
 
     output = Path(job.output).expanduser() if job.output is not None else root / "experts" / f"{job.name}.safetensors"
     output_dir = Path(job.output_dir).expanduser() if job.output_dir is not None else root / "runs" / job.name
@@ -86,7 +86,9 @@ def _files(job: FineTuneJob, root: Path) -> tuple[Path, Path]:
 
 def make_plan(job: FineTuneJob) -> Plan:
     """Check every input of `job` and decide the base, the files, the checkpoint to resume, the seed and the split."""
-    from mixdiff_cli.catalog.schema import check_name, check_writable, is_packaged, load_catalog
+    from mixdiff_cli.catalog.discovery import check_writable, is_packaged
+    from mixdiff_cli.catalog.model import check_name
+    from mixdiff_cli.catalog.schema import load_catalog
 
     if job.stop_after is not None and job.stop_after < 1:
         raise InvalidConfig("stop-after must be at least 1", "pass the number of steps to run before stopping")
