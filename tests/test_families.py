@@ -30,6 +30,7 @@ class ToyFamily(Family):
     denoiser = "unet"
     text_encoders = ("text_encoder",)
     calls = 0  # denoiser calls through this family's wrapper
+    encodes = 0  # text-encoder passes through this family
 
     def load(self, path: Path, **kwargs):
         from diffusers import StableDiffusionPipeline
@@ -38,6 +39,7 @@ class ToyFamily(Family):
         return toy.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
 
     def encode(self, pipe, texts, device):
+        type(self).encodes += 1
         embeds, _ = pipe.encode_prompt(texts, device, 1, False)  # (N, L, D)
         return {"prompt_embeds": embeds}, embeds.mean(1)
 
@@ -88,10 +90,12 @@ def test_a_family_registered_in_a_test_file_routes_and_generates(toy, tmp_path):
     from mixdiff_cli.catalog.schema import load_catalog
 
     assert load_catalog(toy.catalog).base.arch == "toy"  # detected from the folder by the family itself
+    ToyFamily.encodes = 0
     res = runner.invoke(app, ["route", "pixel art of a house", "--catalog", str(toy.catalog), "--json"])
     assert res.exit_code == 0, res.output
-    decision = json.loads(res.stdout)
-    assert decision["chosen"][0][0] == "pixel"
+    assert ToyFamily.encodes >= 1  # the router read the toy family's own prompt vector
+    decision = json.loads(res.stdout)[0]
+    assert [c["expert"] for c in decision["chosen"]] == ["pixel"]
 
     ToyFamily.calls = 0
     out = tmp_path / "out"
