@@ -61,7 +61,7 @@ def with_output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         configure_output(json_mode, quiet)
         return fn(*args, **kwargs)
 
-    signature = inspect.signature(fn)
+    signature = inspect.signature(fn, eval_str=True)  # typer reads a set __signature__ as it is
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=hint)
              for name, hint in (("json_mode", JsonOpt), ("quiet", QuietOpt))]
     wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
