@@ -72,13 +72,13 @@ def plain_diffusers(base: Path, lora: Path, texts: list[str], out: Path, steps: 
 
 
 def mixdiff_batch(catalog: Path, prompt_file: Path, out: Path, steps: int, batch_size: int, seed: int, engine, exact: bool):
-    from mixdiff_cli.sampling.batch import run_batch
+    from mixdiff_cli.sampling.batch import BatchSettings, run_batch
     from mixdiff_cli.sampling.options import GenerationOptions
 
     def run() -> tuple[float, float]:
         shutil.rmtree(out, ignore_errors=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        result = run_batch(catalog, prompt_file, out, GenerationOptions(batch_size=batch_size, seed=seed, steps=steps), engine=engine, exact=exact)
+        result = run_batch(catalog, prompt_file, out, GenerationOptions(batch_size=batch_size, seed=seed, steps=steps), BatchSettings(exact=exact), engine=engine)
         assert result.written == len(prompts()) and result.exit_code == 0
         return time.perf_counter() - t0, time.process_time() - c0
 

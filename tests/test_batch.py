@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mixdiff_cli.sampling.batch import BatchError, read_manifest, run_batch
+from mixdiff_cli.sampling.batch import BatchSettings, run_batch
+from mixdiff_cli.sampling.manifest import BatchError, read_manifest
 from mixdiff_cli.sampling.invariant import batch_invariant
 from mixdiff_cli.sampling.options import GenerationOptions
 from mixdiff_cli.core.errors import OutputError
@@ -187,7 +188,7 @@ def test_killed_batch_resumes_to_the_same_images(batch_catalog, tmp_path, sig):
     partial = manifest(out)  # parses: no torn line survives
     assert 2 <= len(partial) < 9
     for record in partial.values():  # every recorded image is complete and verifies
-        from mixdiff_cli.sampling.batch import file_sha256
+        from mixdiff_cli.sampling.manifest import file_sha256
 
         assert file_sha256(out / record["path"]) == record["sha256"]
     if sig == signal.SIGTERM:
@@ -196,7 +197,7 @@ def test_killed_batch_resumes_to_the_same_images(batch_catalog, tmp_path, sig):
 
     with pytest.raises(BatchError, match="--resume"):
         run_batch(batch_catalog, prompts, out, GenerationOptions(**options))  # refuses to mix runs without --resume
-    resumed = run_batch(batch_catalog, prompts, out, GenerationOptions(**options), resume=True)
+    resumed = run_batch(batch_catalog, prompts, out, GenerationOptions(**options), BatchSettings(resume=True))
     assert resumed.skipped == len(partial) and resumed.written == 9 - len(partial) and resumed.exit_code == 0
     final, reference = manifest(out), manifest(tmp_path / "ref")
     assert final.keys() == reference.keys()
@@ -213,11 +214,11 @@ def test_resume_regenerates_only_missing_or_corrupt_images(batch_catalog, tmp_pa
     victim, gone = list(records.values())[:2]
     (out / victim["path"]).write_bytes(b"not a png")  # fails sha256 verification
     (out / gone["path"]).unlink()
-    again = run_batch(batch_catalog, prompts, out, GenerationOptions(batch_size=2, steps=STEPS), engine=engine, resume=True)
+    again = run_batch(batch_catalog, prompts, out, GenerationOptions(batch_size=2, steps=STEPS), BatchSettings(resume=True), engine=engine)
     assert (first.written, again.skipped, again.written) == (4, 2, 2)
     assert again.base_seed == 1  # reused from the manifest: the rebuilt images match the others
     assert {k: r["sha256"] for k, r in manifest(out).items()} == {k: r["sha256"] for k, r in records.items()}
-    changed = run_batch(batch_catalog, prompts, out, GenerationOptions(batch_size=2, steps=STEPS + 1), engine=engine, resume=True)
+    changed = run_batch(batch_catalog, prompts, out, GenerationOptions(batch_size=2, steps=STEPS + 1), BatchSettings(resume=True), engine=engine)
     assert changed.written == 4 and changed.skipped == 0  # other settings: not the same images
     assert all(r["steps"] == STEPS + 1 for r in manifest(out).values())
 
@@ -272,7 +273,7 @@ def test_unknown_expert_in_a_line_names_the_line(batch_catalog, tmp_path):
 def test_keep_going_skips_bad_lines_and_exits_1(batch_catalog, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog --w 13\na green tree --expert nobody\na red star\n")
-    result = run_batch(batch_catalog, prompts, tmp_path / "out", GenerationOptions(steps=STEPS, device="cpu", seed=0), keep_going=True)
+    result = run_batch(batch_catalog, prompts, tmp_path / "out", GenerationOptions(steps=STEPS, device="cpu", seed=0), BatchSettings(keep_going=True))
     assert (result.total, result.written, result.failed, result.exit_code) == (4, 2, 2, 1)
     assert [e.split(": ", 1)[0] for e in result.errors] == [f"{prompts}:2", f"{prompts}:3"]
     assert sorted(r["prompt"] for r in manifest(tmp_path / "out").values()) == ["a red cat", "a red star"]
@@ -341,7 +342,7 @@ def test_cli_generate_prompts_exit_codes(batch_catalog, tmp_path):
 
 
 def test_manifest_parts_merge_and_torn_lines(tmp_path):
-    from mixdiff_cli.sampling.batch import ManifestError, merge_manifest
+    from mixdiff_cli.sampling.manifest import ManifestError, merge_manifest
 
     def line(i, sha="x"):
         return json.dumps({"id": f"{i:05d}-aaaa", "index": i, "sha256": sha}) + "\n"
@@ -354,7 +355,7 @@ def test_manifest_parts_merge_and_torn_lines(tmp_path):
     assert [r["index"] for r in records] == [0, 1, 2, 4]  # one line per id, in item order
     assert records[2]["sha256"] == "new"  # the later line wins
     assert not list(tmp_path.glob("manifest.part*"))
-    from mixdiff_cli.sampling.batch import _Appender
+    from mixdiff_cli.sampling.manifest import Appender as _Appender
 
     torn = tmp_path / "torn.jsonl"
     torn.write_text(line(0) + '{"id": "00001-')

@@ -8,6 +8,7 @@ import typer
 
 from mixdiff_cli import __version__
 from mixdiff_cli.cli import catalog, evaluate, finetune, generate, route, router
+from mixdiff_cli.cli._common import JsonOpt, QuietOpt
 from mixdiff_cli.cli._output import out
 
 app = typer.Typer(
@@ -28,8 +29,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    json_mode: Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only results.")] = False,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,

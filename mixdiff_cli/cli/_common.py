@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from mixdiff_cli.cli._output import out
 
 CatalogOpt = Annotated[
     Optional[Path],
@@ -18,6 +23,7 @@ CatalogOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: random, recorded in outputs).")]
 StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: cuda when present).")]
@@ -40,3 +46,25 @@ def complete_expert_names(incomplete: str) -> list[str]:
 
 
 ExpertNameArg = Annotated[str, typer.Argument(help="Expert name.", autocompletion=complete_expert_names)]
+
+
+def configure_output(json_mode: bool, quiet: bool) -> None:
+    """A command's --json / --quiet: set the output sink's mode, over the root's (`mixdiff --json CMD`)."""
+    if json_mode or quiet:
+        out.configure(json_mode=json_mode or out.json, quiet=quiet)
+
+
+def with_output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` as a command that also takes --json and --quiet, so `mixdiff CMD --json` = `mixdiff --json CMD`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, json_mode: bool = False, quiet: bool = False, **kwargs: Any) -> Any:
+        configure_output(json_mode, quiet)
+        return fn(*args, **kwargs)
+
+    signature = inspect.signature(fn, eval_str=True)  # typer reads a set __signature__ as it is
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=hint)
+             for name, hint in (("json_mode", JsonOpt), ("quiet", QuietOpt))]
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**fn.__annotations__, "json_mode": JsonOpt, "quiet": QuietOpt}
+    return wrapper

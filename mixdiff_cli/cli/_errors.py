@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from mixdiff_cli.core.errors import MixdiffError, MixdiffWarning
+from mixdiff_cli.cli._common import with_output_options
 from mixdiff_cli.cli._output import out
 
 
@@ -67,10 +68,10 @@ def _run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def command(app: typer.Typer, name: str | None = None, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """`@command(app, "name")`: register a Typer command whose errors go through `handled`."""
+    """`@command(app, "name")`: register a Typer command that takes --json / --quiet and whose errors go through `handled`."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        app.command(name, **kwargs)(handled(fn))
+        app.command(name, **kwargs)(with_output_options(handled(fn)))
         return fn
 
     return decorate

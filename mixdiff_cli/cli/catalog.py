@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from mixdiff_cli.cli._common import CatalogOpt, ExpertNameArg, JsonOpt
+from mixdiff_cli.cli._common import CatalogOpt, ExpertNameArg
 from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
 
@@ -57,7 +57,6 @@ def add_expert(
     tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Tag (repeatable; for a folder, on every expert it adds).")] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy the files into experts/ beside the catalog.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Inspect and hash, show what would be added; write nothing.")] = False,
-    json_mode: JsonOpt = False,
 ) -> None:
     """Inspect LoRAs or models and add them to the catalog: one file, or a whole folder in one write.
 
@@ -69,14 +68,12 @@ def add_expert(
 
     if kind is not None and kind not in ("lora", "model"):
         raise typer.BadParameter(f"{kind!r} is not lora or model", param_hint="--kind")
-    if json_mode:
-        out.configure(json_mode=True)
     path = find_catalog(catalog, for_write=True)
     if not dry_run and not is_library(source):
-        from mixdiff_cli.experts.manage import add_expert as add
+        from mixdiff_cli.experts.manage import ExpertOptions, add_expert as add
 
-        exp = add(path, source[0], name=name, kind=kind, prompts=prompt, trigger=trigger, description=description,
-                  weight=weight, tags=tag, copy=copy)
+        options = ExpertOptions(name=name, kind=kind, prompts=prompt, trigger=trigger, description=description, weight=weight, tags=tag)
+        exp = add(path, source[0], options, copy=copy)
         arch = f", {exp.arch}" if exp.arch else ""
         out.result(f"added {exp.name} ({exp.kind}, {exp.format}{arch}, rank {exp.rank}, {exp.short_hash}) to {path}", exp.to_dict())
         return
@@ -149,7 +146,6 @@ def list_experts(
     fmt: Annotated[Optional[str], typer.Option("--format", help="Only this format: diffusers, peft, kohya, diffusers-model, single-file.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=0, help="Show at most this many (default 50, --json all; 0: all).")] = None,
     offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many first (paging).")] = 0,
-    json_mode: JsonOpt = False,
 ) -> None:
     """List the catalog's experts, filtered and paged.
 
@@ -166,8 +162,6 @@ def list_experts(
         raise typer.BadParameter(f"{arch!r} is not one of {', '.join(families.names())}", param_hint="--arch")
     if fmt is not None and fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
-    if json_mode:
-        out.configure(json_mode=True)
     cat = load_catalog(find_catalog(catalog))
     query = ExpertQuery(search=search, tags=tag, arch=arch, format=fmt)
     found = select_experts(cat, query) if any((search, tag, arch, fmt)) else cat.experts
@@ -185,13 +179,11 @@ def list_experts(
         out.hint(f"none of the {len(cat.experts)} experts match")
 
 
-def show(name: ExpertNameArg, catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None:
+def show(name: ExpertNameArg, catalog: CatalogOpt = None) -> None:
     """Show one expert's catalog entry."""
     from mixdiff_cli.catalog.discovery import find_catalog
     from mixdiff_cli.catalog.schema import load_catalog
 
-    if json_mode:
-        out.configure(json_mode=True)
     cat = load_catalog(find_catalog(catalog))
     exp = cat.expert(name)
     out.data({**exp.to_dict(), "autov2": exp.short_hash, "path": str(cat.resolve(exp.source)) if not exp.source.startswith("hf://") else exp.source})
@@ -210,15 +202,12 @@ def remove(name: ExpertNameArg, catalog: CatalogOpt = None) -> None:
 def verify(
     names: Annotated[Optional[list[str]], typer.Argument(help="Experts to check (default: all).", show_default=False)] = None,
     catalog: CatalogOpt = None,
-    json_mode: JsonOpt = False,
 ) -> None:
     """Check that every expert's files exist and match their sha256 (exit 1 on any mismatch)."""
     from mixdiff_cli.catalog.discovery import find_catalog
     from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.experts.manage import check_verified, verify_experts
 
-    if json_mode:
-        out.configure(json_mode=True)
     results = verify_experts(load_catalog(find_catalog(catalog)), names)
     out.table([r.to_dict() for r in results], ["name", "status", "detail"])
     check_verified(results)

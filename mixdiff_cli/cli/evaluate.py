@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, DtypeOpt, JsonOpt, StepsOpt
+from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, DtypeOpt, StepsOpt
 from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
+from mixdiff_cli.sampling.options import BlendMode
 
 if TYPE_CHECKING:
     from mixdiff_cli.evaluation.report import Report
@@ -65,7 +66,6 @@ def routing(
     bins: Annotated[int, typer.Option("--bins", min=1, help="Confidence bins of the reliability table.")] = 5,
     min_accuracy: Annotated[Optional[float], typer.Option("--min-accuracy", help="Exit 1 when top-1 accuracy is below this (0-1).")] = None,
     device: DeviceOpt = None,
-    json_mode: JsonOpt = False,
 ) -> None:
     """Routing accuracy on labelled prompts: top-1/top-k, precision/recall, confusion, usage, calibration.
 
@@ -76,8 +76,6 @@ def routing(
     from mixdiff_cli.evaluation.routing import RoutingSettings, evaluate_routing
     from mixdiff_cli.core.quiet import quiet_frameworks
 
-    if json_mode:
-        out.configure(json_mode=True)
     with quiet_frameworks():
         report = evaluate_routing(
             load_catalog(find_catalog(catalog)), prompts,
@@ -117,7 +115,6 @@ def experts(
     max_loss_ratio: Annotated[Optional[float], typer.Option("--max-loss-ratio", help="Exit 1 unless every expert's loss on its own domain is at most this times the base's.")] = None,
     device: DeviceOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
-    json_mode: JsonOpt = False,
 ) -> None:
     """Held-out denoising loss of the base and each expert on each domain: does each expert specialise?
 
@@ -132,8 +129,6 @@ def experts(
     from mixdiff_cli.evaluation.metrics import BASE_LABEL
     from mixdiff_cli.core.quiet import quiet_frameworks
 
-    if json_mode:
-        out.configure(json_mode=True)
     domains = parse_data_specs(data)
     with quiet_frameworks():
         report = evaluate_experts(
@@ -187,13 +182,12 @@ def samples(
     top_k: TopKOpt = 2,
     threshold: Annotated[float, typer.Option("--threshold", help="Router threshold for the routed column.")] = 0.0,
     temperature: TemperatureOpt = 1.0,
-    blend: Annotated[Optional[Literal["noise", "merge"]], typer.Option("--blend", help="How the routed experts mix: noise or merge.")] = None,
+    blend: Annotated[Optional[BlendMode], typer.Option("--blend", help="How the routed experts mix: noise or merge.")] = None,
     clip: Annotated[Optional[Path], typer.Option("--clip", help="A local CLIP model folder: adds CLIP scores (never downloads).")] = None,
     sweep: Annotated[Optional[str], typer.Option("--sweep", help="FIRST:SECOND: sweep a timestep-band boundary between two experts (FIRST before it, SECOND after), one column per --boundaries value, instead of the routed and single-expert columns.")] = None,
     boundaries: Annotated[str, typer.Option("--boundaries", help="With --sweep: the boundaries, fractions of the run.")] = "0,0.2,0.4,0.6,0.8,1",
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    json_mode: JsonOpt = False,
 ) -> None:
     """Contact sheet: each prompt with the routed mixture, the base and each single expert, at fixed seeds.
 
@@ -210,10 +204,10 @@ def samples(
     from mixdiff_cli.sampling.options import GenerationOptions
     from mixdiff_cli.core.quiet import quiet_frameworks
 
-    if json_mode:
-        out.configure(json_mode=True)
     with quiet_frameworks():
-        options = GenerationOptions.from_values({**locals(), "experts": tuple(expert or ())})
+        options = GenerationOptions(seed=seed, steps=steps, guidance=guidance, scheduler=scheduler, width=width, height=height,  # type: ignore[arg-type]
+                                    experts=tuple(expert or ()), top_k=top_k, temperature=temperature, threshold=threshold,
+                                    blend=blend, device=device, dtype=dtype)
         report = evaluate_samples(load_catalog(find_catalog(catalog)), prompts, options, routed=routed and sweep is None, clip=clip,
                                   sweep=_sweep(sweep, boundaries))
     summary = report.data["summary"]

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, JsonOpt, SeedOpt
+from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, SeedOpt
 from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
 
@@ -65,15 +65,12 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder: continue a stopped run.")] = None,
         stop_after: Annotated[Optional[int], typer.Option(help="Stop after this many steps of this run (a checkpoint is saved).")] = None,
         device: DeviceOpt = None,
-        json_out: JsonOpt = False,
     ) -> None:
         from mixdiff_cli.catalog.discovery import find_catalog
         from mixdiff_cli.core.errors import CatalogNotFound
         from mixdiff_cli.training.config import FineTuneConfig, FineTuneJob, Registration
         from mixdiff_cli.training.finetune import fine_tune
 
-        if json_out:
-            out.configure(json_mode=True)
         cfg = FineTuneConfig(
             rank=rank, alpha=alpha, target=target, train_text_encoder=train_text_encoder, steps=steps, epochs=epochs, lr=lr,
             lr_scheduler=lr_scheduler, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, DtypeOpt, JsonOpt, SeedOpt
+from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, DtypeOpt, SeedOpt
 from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
+from mixdiff_cli.sampling.options import BandsMode, BlendMode, SchedulerName
 
 SchedulerOpt = Annotated[
-    Optional[Literal["ddim", "euler", "euler-a", "dpm++"]],
+    Optional[SchedulerName],
     typer.Option("--scheduler", help="Sampler: ddim, euler, euler-a or dpm++ (DPM++ 2M). Default: ddim."),
 ]
 BlendOpt = Annotated[
-    Optional[Literal["noise", "merge"]],
+    Optional[BlendMode],
     typer.Option("--blend", help="How k > 1 experts combine: noise (sum of weighted noise predictions, default) or merge (LoRA weights combined, one forward)."),
 ]
 
@@ -36,7 +37,7 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="Router softmax temperature (lower is sharper).")] = 1.0,
     threshold: Annotated[float, typer.Option("--threshold", help="Router abstains (bare base) when no expert has p >= this.")] = 0.0,
     blend: BlendOpt = None,
-    bands: Annotated[Literal["none", "auto"], typer.Option("--bands", help="auto: the router's top-k experts take consecutive parts of the sampling run (ordered by their catalog 'band', as wide as their weights), so k experts cost one. none: each expert's own band (NAME@START:END, else the catalog's), else the whole run.")] = "none",
+    bands: Annotated[BandsMode, typer.Option("--bands", help="auto: the router's top-k experts take consecutive parts of the sampling run (ordered by their catalog 'band', as wide as their weights), so k experts cost one. none: each expert's own band (NAME@START:END, else the catalog's), else the whole run.")] = "none",
     expert: Annotated[Optional[list[str]], typer.Option("--expert", "-e", help="NAME[:WEIGHT][@START:END]; repeatable. Overrides the router. @START:END: the fractions of the sampling run it takes (e.g. layout@:0.4 detail@0.4:).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs"),
     device: DeviceOpt = None,
@@ -45,7 +46,6 @@ def generate(
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Bytes the loaded experts may take (e.g. 6GB, 512MiB): least recently used ones are unloaded first; device memory on CUDA, process memory on CPU. Beside --max-loaded.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (LoRA hotswap keeps it compiled).")] = False,
     catalog: CatalogOpt = None,
-    json_mode: JsonOpt = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Reproduce a PNG made by mixdiff (its recorded prompt, seed, experts, ...); other options override.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (a prompt per line, inline --seed/--steps/--expert overrides), .jsonl, .csv (header row) or .yaml (README: 'Batch prompt files').")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="With --prompts: skip images already in the output's manifest.")] = False,
@@ -72,19 +72,22 @@ def generate(
       mixdiff generate "" -W 128 -r "0:0.5,0:1=a landscape" -r "0.5:1,0:1=stripes --expert stripes"    (regions)
     """
     from mixdiff_cli.core.errors import UsageError
+    from mixdiff_cli.sampling.batch import BatchSettings
     from mixdiff_cli.sampling.options import GenerationOptions, parse_size
 
-    if json_mode:
-        out.configure(json_mode=True)
-    options = GenerationOptions.from_values({**locals(), "experts": tuple(expert or ()),
-                                             "max_memory": None if max_memory is None else parse_size(max_memory)})
+    options = GenerationOptions(
+        negative=negative, steps=steps, guidance=guidance, seed=seed, width=width, height=height, scheduler=scheduler,
+        num_images=num_images, batch_size=batch_size, experts=tuple(expert or ()), top_k=top_k, temperature=temperature,
+        threshold=threshold, blend=blend, bands=bands, device=device, dtype=dtype, max_loaded=max_loaded,
+        max_memory=None if max_memory is None else parse_size(max_memory), compile=compile,
+    )
     cat_path = _catalog_for(catalog, from_image)
     if prompts is not None:
         if prompt is not None or from_image is not None:
             raise UsageError("--prompts replaces PROMPT and --from", "pass either a prompt file or one prompt")
         if region:
             raise UsageError("--region does not apply to --prompts", "pass the regions with one PROMPT instead of a prompt file")
-        _batch(cat_path, prompts, out_dir, options, resume=resume, keep_going=keep_going)
+        _batch(cat_path, prompts, out_dir, options, BatchSettings(resume=resume, keep_going=keep_going))
         return
     if resume or keep_going:
         raise UsageError("--resume and --keep-going apply to --prompts", "add --prompts FILE or drop them")
@@ -140,14 +143,14 @@ def _canvas(cat_path: Path, prompt: str | None, regions: Any, options: Any, out_
     out.result("\n".join(str(p) for p in result.paths), result.to_dict())
 
 
-def _batch(cat_path: Path, prompts: Path, out_dir: Path, options: Any, *, resume: bool, keep_going: bool) -> None:
+def _batch(cat_path: Path, prompts: Path, out_dir: Path, options: Any, settings: Any) -> None:
     """`--prompts FILE`: mixdiff_cli.sampling.batch.run_batch does the work."""
     from mixdiff_cli.core.quiet import quiet_frameworks
     from mixdiff_cli.sampling.batch import run_batch
 
     with quiet_frameworks(), _progress() as tick:
         on_image = None if tick is None else (lambda record, done, total: tick(done, total))
-        result = run_batch(cat_path, prompts, out_dir, options, resume=resume, keep_going=keep_going, on_image=on_image)
+        result = run_batch(cat_path, prompts, out_dir, options, settings, on_image=on_image)
     for line in result.errors:
         out.warn(line)
     out.result(f"{result.written} written, {result.skipped} skipped, {result.failed} failed -> {result.manifest}", result.to_dict())
@@ -184,7 +187,6 @@ class _progress:
 
 def inspect(
     image: Annotated[Path, typer.Argument(help="A PNG written by mixdiff.", show_default=False)],
-    json_mode: JsonOpt = False,
 ) -> None:
     """Show the metadata of a generated PNG: A1111 parameters and the mixdiff route record.
 
@@ -192,8 +194,6 @@ def inspect(
     """
     from mixdiff_cli.sampling.pngmeta import MetadataError, read_png
 
-    if json_mode:
-        out.configure(json_mode=True)
     meta = read_png(image)
     if meta.parameters is None and meta.record is None:
         raise MetadataError(f"{image} has no generation metadata", "pass a PNG written by 'mixdiff generate'")

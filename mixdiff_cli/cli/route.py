@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, JsonOpt
+from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt
 from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
 
@@ -40,7 +40,6 @@ def route(
     encoder: EncoderOpt = None,
     on_stale: OnStaleOpt = "error",
     device: DeviceOpt = None,
-    json_mode: JsonOpt = False,
 ) -> None:
     """Show which experts the router picks for each prompt, with every expert's probability and why.
 
@@ -51,8 +50,6 @@ def route(
     from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.routing.router import load_router
 
-    if json_mode:
-        out.configure(json_mode=True)
     cat = load_catalog(find_catalog(catalog))
     router = load_router(cat, encoder, device=device, on_stale=on_stale)
     for warning in router.warnings:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mixdiff_cli.cli._common import CatalogOpt, JsonOpt
+from mixdiff_cli.cli._common import CatalogOpt
 from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
 
@@ -29,7 +29,6 @@ def train(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Also report top-k accuracy.")] = 2,
     encoder: Annotated[str, typer.Option("--encoder", help="Prompt encoder: base, minilm or words.")] = "base",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint path (default: router.safetensors beside the catalog).")] = None,
-    json_mode: JsonOpt = False,
 ) -> None:
     """Train the router on each expert's prompts and trigger words; save it and point the catalog at it.
 
@@ -38,8 +37,6 @@ def train(
     from mixdiff_cli.catalog.discovery import find_catalog
     from mixdiff_cli.routing.train import TrainConfig, train_router
 
-    if json_mode:
-        out.configure(json_mode=True)
     config = TrainConfig(hidden=hidden, epochs=epochs, lr=lr, seed=seed, val_split=val_split, balance=balance, top_k=top_k, encoder=encoder)
     res = train_router(find_catalog(catalog, for_write=True), prompts_file=prompts, config=config, output=output)
     if out.json:
@@ -61,7 +58,7 @@ def train(
     out.result(str(res.checkpoint))
 
 
-def show(catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None:
+def show(catalog: CatalogOpt = None) -> None:
     """Show the catalog's router: checkpoint, encoder, experts and whether it matches the catalog.
 
     Example: mixdiff router show
@@ -70,8 +67,6 @@ def show(catalog: CatalogOpt = None, json_mode: JsonOpt = False) -> None:
     from mixdiff_cli.catalog.schema import load_catalog
     from mixdiff_cli.routing.router import router_status
 
-    if json_mode:
-        out.configure(json_mode=True)
     status = router_status(load_catalog(find_catalog(catalog)))
     out.data(status)
 

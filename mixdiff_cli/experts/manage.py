@@ -6,8 +6,9 @@ import datetime
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from mixdiff_cli.catalog import sources
 from mixdiff_cli.catalog.geometry import Geometry, read_geometry
@@ -176,20 +177,17 @@ def preview_image(weights: Path) -> Path | None:
 def add_expert(
     catalog_path: str | Path,
     source: str,
+    options: ExpertOptions | None = None,
     *,
-    name: str | None = None,
-    kind: str | None = None,
-    prompts: list[str] | None = None,
-    trigger: list[str] | None = None,
-    description: str | None = None,
-    weight: float | None = None,
-    tags: list[str] | None = None,
     copy: bool = False,
+    **fields: Any,
 ) -> Expert:
-    """Inspect `source`, then append it to the catalog under the lock (optionally copying it beside the catalog)."""
+    """Inspect `source`, then append it to the catalog under the lock (optionally copying it beside the catalog).
+
+    `fields`: ExpertOptions fields given one by one (name=..., prompts=...), over `options`."""
     catalog_path = Path(catalog_path)
     check_writable(catalog_path)  # before hashing anything: the packaged demo is read-only
-    options = ExpertOptions(name, kind, prompts, trigger, description, weight, tags)
+    options = replace(options or ExpertOptions(), **fields)
     read = load_catalog(catalog_path)
     found = inspect_candidate(read, source, options)
     expert = found.expert

@@ -59,40 +59,22 @@ def generate_images(
     With `from_image`, every option left None takes the recorded value and the recorded experts and
     weights replace the router, so the image is reproduced (bit-exactly on the same CPU stack).
     """
-    from mixdiff_cli.sampling.pngmeta import read_record, replay, save_png
+    from mixdiff_cli.sampling.pngmeta import save_png
 
     cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
     opts = (options or GenerationOptions()).check(len(cat.experts))
     check_known(opts.experts, cat.names)  # unknown names fail before anything loads
-    members, blend = opts.experts, opts.blend
-    recorded: dict[str, Any] = {}
-    if from_image is not None:
-        record = read_record(from_image)
-        recorded, chosen, recorded_blend = replay(record)
-        _check_replay(cat, record, warn)
-        if not members:
-            members = parse_members(chosen)
-            blend = blend or recorded_blend  # type: ignore[assignment]
-            if not members:
-                recorded["abstain"] = True
+    members, blend, recorded = _replayed(cat, opts, from_image, warn)
     prompt = prompt if prompt is not None else recorded.get("prompt")
     if not prompt:
         raise UsageError("no prompt given", "pass a PROMPT, --from IMAGE.png or --prompts FILE")
-    negative = opts.negative if opts.negative is not None else recorded.get("negative")
-    steps = opts.steps or recorded.get("steps") or DEFAULT_STEPS
-    guidance = opts.guidance if opts.guidance is not None else recorded.get("guidance")
-    seed = opts.seed if opts.seed is not None else recorded.get("seed")
-    width, height = opts.width or recorded.get("width"), opts.height or recorded.get("height")
-    scheduler = opts.scheduler or recorded.get("scheduler") or DEFAULT_SCHEDULER
-    if seed is None:
-        seed = random.randint(0, MAX_SEED)
+    requests = _requests(prompt, opts, recorded)
+    seeds, steps = [r.seed for r in requests], requests[0].steps
     out_dir = writable_dir(out_dir)
 
     engine = engine or Engine(cat, device=opts.device, dtype=opts.dtype, max_loaded=opts.max_loaded, compile=opts.compile,
                               max_memory=opts.max_memory)
-    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(opts.num_images)]
-    requests = [Request(prompt, negative, s, steps, guidance, width, height, scheduler) for s in seeds]  # type: ignore[arg-type]
-    encoded = engine.encode([prompt], [negative])  # the router reads this pass; generation reuses it
+    encoded = engine.encode([prompt], [requests[0].negative])  # the router reads this pass; generation reuses it
     route, info = _decide(engine, prompt, encoded, members, bool(recorded), opts)
 
     paths: list[Path] = []
@@ -108,6 +90,39 @@ def generate_images(
                 index += 1
     label = images[0].info["mixdiff"]["blend"]
     return Generated(paths=paths, seeds=seeds, route=info.decision or {}, blend=label)
+
+
+def _replayed(cat: Catalog, opts: GenerationOptions, from_image: str | Path | None,
+              warn: Callable[[str], None] | None) -> tuple[tuple[Member, ...], str | None, dict[str, Any]]:
+    """The experts, blend and recorded values to use: the options', else those `from_image` records."""
+    from mixdiff_cli.sampling.pngmeta import read_record, replay
+
+    members, blend = opts.experts, opts.blend
+    if from_image is None:
+        return members, blend, {}
+    record = read_record(from_image)
+    recorded, chosen, recorded_blend = replay(record)
+    _check_replay(cat, record, warn)
+    if not members:
+        members = parse_members(chosen)
+        blend = blend or recorded_blend
+        if not members:
+            recorded["abstain"] = True
+    return members, blend, recorded
+
+
+def _requests(prompt: str, opts: GenerationOptions, recorded: dict[str, Any]) -> list[Request]:
+    """One request per image (seeds seed, seed+1, ...): each option, else the recorded value, else the default."""
+    negative = opts.negative if opts.negative is not None else recorded.get("negative")
+    steps = opts.steps or recorded.get("steps") or DEFAULT_STEPS
+    guidance = opts.guidance if opts.guidance is not None else recorded.get("guidance")
+    seed = opts.seed if opts.seed is not None else recorded.get("seed")
+    width, height = opts.width or recorded.get("width"), opts.height or recorded.get("height")
+    scheduler = opts.scheduler or recorded.get("scheduler") or DEFAULT_SCHEDULER
+    if seed is None:
+        seed = random.randint(0, MAX_SEED)
+    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(opts.num_images)]
+    return [Request(prompt, negative, s, steps, guidance, width, height, scheduler) for s in seeds]  # type: ignore[arg-type]
 
 
 def _decide(engine: Engine, prompt: str, encoded: Encoded, members: tuple[Member, ...], replaying: bool,

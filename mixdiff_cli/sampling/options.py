@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from mixdiff_cli.core.errors import UsageError
@@ -86,13 +86,6 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         self.experts = parse_members(self.experts)
-
-    @classmethod
-    def from_values(cls, values: dict[str, Any]) -> GenerationOptions:
-        """Options from a mapping that may hold other keys (e.g. a CLI command's locals()); None
-        values keep the defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
     def updated(self, **changes: Any) -> GenerationOptions:
         return replace(self, **changes)
