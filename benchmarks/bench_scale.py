@@ -46,7 +46,7 @@ ARCHS = ("sd15", "sdxl")
 
 # ------------------------------------------------------------------------------------------ geometry
 
-# The VAE of SD 1.5 and SDXL (the UNet and text-encoder configs are mixdiff_cli.catalog.geometry.PUBLIC)
+# The VAE of SD 1.5 and SDXL (the UNet and text-encoder configs are mixdiff_cli.catalog.geometry.public_configs())
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
           "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 512}
 
@@ -54,11 +54,11 @@ SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "la
 def geometry(arch: str, reduced: bool = False) -> dict[str, Any]:
     """UNet, VAE and text-encoder configs: the public SD 1.5 / SDXL ones, or (`reduced`) the same layout with
     channels and depth cut ~10x, for tests. `ranks`: the two LoRA ranks benchmarked."""
-    from mixdiff_cli.catalog.geometry import PUBLIC
+    from mixdiff_cli.catalog.geometry import public_configs
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-    public, sdxl = PUBLIC[arch], arch == "sdxl"
+    public, sdxl = public_configs()[arch][1], arch == "sdxl"
     unet = public["unet"]
     texts = [public[k] for k in ("text_encoder", "text_encoder_2") if k in public]
     vae = {**SD_VAE, "scaling_factor": 0.13025 if sdxl else 0.18215}

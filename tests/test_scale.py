@@ -119,12 +119,12 @@ def test_fused_top1_matches_unfused_and_restores_the_base_bit_for_bit(sd15):
 def test_a_fused_route_stays_fused_between_runs_and_anything_else_gets_the_base_back(sd15, monkeypatch):
     import torch
 
-    from mixdiff_cli.sampling import engine as engine_module
+    from mixdiff_cli.sampling import fusion as fusion
     from mixdiff_cli.sampling.engine import Active, Engine, Request
 
     calls = []
-    plus_delta = engine_module._plus_delta
-    monkeypatch.setattr(engine_module, "_plus_delta", lambda *a, **k: calls.append(1) or plus_delta(*a, **k))
+    plus_delta = fusion._plus_delta
+    monkeypatch.setattr(fusion, "_plus_delta", lambda *a, **k: calls.append(1) or plus_delta(*a, **k))
     engine = Engine(sd15.speed, device="cpu")
     engine.fuse = "always"
     request = [Request(PROMPT, seed=5, steps=2, width=64, height=64)]
@@ -161,7 +161,7 @@ def test_a_fused_route_stays_fused_between_runs_and_anything_else_gets_the_base_
 
 
 def test_auto_fuses_on_cpu_where_the_runs_lora_cost_passes_the_fuse(sd15, monkeypatch):
-    from mixdiff_cli.sampling import engine as engine_module
+    from mixdiff_cli.sampling import fusion as fusion
     from mixdiff_cli.sampling.engine import Engine, Request
 
     engine = Engine(sd15.speed, device="cpu")
@@ -169,10 +169,10 @@ def test_auto_fuses_on_cpu_where_the_runs_lora_cost_passes_the_fuse(sd15, monkey
     adapter = engine._loaded["c"].adapter
     layers = [m for m in engine.denoiser.modules() if hasattr(m, "lora_A") and adapter in m.lora_A]
     assert engine._fuse_pays(layers, [adapter], 1)  # small layers: always
-    monkeypatch.setattr(engine_module, "_CPU_FUSE_MAX_PER_LAYER", 0)  # judge these layers by cost alone
+    monkeypatch.setattr(fusion, "_CPU_FUSE_MAX_PER_LAYER", 0)  # judge these layers by cost alone
     weights = sum(m.get_base_layer().weight.numel() for m in layers)
     lora = sum(m.lora_A[adapter].weight.numel() + m.lora_B[adapter].weight.numel() for m in layers)
-    even = weights * engine_module._CPU_FUSE_S_PER_WEIGHT / (lora * engine_module._CPU_LORA_S_PER_PARAM_TOKEN)
+    even = weights * fusion._CPU_FUSE_S_PER_WEIGHT / (lora * fusion._CPU_LORA_S_PER_PARAM_TOKEN)
     assert not engine._fuse_pays(layers, [adapter], int(0.9 * even)) and engine._fuse_pays(layers, [adapter], int(1.1 * even) + 1)
     assert not engine._fuse_pays(layers, [adapter], None)
     seen = []  # generate passes the run's tokens: images x 2 (CFG) x steps x latent pixels
