@@ -99,7 +99,8 @@ def build_pipeline(folder: Path, arch: str, reduced: bool = False, device: str =
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from mixdiff_cli.testing import VOCAB, _scheduler, _tokenizer
+    from mixdiff_cli.families.unet_tiny import scheduler as _scheduler, tokenizer as _tokenizer
+    from mixdiff_cli.testing import VOCAB
 
     geo, sdxl, dtype = geometry(arch, reduced), arch == "sdxl", torch.float16
     toks = [_tokenizer(folder / "tokenizer", VOCAB)] + ([_tokenizer(folder / "tokenizer_2", VOCAB, pad="!")] if sdxl else [])

@@ -61,7 +61,7 @@ def mean(values) -> float:
 def evaluate_split(engine, router, split: str, args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
     """One prompt set: per-domain and overall numbers, and the images (column -> list) for the sheet."""
     from mixdiff_cli.training.dataset import scan_dataset
-    from mixdiff_cli.demo import data
+    from mixdiff_cli.demo import data, measure
     from mixdiff_cli.sampling.engine import Request
     from mixdiff_cli.evaluation.heldout import HeldoutLoss
 
@@ -121,7 +121,7 @@ def evaluate_split(engine, router, split: str, args: argparse.Namespace, out: Pa
         idx = [j for j, it in enumerate(items) if it[0] == d]
         per[d]["attributes"], per[d]["all_right"], per[d]["by_attribute"] = {}, {}, {}
         for c in COLUMNS:
-            verdicts = [data.check(d, images[c][j], items[j][2]) for j in idx]
+            verdicts = [measure.check(d, images[c][j], items[j][2]) for j in idx]
             per[d]["attributes"][c] = mean(mean(v.values()) for v in verdicts)
             per[d]["all_right"][c] = mean(all(v.values()) for v in verdicts)
             per[d]["by_attribute"][c] = {a: mean(v[a] for v in verdicts) for a in verdicts[0]}

@@ -28,7 +28,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_VERSION = "1"  # bump to force a rebuild without a source change
 # Sources whose change invalidates the cache (formats.py: the single-file writer uses its name map).
-BUILDER_SOURCES = ("mixdiff_cli/testing.py", "mixdiff_cli/core/tokenizer.py", "mixdiff_cli/catalog/formats.py", "mixdiff_cli/catalog/geometry.py")
+BUILDER_SOURCES = (*sorted(str(p.relative_to(REPO)) for p in (REPO / "mixdiff_cli" / "testing").glob("*.py")),
+                   "mixdiff_cli/families/unet_tiny.py", "mixdiff_cli/families/unet_checkpoint.py", "mixdiff_cli/core/tokenizer.py",
+                   "mixdiff_cli/catalog/formats.py", "mixdiff_cli/catalog/geometry.py")
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "safetensors")
 
 # (arch, format) -> how each fixture LoRA is made; every one is rank 4 on to_q/to_k/to_v/to_out.0.

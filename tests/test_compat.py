@@ -23,7 +23,7 @@ from conftest import COMPAT_ALPHA
 from test_engine import PROMPT, STEPS, diff, plain_images, reference_blend
 from typer.testing import CliRunner
 
-from mixdiff_cli import testing
+from mixdiff_cli import families, testing
 from mixdiff_cli.catalog.formats import inspect_source
 from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.cli import app
@@ -460,7 +460,8 @@ def test_geometry_tables_agree_with_the_real_configs(name):
         for key, value in weights.items():
             if component != "unet" and key.endswith(".weight") and value.dim() == 2 and "embedding" not in key:
                 assert text_module_shape(key.removesuffix(".weight"), PUBLIC[name][component]) == (value.shape[1], value.shape[0]), key
-    checkpoint = testing.single_file_state(state["unet"], PUBLIC[name]["unet"], {k: v for k, v in state.items() if k != "unet"}, REAL[name])
+    texts = {k: v for k, v in state.items() if k != "unet"}
+    checkpoint = families.get(REAL[name]).checkpoint_state(state["unet"], PUBLIC[name]["unet"], texts)
     assert infer_diffusers_model_type(checkpoint) == {"sd15": "v1", "sd21": "v2", "sdxl": "xl_base"}[name]
     converted = convert_ldm_unet_checkpoint(dict(checkpoint), PUBLIC[name]["unet"])
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in state["unet"].items()}

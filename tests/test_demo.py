@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from mixdiff_cli.catalog.discovery import packaged_catalog_path
 from mixdiff_cli.cli import app
-from mixdiff_cli.demo import data
+from mixdiff_cli.demo import data, measure
 from mixdiff_cli.sampling.engine import Engine, Request
 from mixdiff_cli.routing.router import load_router
 
@@ -79,6 +79,6 @@ def test_routed_expert_draws_what_the_prompt_names(engine, routes, domain, promp
     assert min(np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(images, base)) > 0.5
     if better is None:
         return
-    right = sum(data.check(domain, im, attrs)[better] for im in images)
-    right_base = sum(data.check(domain, im, attrs)[better] for im in base)
-    assert right >= 7 and right - right_base >= 3, (better, right, right_base, [data.measure(domain, im) for im in images])
+    right = sum(measure.check(domain, im, attrs)[better] for im in images)
+    right_base = sum(measure.check(domain, im, attrs)[better] for im in base)
+    assert right >= 7 and right - right_base >= 3, (better, right, right_base, [measure.measure(domain, im) for im in images])

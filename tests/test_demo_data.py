@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixdiff_cli.demo import data
+from mixdiff_cli.demo import data, measure
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def test_generate_is_deterministic_in_seed(domain):
 @pytest.mark.parametrize("domain", data.DOMAINS)
 def test_checkers_agree_with_the_generator(domain):
     samples = data.generate(domain, 200, seed=7)
-    acc = data.accuracy(domain, [s.image for s in samples], [s.attrs for s in samples])
+    acc = measure.accuracy(domain, [s.image for s in samples], [s.attrs for s in samples])
     assert set(acc) == set(data.ATTRIBUTES[domain]) | {"all"}
     assert acc["all"] == 1.0, acc
     # Every attribute value occurs, so the 100% is over the whole range, not one corner of it.
@@ -47,7 +47,7 @@ def test_checkers_survive_blur_and_noise(domain):
     for s in samples:
         a = np.asarray(s.image.filter(ImageFilter.GaussianBlur(1.0))).astype(float) + rng.normal(0, 12, (64, 64, 3))
         soft.append(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)))
-    acc = data.accuracy(domain, soft, [s.attrs for s in samples])
+    acc = measure.accuracy(domain, soft, [s.attrs for s in samples])
     assert acc["all"] >= 0.97, acc
 
 
@@ -58,7 +58,7 @@ def test_checkers_reject_wrong_attributes(domain):
     for i, s in enumerate(samples):
         attr = list(data.ATTRIBUTES[domain])[i % len(data.ATTRIBUTES[domain])]
         other = next(v for v in data.ATTRIBUTES[domain][attr] if v != s.attrs[attr])
-        wrong += not data.check(domain, s.image, {**s.attrs, attr: other})[attr]
+        wrong += not measure.check(domain, s.image, {**s.attrs, attr: other})[attr]
     assert wrong == len(samples)
 
 
@@ -70,7 +70,7 @@ def test_domains_differ_by_measurement(domain):
         if other == domain:
             continue
         images = [s.image for s in data.generate(other, 40, seed=9)]
-        acc = data.accuracy(domain, images, [s.attrs for s in own])
+        acc = measure.accuracy(domain, images, [s.attrs for s in own])
         assert acc["all"] < 0.5, (domain, other, acc)
 
 

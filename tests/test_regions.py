@@ -220,7 +220,7 @@ def test_demo_canvas_each_half_routed_to_its_expert_and_passing_its_checker(tmp_
     import json
 
     from mixdiff_cli.catalog.discovery import packaged_catalog_path
-    from mixdiff_cli.demo import data
+    from mixdiff_cli.demo import measure
 
     res = runner.invoke(app, ["generate", "-W", "128", "-r", f"0:0.5,0:1={LANDSCAPE[0]}", "-r", f"0.5:1,0:1={STRIPES[0]}",
                               "--catalog", str(packaged_catalog_path()), "--steps", "12", "--seed", "0", "-N", "8", "-b", "8",
@@ -233,7 +233,7 @@ def test_demo_canvas_each_half_routed_to_its_expert_and_passing_its_checker(tmp_
         image = Image.open(item["path"])
         assert image.size == (128, 64)
         for (_, domain, attribute, value), box in ((LANDSCAPE, (0, 0, 64, 64)), (STRIPES, (64, 0, 128, 64))):
-            passed[domain] += data.check(domain, image.crop(box), {attribute: value})[attribute]
+            passed[domain] += measure.check(domain, image.crop(box), {attribute: value})[attribute]
     assert passed[LANDSCAPE[1]] >= 6 and passed[STRIPES[1]] >= 6, passed
 
 

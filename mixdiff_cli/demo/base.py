@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,57 +25,21 @@ from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.core.fsutil import atomic_folder, atomic_path
 from mixdiff_cli.core.runtime import pick_device
 from mixdiff_cli.demo import data as demo_data
+from mixdiff_cli.demo import measure as demo_measure
+from mixdiff_cli.demo.models import (
+    BaseConfig,
+    load_tokenizer,
+    make_scheduler,
+    make_text_encoder,
+    make_unet,
+    make_vae,
+    pipeline_from_ema,
+    prefixed,
+    tokenize,
+    unprefixed,
+)
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class BaseConfig:
-    """Sizes and schedule of the demo base (defaults: the real build, ~1.5 h on 2 CPU cores)."""
-
-    seed: int = 0
-    # VAE: factor 4 (64x64 RGB -> 4x16x16), ~0.7M params (NOTES).
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    latent_channels: int = 4
-    vae_steps: int = 1000
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    vae_kl: float = 1e-6
-    vae_check_images: int = 32  # per domain, checked after a VAE round trip
-    # Text encoder: CLIP, hidden 64, 2 layers, 16 tokens (NOTES: ~0.1M params + vocabulary).
-    text_hidden: int = 64
-    text_layers: int = 2
-    max_length: int = 16
-    # UNet: ~3M params, cross-attention at 16x16 and 8x8 (and the 4x4 middle block).
-    unet_channels: tuple[int, ...] = (32, 64, 128)
-    unet_heads: tuple[int, ...] = (2, 4, 8)
-    text_time_embedding: bool = True  # pooled text added to the timestep embedding (diffusers "text")
-    unet_steps: int = 10000
-    unet_batch: int = 32
-    unet_lr: float = 1e-3
-    warmup: int = 200
-    caption_dropout: float = 0.1  # for classifier-free guidance
-    min_snr_gamma: float = 5.0  # Min-SNR weighting, Hang et al. (2023); 0 turns it off
-    ema_decay: float = 0.999
-    checkpoint_every: int = 250
-    eval_every: int = 1000  # 0: never; a short adherence check on the EMA weights
-    eval_images: int = 16  # per domain
-    log_every: int = 50
-    # Noise schedule of the DDPM paper (linear 1e-4..0.02): at 16x16 latents it leaves less signal
-    # at t=T than SD's scaled_linear, so the first sampling steps are spent on layout and colour.
-    beta_schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-
-    @classmethod
-    def quick(cls, seed: int = 0) -> BaseConfig:
-        """A few steps of everything, for tests."""
-        return cls(seed=seed, vae_steps=4, vae_batch=8, vae_check_images=2, unet_steps=4, unet_batch=8, warmup=2,
-                   checkpoint_every=2, eval_every=0, log_every=1)
-
-    @classmethod
-    def from_json(cls, d: dict) -> BaseConfig:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,82 +107,12 @@ def snapshot_checkpoint(path: Path, out: Path) -> Path:
     return write_checkpoint(out, {k: v.half() for k, v in load_file(str(path / WEIGHTS)).items()}, None, state, WEIGHTS)
 
 
-def _prefixed(prefix: str, sd: dict) -> dict:
-    return {f"{prefix}.{k}": v for k, v in sd.items()}
-
-
-def _unprefixed(prefix: str, sd: dict) -> dict:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
-
-
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of `peak`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-def make_vae(cfg: BaseConfig):
-    from diffusers import AutoencoderKL
-
-    n = len(cfg.vae_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=8, sample_size=demo_data.SIZE,
-    )
-
-
-def make_text_encoder(cfg: BaseConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=cfg.max_length,
-        projection_dim=cfg.text_hidden, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-
-
-def make_unet(cfg: BaseConfig):
-    from diffusers import UNet2DConditionModel
-
-    factor = 2 ** (len(cfg.vae_channels) - 1)
-    return UNet2DConditionModel(
-        sample_size=demo_data.SIZE // factor, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=cfg.unet_channels, layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_heads,
-        addition_embed_type="text" if cfg.text_time_embedding else None, addition_embed_type_num_heads=4,
-    )
-
-
-def make_scheduler(cfg: BaseConfig, kind: str = "ddim"):
-    """DDPM for training; DDIM (trailing spacing, starts at t=T) is what the exported pipeline samples with."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    common = dict(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
-                  beta_end=cfg.beta_end, prediction_type="epsilon", clip_sample=False)
-    if kind == "ddpm":
-        return DDPMScheduler(**common)
-    return DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
-
-
-def load_tokenizer(folder: str | Path, max_length: int = 16):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
-
-
-def _tokenize(tokenizer, captions: Sequence[str]):
-    return tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +189,7 @@ def vae_metrics(vae, images: np.ndarray, cfg: BaseConfig) -> dict:
         with torch.no_grad():
             x = _to_tensor(np.stack([np.asarray(s.image) for s in samples]), dev)
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        out[f"roundtrip_{domain}"] = demo_data.accuracy(domain, _to_pil(rec), [s.attrs for s in samples])["all"]
+        out[f"roundtrip_{domain}"] = demo_measure.accuracy(domain, _to_pil(rec), [s.attrs for s in samples])["all"]
     return out
 
 
@@ -327,6 +222,89 @@ def encode_latents(vae_dir: str | Path, folders: Sequence[str | Path], out_file:
 # Stage 3: text encoder + UNet
 
 
+@dataclass
+class _Joint:
+    """What stage 3 trains: the text encoder and UNet, their optimizer, and the EMA of both (by prefixed name)."""
+
+    text_encoder: Any
+    unet: Any
+    opt: Any
+    ema: dict
+
+    @property
+    def params(self) -> list:
+        return list(self.text_encoder.parameters()) + list(self.unet.parameters())
+
+    def weights(self) -> dict:
+        return {**prefixed("text_encoder", self.text_encoder.state_dict()), **prefixed("unet", self.unet.state_dict())}
+
+    def live(self) -> dict:
+        return {**prefixed("text_encoder", dict(self.text_encoder.named_parameters())), **prefixed("unet", dict(self.unet.named_parameters()))}
+
+
+def _joint(cfg: BaseConfig, tokenizer: Any, ckpt_root: Path, dev: Any, log: Log) -> tuple[_Joint, int]:
+    """Fresh modules from `cfg.seed`, or the newest checkpoint's; returns them and the step reached."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    text_encoder, unet = make_text_encoder(cfg, tokenizer).to(dev), make_unet(cfg).to(dev)
+    opt = torch.optim.AdamW(list(text_encoder.parameters()) + list(unet.parameters()), lr=cfg.unet_lr, weight_decay=0.01)
+    joint = _Joint(text_encoder, unet, opt, {})
+    joint.ema = {k: v.detach().clone().float() for k, v in joint.weights().items()}
+    step = 0
+    if (ck := latest_checkpoint(ckpt_root)) is not None:
+        weights, state = load_checkpoint(ck, opt)
+        text_encoder.load_state_dict(unprefixed("text_encoder", weights))
+        unet.load_state_dict(unprefixed("unet", weights))
+        joint.ema = {k[4:]: v.to(dev) for k, v in weights.items() if k.startswith("ema.")}
+        step = state["step"]
+        log(f"unet: resuming at step {step} from {ck}")
+    return joint, step
+
+
+def _unet_step(joint: _Joint, batch: tuple[Any, Any, Any], sched: Any, weight: Any, cfg: BaseConfig, step: int) -> float:
+    """One optimizer step on a (latents, token ids, generator) batch (`_batch`) and the EMA update; returns
+    the batch's mean MSE."""
+    import torch
+
+    x0, tok, g = batch
+    dev = x0.device
+    noise = torch.randn(x0.shape, generator=g).to(dev)
+    t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g).to(dev)
+    noisy = sched.add_noise(x0, noise, t)
+    for group in joint.opt.param_groups:
+        group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+    cond = joint.text_encoder(tok)[0]  # (B, 16, hidden)
+    pred = joint.unet(noisy, t, encoder_hidden_states=cond).sample
+    per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    loss = (weight[t] * per_sample).mean()
+    joint.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(joint.params, 1.0)
+    joint.opt.step()
+    done = step + 1  # steps taken, this one included
+    decay = min(cfg.ema_decay, (1 + done) / (10 + done))
+    with torch.no_grad():
+        for k, p in joint.live().items():
+            joint.ema[k].lerp_(p.detach(), 1 - decay)
+    return per_sample.mean().item()
+
+
+def _batch(data: tuple[Any, Any, Any], cfg: BaseConfig, step: int) -> tuple[Any, Any, Any]:
+    """The step's random batch (latents, token ids with captions dropped) and its generator, drawn in the
+    order the training step continues drawing from."""
+    import torch
+
+    latents, ids, empty = data
+    dev = latents.device
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    idx = torch.randint(len(latents), (cfg.unet_batch,), generator=g).to(dev)
+    tok = ids[idx].clone()
+    drop = (torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout).to(dev)
+    tok[drop] = empty
+    return latents[idx], tok, g
+
+
 def train_unet(workdir: str | Path, cfg: BaseConfig, log: Log = print, stop_at: int | None = None) -> Path:
     """Train text encoder and UNet jointly on `workdir/latents.safetensors`, with EMA; resumable.
 
@@ -334,109 +312,54 @@ def train_unet(workdir: str | Path, cfg: BaseConfig, log: Log = print, stop_at: 
     newest checkpoint folder; `export_pipeline` turns it into a pipeline.
     """
     import torch
-    from safetensors import safe_open
 
     workdir = Path(workdir)
-    ckpt_root = workdir / "ckpt" / "unet"
-    dev = pick_device()
-    with safe_open(str(workdir / "latents.safetensors"), "pt") as f:
-        latents = f.get_tensor("latents")
-        captions = json.loads(f.metadata()["captions"])
-    scale = json.loads((workdir / "vae" / "config.json").read_text())["scaling_factor"]
-    latents = (latents * scale).to(dev)  # (N, 4, 16, 16), std ~1
-    tokenizer = load_tokenizer(workdir / "tokenizer", cfg.max_length)
-    ids = _tokenize(tokenizer, captions).to(dev)  # (N, 16)
-    empty = _tokenize(tokenizer, [""]).to(dev)  # (1, 16)
-
-    torch.manual_seed(cfg.seed)
-    text_encoder, unet = make_text_encoder(cfg, tokenizer).to(dev), make_unet(cfg).to(dev)
-    params = list(text_encoder.parameters()) + list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
-    ema = {**_prefixed("text_encoder", text_encoder.state_dict()), **_prefixed("unet", unet.state_dict())}
-    ema = {k: v.detach().clone().float() for k, v in ema.items()}
-    step = 0
-    if (ck := latest_checkpoint(ckpt_root)) is not None:
-        weights, state = load_checkpoint(ck, opt)
-        text_encoder.load_state_dict(_unprefixed("text_encoder", weights))
-        unet.load_state_dict(_unprefixed("unet", weights))
-        ema = {k[4:]: v.to(dev) for k, v in weights.items() if k.startswith("ema.")}
-        step = state["step"]
-        log(f"unet: resuming at step {step} from {ck}")
-    n_unet = sum(p.numel() for p in unet.parameters())
-    n_text = sum(p.numel() for p in text_encoder.parameters())
-    log(f"unet: {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.2f}M, {len(latents)} latents, device {dev}")
-
+    ckpt_root, dev = workdir / "ckpt" / "unet", pick_device()
+    data, tokenizer = _unet_data(workdir, cfg, dev)
+    joint, step = _joint(cfg, tokenizer, ckpt_root, dev, log)
+    n_unet, n_text = (sum(p.numel() for p in m.parameters()) for m in (joint.unet, joint.text_encoder))
+    log(f"unet: {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.2f}M, {len(data[0])} latents, device {dev}")
     sched = make_scheduler(cfg, "ddpm")
     alphas_cumprod = sched.alphas_cumprod.to(dev)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
-    live = {**_prefixed("text_encoder", dict(text_encoder.named_parameters())), **_prefixed("unet", dict(unet.named_parameters()))}
     t0, run_loss = time.time(), []
-    text_encoder.train()
-    unet.train()
+    joint.text_encoder.train()
+    joint.unet.train()
     end = min(cfg.unet_steps, stop_at or cfg.unet_steps)
     while step < end:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(len(latents), (cfg.unet_batch,), generator=g).to(dev)
-        x0 = latents[idx]
-        tok = ids[idx].clone()
-        drop = (torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout).to(dev)
-        tok[drop] = empty
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g).to(dev)
-        noisy = sched.add_noise(x0, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
-        cond = text_encoder(tok)[0]  # (B, 16, hidden)
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (weight[t] * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        run_loss.append(_unet_step(joint, _batch(data, cfg, step), sched, weight, cfg, step))
         step += 1
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, p in live.items():
-                ema[k].lerp_(p.detach(), 1 - decay)
-        run_loss.append(per_sample.mean().item())
         if step % cfg.log_every == 0 or step == cfg.unet_steps:
             sps = (time.time() - t0) / len(run_loss)
             eta = (cfg.unet_steps - step) * sps / 60
             log(f"unet step {step}/{cfg.unet_steps} mse {np.mean(run_loss):.4f} {sps:.2f} s/step, ~{eta:.0f} min left")
             t0, run_loss = time.time(), []
-        last = step == end
-        if step % cfg.checkpoint_every == 0 or last:
-            tensors = {**_prefixed("text_encoder", text_encoder.state_dict()), **_prefixed("unet", unet.state_dict()),
-                       **_prefixed("ema", ema)}
-            ck = save_checkpoint(ckpt_root, step, tensors, opt, {"config": asdict(cfg)})
+        if step % cfg.checkpoint_every == 0 or step == end:
+            save_checkpoint(ckpt_root, step, {**joint.weights(), **prefixed("ema", joint.ema)}, joint.opt, {"config": asdict(cfg)})
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.unet_steps):
             te = time.time()
-            pipe = _pipeline_from_ema(ema, cfg, workdir, tokenizer)
-            acc = evaluate(pipe, n_per_domain=cfg.eval_images, seed=cfg.seed, steps=20)
+            acc = evaluate(pipeline_from_ema(joint.ema, cfg, workdir, tokenizer), n_per_domain=cfg.eval_images, seed=cfg.seed, steps=20)
             log(f"unet eval step {step}: " + json.dumps(_round(acc)) + f" ({time.time() - te:.0f} s)")
             t0 = time.time()
     return latest_checkpoint(ckpt_root)
 
 
+def _unet_data(workdir: Path, cfg: BaseConfig, dev: Any) -> tuple[tuple[Any, Any, Any], Any]:
+    """(scaled latents (N, 4, 16, 16), token ids (N, 16), the empty caption's ids (1, 16)) on `dev`, and the tokenizer."""
+    from safetensors import safe_open
+
+    with safe_open(str(workdir / "latents.safetensors"), "pt") as f:
+        latents = f.get_tensor("latents")
+        captions = json.loads(f.metadata()["captions"])
+    scale = json.loads((workdir / "vae" / "config.json").read_text())["scaling_factor"]
+    tokenizer = load_tokenizer(workdir / "tokenizer", cfg.max_length)
+    data = ((latents * scale).to(dev), tokenize(tokenizer, captions).to(dev), tokenize(tokenizer, [""]).to(dev))
+    return data, tokenizer
+
+
 def _round(x):
     return {k: _round(v) for k, v in x.items()} if isinstance(x, dict) else round(x, 3)
-
-
-def _pipeline_from_ema(ema: dict, cfg: BaseConfig, workdir: Path, tokenizer):
-    """A pipeline on the EMA weights (float32, fresh modules)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-
-    text_encoder, unet = make_text_encoder(cfg, tokenizer), make_unet(cfg)
-    text_encoder.load_state_dict({k: v.cpu() for k, v in _unprefixed("text_encoder", ema).items()})
-    unet.load_state_dict({k: v.cpu() for k, v in _unprefixed("unet", ema).items()})
-    vae = AutoencoderKL.from_pretrained(str(workdir / "vae"))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=make_scheduler(cfg), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(pick_device())
 
 
 def export_pipeline(workdir: str | Path, out: str | Path, cfg: BaseConfig | None = None, fp16: bool = True) -> Path:
@@ -451,7 +374,7 @@ def export_pipeline(workdir: str | Path, out: str | Path, cfg: BaseConfig | None
     cfg = cfg or BaseConfig.from_json(state["config"])
     tokenizer = load_tokenizer(workdir / "tokenizer", cfg.max_length)
     ema = {k[4:]: v for k, v in load_file(str(ck / "weights.safetensors")).items() if k.startswith("ema.")}
-    pipe = _pipeline_from_ema(ema, cfg, workdir, tokenizer).to("cpu")
+    pipe = pipeline_from_ema(ema, cfg, workdir, tokenizer).to("cpu")
     with atomic_folder(out) as tmp:
         pipe.save_pretrained(str(tmp))
         if fp16:  # UNet and VAE weights in half precision; diffusers loads them as float32 unless told otherwise
@@ -465,16 +388,16 @@ def export_pipeline(workdir: str | Path, out: str | Path, cfg: BaseConfig | None
 def check_export(workdir: str | Path, exported: str | Path, n_per_domain: int = 32, log: Log = print) -> dict:
     """Adherence of the exported (fp16-stored) pipeline, and how far its images are from the float32 EMA's."""
     import torch
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
+
+    from mixdiff_cli.models.pipeline import load_pipeline
 
     workdir = Path(workdir)
     ck = latest_checkpoint(workdir / "ckpt" / "unet")
     cfg = BaseConfig.from_json(json.loads((ck / "state.json").read_text())["config"])
     ema = {k[4:]: v for k, v in load_file(str(ck / "weights.safetensors")).items() if k.startswith("ema.")}
-    fp32 = _pipeline_from_ema(ema, cfg, workdir, load_tokenizer(workdir / "tokenizer", cfg.max_length))
-    stored = StableDiffusionPipeline.from_pretrained(str(exported)).to(pick_device())
-    stored.set_progress_bar_config(disable=True)
+    fp32 = pipeline_from_ema(ema, cfg, workdir, load_tokenizer(workdir / "tokenizer", cfg.max_length))
+    stored = load_pipeline(exported, device=pick_device())
     prompts = [s.caption for d in demo_data.DOMAINS for s in demo_data.generate(d, 4, seed=30_000)]
     kw = dict(num_inference_steps=20, guidance_scale=5.0, output_type="np")
     a = fp32(prompts, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], **kw).images
@@ -506,6 +429,6 @@ def evaluate(pipe, n_per_domain: int = 16, seed: int = 0, steps: int = 20, guida
             gens = [torch.Generator().manual_seed(seed * 1000 + i + j) for j in range(len(chunk))]
             images += pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
                            generator=gens, output_type="pil").images
-        out[domain] = demo_data.accuracy(domain, images, [s.attrs for s in samples])
+        out[domain] = demo_measure.accuracy(domain, images, [s.attrs for s in samples])
     out["mean_all"] = {"all": float(np.mean([out[d]["all"] for d in domains]))}
     return out

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mixdiff_cli import families
+
 SUBJECTS = (
     "knight samurai witch pirate robot dragon fox wolf cat owl mermaid angel demon vampire elf dwarf wizard "
     "astronaut cowboy ninja princess soldier detective chef dancer monk golem phoenix unicorn kraken sphinx "
@@ -46,7 +48,7 @@ DETAILS = (
 GENERIC = ("1girl", "solo", "masterpiece", "best quality", "highres", "looking at viewer", "simple background")
 SYLLABLES = "ka ri mo ze lu ta ven or bi sa no qu el dra fi ga ho ji ki la".split()
 # two cross-attention projections of SD 1.x's first transformer block, rank 1: the arch reads as sd1 from shapes
-_MODULES = ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v")
+_MODULES = tuple(families.get("sd1").kohya_stem("unet", f"down_blocks.0.attentions.0.transformer_blocks.0.attn2.{p}", {}) for p in ("to_k", "to_v"))
 _PNG = bytes.fromhex(  # a 1x1 PNG
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201b3cd5f4a0000000049454e44ae426082"
 )

@@ -11,7 +11,7 @@ returns its prediction (B, C, H, W), `output` wraps a prediction the way the pip
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +93,17 @@ class Family:
 
     def load(self, path: Path, **kwargs: Any) -> Any:
         """The text-to-image pipeline in the diffusers folder `path`."""
-        from diffusers import AutoPipelineForText2Image  # its import alone warns about torchvision
+        from diffusers import (
+            AutoPipelineForText2Image,  # its import alone warns about torchvision
+        )
 
         return AutoPipelineForText2Image.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
+
+    def assemble(self, **components: Any) -> Any:
+        """The text-to-image pipeline made of `components` (its `from_pretrained` keyword names)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipelines[0])(**components)
 
     def load_single_file(self, path: Path, dtype: Any) -> Any:
         """The pipeline of a single-file checkpoint."""
@@ -177,6 +185,26 @@ class Family:
     def lora_prefixes(self) -> list[str]:
         """The components a diffusers LoRA file names (`unet.`, `text_encoder.`, ...)."""
         return [self.denoiser, *self.text_encoders]
+
+    def kohya_stem(self, component: str, module: str, denoiser_config: Mapping[str, Any], original: bool = True) -> str:
+        """The kohya key stem of `component`'s `module` (diffusers name): `<prefix><module with _>`. `original`:
+        the denoiser's module named as sd-scripts' own model names it (diffusers' `convert_state_dict_to_kohya`
+        keeps diffusers names)."""
+        prefix = next((p for p, c in self.kohya_prefixes if c == component), None)
+        if prefix is None:
+            raise ValueError(f"{self.label} kohya LoRAs have no {component}")
+        return prefix + module.replace(".", "_")
+
+    def checkpoint_state(self, denoiser: Mapping[str, Any], config: Mapping[str, Any], texts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """diffusers state dicts (the denoiser's, the text encoders' by component) as this family's original
+        single-file checkpoint keys: the inverse of `load_single_file`."""
+        raise NotImplementedError(f"no single-file layout for {self.label}")
+
+    # --- tests ----------------------------------------------------------------------------------------
+
+    def build_tiny(self, folder: Path, seed: int, words: Iterable[str]) -> None:
+        """Write a tiny real pipeline of this family into `folder` (built from configs, random weights)."""
+        raise NotImplementedError(f"no tiny {self.label} pipeline")
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,11 @@ class SD1(UNetFamily):
         cross = cross[-1] if isinstance(cross, (list, tuple)) else cross
         return denoiser_config.get("addition_embed_type") != "text_time" and (cross == SD2.context_dim) == (self.context_dim == SD2.context_dim)
 
+    def assemble(self, **components: Any) -> Any:
+        """Without a safety checker unless one is given."""
+        components = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, **components}
+        return super().assemble(**components)
+
     def load_single_file(self, path: Path, dtype: Any) -> Any:
         from diffusers import StableDiffusionPipeline
 
@@ -82,6 +87,11 @@ class SD1(UNetFamily):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline
+
+    def build_tiny(self, folder: Path, seed: int, words: Iterable[str]) -> None:
+        from mixdiff_cli.families.unet_tiny import build_sd1
+
+        build_sd1(folder, seed, words)
 
 
 class SD2(SD1):
@@ -118,6 +128,9 @@ class SD2(SD1):
         if any(k.startswith("cond_stage_model.model.") for k in header):  # OpenCLIP text encoder
             return 0
         return super().checkpoint_evidence(header, meta)
+
+    def build_tiny(self, folder: Path, seed: int, words: Iterable[str]) -> None:
+        raise NotImplementedError("no tiny SD 2.x pipeline; build SD 1.x and set its scheduler to v_prediction")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ embeddings and size/crop micro-conditioning (`time_ids`) beside the cross-attent
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +100,19 @@ class SDXL(UNetFamily):
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline
+
+    def build_tiny(self, folder: Path, seed: int, words: Iterable[str]) -> None:
+        from mixdiff_cli.families.unet_tiny import build_sdxl
+
+        build_sdxl(folder, seed, words)
+
+    def kohya_stem(self, component: str, module: str, denoiser_config: Mapping[str, Any], original: bool = True) -> str:
+        """sd-scripts names SDXL's UNet modules by their original SGM blocks (`input_blocks_4_1_...`)."""
+        if component == self.denoiser and original:
+            from mixdiff_cli.families.unet_geometry import diffusers_to_sgm
+
+            module = diffusers_to_sgm(module, dict(denoiser_config))
+        return super().kohya_stem(component, module, denoiser_config)
 
     def tile_cond(self, box: tuple[int, int, int, int], canvas: tuple[int, int], like: torch.Tensor) -> Cond:
         """`time_ids` (1, 6): original size (the canvas), crop top-left (the tile's corner), target size (the tile)."""

@@ -107,6 +107,12 @@ class UNetFamily(Family):
             path, subfolder=sub, dtype=dtype, use_safetensors=True, local_files_only=True, variant=None if plain else "fp16"
         )
 
+    def checkpoint_state(self, denoiser: Mapping[str, Any], config: Mapping[str, Any], texts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        from mixdiff_cli.families.unet_checkpoint import checkpoint_state
+
+        return checkpoint_state(self.name, denoiser, config, texts)
+
+
 
 def _unet_from_file(path: Path, like: Any, dtype: Any) -> Any:
     """A UNet from one .safetensors file: diffusers key names load directly, original SD names convert."""
