@@ -138,8 +138,11 @@ def _canvas(cat_path: Path, prompt: str | None, regions: Any, options: Any, out_
     canvas = CanvasOptions(background_weight=settings[0], feather=settings[1], tile_overlap=settings[2])
     with quiet_frameworks(), _progress() as tick:
         result = generate_canvas(cat_path, prompt, regions, options, canvas, out_dir=out_dir, from_image=from_image, progress=tick)
+    chosen = lambda route: ", ".join(f"{c['expert']} ({c['weight']:.2f})" for c in route["chosen"] or []) or "none (bare base)"  # noqa: E731
+    if "background" in result.route:
+        out.info(f"background: {chosen(result.route['background'])}")
     for r in result.route["regions"]:
-        out.info(f"{r['name']} {r['box']}: " + (", ".join(f"{c['expert']} ({c['weight']:.2f})" for c in r["chosen"] or []) or "none (bare base)"))
+        out.info(f"{r['name']} {r['box']}: {chosen(r)}")
     out.result("\n".join(str(p) for p in result.paths), result.to_dict())
 
 

@@ -135,6 +135,10 @@ class Family:
         """The denoiser conditioning for encoded fields (pipeline kwarg names -> denoiser input names)."""
         raise NotImplementedError
 
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's own decode step: latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        raise NotImplementedError(f"no latent decoder for {self.label}")
+
     def tile_cond(self, box: tuple[int, int, int, int], canvas: tuple[int, int], like: torch.Tensor) -> Cond:
         """Extra conditioning of a tile (y0, x0, h, w) px of a (height, width) px canvas (dtype/device of `like`)."""
         return {}

@@ -107,6 +107,28 @@ class UNetFamily(Family):
             path, subfolder=sub, dtype=dtype, use_safetensors=True, local_files_only=True, variant=None if plain else "fp16"
         )
 
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """As the SD / SDXL pipelines decode: unscaled (or de-normalised where the VAE keeps latent statistics)
+        and, for a float16 VAE that asks for it (`force_upcast`), in float32."""
+        import torch
+
+        vae, config = pipe.vae, pipe.vae.config
+        upcast = vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
+        dtype = torch.float32 if upcast else vae.dtype
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean, std = (torch.tensor(v, dtype=dtype, device=latents.device).view(1, -1, 1, 1) for v in (mean, std))
+            z = latents.to(dtype) * std / config.scaling_factor + mean
+        else:
+            z = latents.to(dtype) / config.scaling_factor
+        if not upcast:
+            return vae.decode(z, return_dict=False)[0]
+        vae.to(torch.float32)
+        try:
+            return vae.decode(z, return_dict=False)[0]
+        finally:
+            vae.to(torch.float16)
+
     def checkpoint_state(self, denoiser: Mapping[str, Any], config: Mapping[str, Any], texts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         from mixdiff_cli.families.unet_checkpoint import checkpoint_state
 

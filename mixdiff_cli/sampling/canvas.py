@@ -32,8 +32,8 @@ from mixdiff_cli.families.base import Cond, cat
 from mixdiff_cli.sampling.engine import Active, Engine, Request, RouteInfo
 from mixdiff_cli.sampling.mixture import BASE, Mixture, adapter_names_hooks
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions, check_image
-from mixdiff_cli.sampling.regions import (CanvasOptions, Region, RegionError, Tile, check_regions, parse_box, parse_regions, region_map,
-                                          tile_weights, tiles)
+from mixdiff_cli.sampling.regions import (CanvasOptions, Region, RegionError, Tile, box_tiles, check_regions, parse_box, parse_regions,
+                                          region_map, tile_weights, tiles)
 
 if TYPE_CHECKING:
     from mixdiff_cli.models.text import Encoded
@@ -147,6 +147,28 @@ def _native(engine: Engine) -> tuple[int, int]:
     return engine.native_size() // f, f
 
 
+def _terms(entries: list[_Entry], maps: list[torch.Tensor], grid: list[Tile], own: Callable[[_Entry], list[Tile]] | None,
+           unet_key: dict[str, str]) -> tuple[list[Tile], list[tuple[int, str, int, torch.Tensor]], torch.Tensor]:
+    """(tiles, raw terms (tile, denoiser key, text row, weight), total weight per cell). A region's prompt runs on
+    its own tiles (`own`; None: on the grid, like the background), so that a neighbour's content enters its
+    denoiser's view only across the overlap; identical windows are one tile."""
+    windows: dict[tuple[int, int, int, int], int] = {}
+    raw: list[tuple[int, str, int, torch.Tensor]] = []
+    for row, (e, m) in enumerate(zip(entries, maps), start=1):
+        for tile in grid if own is None or e.region is None else own(e):
+            crop = tile_weights(tile.h, tile.w) * m[tile.window]
+            if crop.max() <= 0:
+                continue  # this prompt does not touch the tile
+            index = windows.setdefault((tile.y0, tile.x0, tile.h, tile.w), len(windows))
+            for name, weight in e.chosen or [(BASE, 1.0)]:
+                raw.append((index, unet_key.get(name, BASE), row, crop * weight))
+    used = [Tile(*key) for key in windows]
+    total = torch.zeros(maps[0].shape, dtype=torch.float64)
+    for index, _, _, w in raw:
+        total[used[index].window] += w
+    return used, raw, total
+
+
 def plan_canvas(engine: Engine, entries: list[_Entry], encoded: Encoded, size: tuple[int, int], canvas: CanvasOptions) -> CanvasPlan:
     """Tiles of the (height, width) px canvas, the weighted terms, the text table, the adapter state."""
     native, f = _native(engine)
@@ -169,17 +191,9 @@ def plan_canvas(engine: Engine, entries: list[_Entry], encoded: Encoded, size: t
     if bare > 0:
         raise RegionError(f"the regions leave {bare:.0%} of the canvas uncovered",
                           'pass a background PROMPT (it may be "") or widen the boxes')
-    raw: list[tuple[int, str, int, torch.Tensor]] = []
-    for row, (e, m) in enumerate(zip(entries, maps), start=1):
-        for tile_index, tile in enumerate(grid):
-            crop = tile_weights(tile.h, tile.w) * m[tile.window]
-            if crop.max() <= 0:
-                continue  # this prompt does not touch the tile
-            for name, weight in e.chosen or [(BASE, 1.0)]:
-                raw.append((tile_index, unet_key.get(name, BASE), row, crop * weight))
-    total = torch.zeros(height, width, dtype=torch.float64)
-    for tile_index, _, _, w in raw:
-        total[grid[tile_index].window] += w
+    grid, raw, total = _terms(entries, maps, grid, lambda e: box_tiles(e.region.box, height, width, native, overlap), unet_key)
+    if bool(((total <= 0) & (sum(maps) > 0)).any()):  # a region's edge beyond its own tiles: every prompt on the grid
+        grid, raw, total = _terms(entries, maps, tiles(height, width, native, overlap), None, unet_key)
     dtype, device = engine.denoiser.dtype, engine.device
     terms = [Term(t, u, r, (w / total[grid[t].window]).to(device=device, dtype=dtype)) for t, u, r, w in raw]
     texts = engine.family.denoiser_cond({k: torch.cat([encoded.negatives[k][:1], v]) for k, v in encoded.fields.items()})
@@ -208,7 +222,9 @@ def _replayed(record: dict[str, Any]) -> tuple[str | None, tuple[Region, ...], d
                            tile_overlap=settings.get("tile_overlap"))
     request = {k: record.get(k) for k in ("negative", "seed", "steps", "guidance", "width", "height", "scheduler")}
     background = record.get("prompt") if settings.get("background") else None
-    return background, regions, request, canvas, parse_members([[e["name"], e["weight"]] for e in record.get("experts", [])])
+    # the background's own experts; records before 2026-12 kept them (only them) in "experts"
+    kept = settings["background_experts"] if "background_experts" in settings else record.get("experts", [])
+    return background, regions, request, canvas, parse_members([[e["name"], e["weight"]] for e in kept])
 
 
 def _route_entries(engine: Engine, entries: list[_Entry], encoded: Encoded, replaying: bool, opts: GenerationOptions) -> None:
@@ -278,6 +294,8 @@ def generate_canvas(
                 paths.append(save_png(image, out_dir / f"{index:05d}-{s}.png"))
                 index += 1
     route = {"regions": [{"name": e.name, "box": _box_text(e.region), "chosen": e.decision.get("chosen")} for e in run.entries if e.region]}
+    if any(e.region is None for e in run.entries):
+        route["background"] = {"chosen": next(e.decision.get("chosen") for e in run.entries if e.region is None)}
     return Generated(paths=paths, seeds=seeds, route=route, blend="regions")
 
 
@@ -325,15 +343,52 @@ def sample_canvas(run: CanvasRun, seeds: Sequence[int], progress: Callable[[int]
     run.plan.images = len(seeds)
     tick = None if progress is None else (lambda p, i, t, tensors: (progress(i + 1), tensors)[1])
     pipe.scheduler = engine.scheduler_for(req.scheduler)
+    regional = len(run.entries) > 1  # one prompt: the pipeline's own decode
     with engine.installed(CanvasDenoiser(engine, run.plan)):
         images = pipe(**run.encoded.take([0] * len(seeds)).pipeline_kwargs(), num_inference_steps=req.steps, guidance_scale=req.guidance,
-                      width=req.width, height=req.height, output_type="pil", callback_on_step_end=tick,
+                      width=req.width, height=req.height, output_type="latent" if regional else "pil", callback_on_step_end=tick,
                       generator=[torch.Generator(device=engine.device).manual_seed(s) for s in seeds]).images
+    if regional:
+        with torch.no_grad():
+            images = pipe.image_processor.postprocess(decode_regions(run, images), output_type="pil")
     for s, image in zip(seeds, images):
         record = canvas_record(engine, run.entries, Request(req.prompt, req.negative, s, req.steps, req.guidance, req.width, req.height,
                                                             req.scheduler), run.canvas, len(run.plan.tiles))
         image.info["mixdiff"], image.info["parameters"] = record, a1111_parameters(record)
     return list(images)
+
+
+def decode_regions(run: CanvasRun, latents: torch.Tensor) -> torch.Tensor:
+    """The canvas decoded prompt by prompt: each region's latent crop on its own (the background's whole
+    canvas), blended with the prompts' maps at pixel resolution; (B, 3, H, W) in [-1, 1].
+
+    One decode of the whole canvas would normalise every region with the others' statistics (the VAE
+    decoder's GroupNorm and mid-block attention are global over the image): each region keeps its layout
+    but takes on its neighbours' colours."""
+    engine = run.engine
+    f = int(engine.pipe.vae_scale_factor)
+    height, width = latents.shape[-2] * f, latents.shape[-1] * f
+    num = torch.zeros((latents.shape[0], 3, height, width), dtype=torch.float64, device=latents.device)
+    den = torch.zeros((height, width), dtype=torch.float64, device=latents.device)
+    for e in run.entries:
+        if e.region is None:
+            weight = torch.full((height, width), run.canvas.background_weight, dtype=torch.float64)
+        else:
+            weight = region_map(e.region.box, height, width, run.canvas.feather)
+        rows, cols = torch.nonzero(weight.sum(1) > 0).flatten(), torch.nonzero(weight.sum(0) > 0).flatten()
+        if len(rows) == 0 or len(cols) == 0:
+            continue
+        y0, y1 = int(rows[0]) // f, -(-(int(rows[-1]) + 1) // f)  # the latent cells under the map
+        x0, x1 = int(cols[0]) // f, -(-(int(cols[-1]) + 1) // f)
+        window = (slice(y0 * f, y1 * f), slice(x0 * f, x1 * f))
+        image = engine.family.decode(engine.pipe, latents[:, :, y0:y1, x0:x1]).to(torch.float64)
+        weight = weight[window].to(latents.device)
+        num[:, :, window[0], window[1]] += weight * image
+        den[window] += weight
+    if bool((den <= 0).any()):  # pixels between boxes that only cover latent cells' centres: the whole decode
+        whole = engine.family.decode(engine.pipe, latents).to(torch.float64)
+        num, den = torch.where(den > 0, num, whole), torch.where(den > 0, den, torch.ones_like(den))
+    return (num / den).to(latents.dtype)
 
 
 def _box_text(region: Region | None) -> str:
@@ -344,7 +399,11 @@ def _box_text(region: Region | None) -> str:
 def canvas_record(engine: Engine, entries: list[_Entry], req: Request, canvas: CanvasOptions, n_tiles: int) -> dict[str, Any]:
     """The engine's record of the background's route, plus each region's box, prompt and route."""
     bg = next((e for e in entries if e.region is None), None)
-    members = [Active(engine.catalog.expert(n), w) for n, w in (bg.chosen if bg else [])]
+    used: dict[str, float] = {}  # every expert the canvas uses, background and regions, at its first weight
+    for e in entries:
+        for name, weight in e.chosen:
+            used.setdefault(name, weight)
+    members = [Active(engine.catalog.expert(n), w) for n, w in used.items()]
     record = engine.record(req, members, "regions", RouteInfo(source="explicit", decision=bg.decision if bg else None))
     record["regions"] = [
         {"box": _box_text(e.region), "prompt": e.prompt, "route": e.decision,
@@ -352,5 +411,6 @@ def canvas_record(engine: Engine, entries: list[_Entry], req: Request, canvas: C
         for e in entries if e.region is not None
     ]
     record["canvas"] = {"background": bg is not None, "background_weight": canvas.background_weight, "feather": canvas.feather,
-                        "tile_overlap": canvas.tile_overlap, "tiles": n_tiles}
+                        "tile_overlap": canvas.tile_overlap, "tiles": n_tiles,
+                        "background_experts": [{"name": n, "weight": w} for n, w in (bg.chosen if bg else [])]}
     return record

@@ -195,3 +195,23 @@ def tiles(height: int, width: int, native: int, overlap: int) -> list[Tile]:
     """The tiles of a (height, width) latent canvas, each at most `native` cells a side."""
     th, tw = min(height, native), min(width, native)
     return [Tile(y, x, th, tw) for y in tile_starts(height, th, overlap) for x in tile_starts(width, tw, overlap)]
+
+
+def _span_starts(lo: float, hi: float, length: int, native: int, overlap: int) -> tuple[list[int], int]:
+    """Tile starts and size along one axis for the cells [lo, hi) of a `length`-cell canvas: one native tile
+    centred on the span if it fits in one, else tiles over the span (`tile_starts`), all inside the canvas."""
+    size = min(length, native)
+    a, b = max(0, math.floor(lo)), min(length, math.ceil(hi))
+    if b - a <= size:
+        centre = (a + b) / 2
+        return [min(max(0, round(centre - size / 2)), length - size)], size
+    return [a + s for s in tile_starts(b - a, size, overlap)], size
+
+
+def box_tiles(box: Box, height: int, width: int, native: int, overlap: int) -> list[Tile]:
+    """The tiles a region's prompt runs on: native-size windows over its box (centred on a box smaller than
+    native), so that a region the size of a tile is sampled on exactly its own cells."""
+    x0, x1, y0, y1 = box
+    ys, th = _span_starts(y0 * height, y1 * height, height, native, overlap)
+    xs, tw = _span_starts(x0 * width, x1 * width, width, native, overlap)
+    return [Tile(y, x, th, tw) for y in ys for x in xs]
