@@ -16,6 +16,7 @@ app = typer.Typer(
     help="Mixture of Diffusers: route each prompt to the top-k experts of a catalog and blend them while sampling.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help is plain text: "NAME[:WEIGHT][@START:END]" is not markup, ":END:" no emoji
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -16,7 +16,7 @@ from mixdiff_cli.cli._output import out
 if TYPE_CHECKING:
     from mixdiff_cli.experts.manage import ExpertOptions
 
-experts_app = typer.Typer(help="List, inspect, verify and remove the catalog's experts.", no_args_is_help=True)
+experts_app = typer.Typer(help="List, inspect, verify and remove the catalog's experts.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def init(

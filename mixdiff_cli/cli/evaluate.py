@@ -10,12 +10,14 @@ import typer
 from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt, DtypeOpt, StepsOpt
 from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
+from rich.markup import escape
 from mixdiff_cli.sampling.options import BlendMode
 
 if TYPE_CHECKING:
     from mixdiff_cli.evaluation.report import Report
 
 evaluate_app = typer.Typer(
+    rich_markup_mode=None,
     help="Measure the router, the experts' specialisation and the mixture's samples. Each command writes "
     "report.json, report.md and PNG figures into --out and exits 1 when a --min-accuracy / --max-loss-ratio gate fails.",
     no_args_is_help=True,
@@ -43,7 +45,7 @@ def _finish(report: Report, out_dir: Path, rows: list[dict[str, Any]], columns: 
         for gate in report.data.get("gates", []):
             out.info(f"gate {gate['name']}: {'[green]pass[/green]' if gate['passed'] else '[red]FAIL[/red]'} ({gate['detail']})")
         figures = ", ".join(sorted(report.figures))
-        out.info(f"wrote {out_dir}/: report.md, report.json, {figures}" + (f" and {len(report.images)} samples" if report.images else ""))
+        out.info(f"wrote {escape(str(out_dir))}/: report.md, report.json, {figures}" + (f" and {len(report.images)} samples" if report.images else ""))
     report.check()
 
 

@@ -11,7 +11,7 @@ from mixdiff_cli.cli._common import CatalogOpt
 from mixdiff_cli.cli._errors import command
 from mixdiff_cli.cli._output import out
 
-router_app = typer.Typer(help="Train and inspect the prompt router.", no_args_is_help=True)
+router_app = typer.Typer(help="Train and inspect the prompt router.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def train(
