@@ -74,3 +74,75 @@ def test_the_catalog_lock_is_ignored_by_git(tmp_path):
     """`.experts.yaml.lock` (the catalog's write lock) showed up in `git status`."""
     res = subprocess.run(["git", "check-ignore", "-q", ".experts.yaml.lock"], cwd=REPO)
     assert res.returncode == 0
+
+
+def test_an_expert_name_with_a_trailing_newline_is_refused():
+    """The name pattern ended in `$`, which matches before a final newline: "shapes\\n" passed."""
+    from mixdiff_cli.catalog.model import check_name
+    from mixdiff_cli.core.errors import MixdiffError
+    from mixdiff_cli.routing.route import member
+
+    assert check_name("shapes") == "shapes" and member("shapes").expert == "shapes"
+    with pytest.raises(MixdiffError, match="invalid expert name"):
+        check_name("shapes\n")
+    with pytest.raises(MixdiffError, match="is not an expert name"):
+        member("shapes\n")
+
+
+def test_a_line_separator_inside_a_prompt_file_line_stays_in_it(tmp_path):
+    """U+2028 inside a line split it into extra items with wrong line numbers, and refused valid JSONL."""
+    from mixdiff_cli.sampling.prompts import parse_prompts
+
+    (tmp_path / "p.txt").write_text("a red\u2028fox\na blue\x85cat\n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red\u2028fox"}\n{"prompt": "a blue cat"}\n', encoding="utf-8")
+    txt, jsonl = parse_prompts(tmp_path / "p.txt"), parse_prompts(tmp_path / "p.jsonl")
+    assert [(i.line, i.prompt) for i in txt.items] == [(1, "a red\u2028fox"), (2, "a blue\x85cat")] and not txt.errors
+    assert [(i.line, i.prompt) for i in jsonl.items] == [(1, "a red\u2028fox"), (2, "a blue cat")] and not jsonl.errors
+
+
+def test_keep_going_does_not_suggest_keep_going(tmp_path):
+    """With --keep-going the warning for a bad item still said "or pass --keep-going"."""
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.sampling.batch import BatchSettings, run_batch
+    from mixdiff_cli.sampling.options import GenerationOptions
+    from mixdiff_cli.sampling.prompts import PromptFileError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --steps 1\na red circle --steps many\n")
+    with pytest.raises(PromptFileError) as raised:
+        run_batch(packaged_catalog_path(), prompts, tmp_path / "a", GenerationOptions(steps=1))
+    assert "pass --keep-going" in str(raised.value)
+    result = run_batch(packaged_catalog_path(), prompts, tmp_path / "b", GenerationOptions(steps=1), BatchSettings(keep_going=True))
+    assert result.failed == 1 and result.written == 1
+    assert "p.txt:2" in result.errors[0] and "keep-going" not in result.errors[0], result.errors
+
+
+def _router(tmp_path, triggers: dict[str, list[str]]):
+    from mixdiff_cli.catalog.model import Base, Catalog, Expert
+    from mixdiff_cli.catalog.schema import save_catalog
+    from mixdiff_cli.routing.router import load_router
+
+    cat = Catalog(path=tmp_path / "experts.yaml", base=Base(source="/nonexistent/base", arch="sd1"))
+    prompts = {"city": ["a city street at night", "an old house"], "shapes": ["a red circle", "a blue square"]}
+    for name, words in triggers.items():
+        cat.experts.append(Expert(name=name, kind="lora", source=f"{name}.safetensors", format="diffusers", sha256=f"{name}-sha",
+                                  prompts=prompts[name], trigger=words))
+    save_catalog(cat)
+    return load_router(cat.path, encoder="words")
+
+
+def test_a_trigger_lower_casing_to_other_letters_is_matched_not_a_key_error(tmp_path):
+    """"istanbul" and "İstanbul" in one prompt raised KeyError ("İ" lower-cases to two characters)."""
+    router = _router(tmp_path, {"city": ["istanbul"], "shapes": ["ſquare"]})
+    for prompt in ("istanbul and İstanbul at night", "İstanbul, istanbul", "a ſquare and a square", "a SQUARE"):
+        route = router.decide(router.embed([prompt])[0], prompt, top_k=1)
+        assert route.chosen, prompt
+    assert router.decide(router.embed(["istanbul"])[0], "istanbul").chosen == [("city", 1.0)]
+
+
+def test_a_trigger_of_function_words_forces_nothing(tmp_path):
+    """A LoRA whose trigger_phrase was "a, the, on" was forced into every prompt, beyond --top-k."""
+    router = _router(tmp_path, {"city": ["a", "the", "on"], "shapes": ["square"]})
+    route = router.decide(router.embed(["a red circle on the table"])[0], "a red circle on the table", top_k=1)
+    assert route.chosen == [("shapes", 1.0)] and not any("trigger" in why for why in route.reasons.values()), route.reasons
+    assert {"a", "the", "on"} <= set(router.generic_triggers) and "square" in router.triggers

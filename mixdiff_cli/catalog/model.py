@@ -16,7 +16,7 @@ CATALOG_NAME = "experts.yaml"
 SCHEMA_VERSION = 1
 KINDS = ("lora", "model")
 FORMATS = ("diffusers", "peft", "kohya", "diffusers-model", "single-file")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # whole names only: fullmatch ("$" lets "name\n" pass)
 # What `Catalog.hash` covers; router checkpoints record it (1: the base's source string and [name, sha256]).
 IDENTITY_VERSION = 2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -25,7 +25,7 @@ HEADER = "# mixdiff expert catalog (schema: README.md, 'The catalog'). Edit with
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidName(
             f"invalid expert name {name!r}",
             "use 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit (e.g. 'watercolor-v2')",

@@ -22,7 +22,7 @@ from mixdiff_cli.core.errors import ExpertNotFound, UsageError
 
 OnStale = Literal["error", "prototypes"]  # a router checkpoint made for other experts: refuse, or route by prototypes
 WEIGHT_DIGITS = 4  # route weights are rounded so that near-identical routes share a key
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # = catalog.schema.NAME_RE
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # = catalog.model.NAME_RE, whole names only (fullmatch)
 EXAMPLE = "write NAME or NAME:WEIGHT with a positive weight, e.g. --expert watercolor:0.7"
 BAND_EXAMPLE = "write the band as @START:END with 0 <= START < END <= 1, e.g. --expert layout@:0.4 --expert detail@0.4:"
 Band = tuple[float, float]
@@ -92,7 +92,7 @@ def member(name: Any, weight: Any = 1.0, *, band: Any = None, spec: Any = None) 
     """A validated member: a catalog-style name, a finite positive weight (a number or its text) and an
     optional band (text "START:END" or a pair)."""
     shown = spec if spec is not None else f"{name}:{weight}"
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise RouteSpecError(f"bad expert {shown!r}: {name!r} is not an expert name", EXAMPLE)
     if isinstance(weight, str):
         try:

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("mixdiff.router")
 KEEP_FLOATS = 64 * 2**20  # text embeddings a cold prototype build keeps in memory (256 MB); the rest it embeds twice
 MAX_TRIGGER_EXPERTS = 8  # a trigger word claimed by more experts than this is too generic to force any
+# English function words: a trigger made only of these ("a, the, on" in a LoRA's trigger_phrase) would force
+# its expert into nearly every prompt, so it forces none
+STOP_WORDS = frozenset("""a an the and or but nor of in on at to by for from with without into onto over under
+    as is are was were be been it its this that these those there here his her their our your my""".split())
 _WORD = re.compile(r"\w+")
 
 
@@ -74,7 +78,7 @@ class Router:
             for word in dict.fromkeys(w.strip().lower() for w in (triggers or {}).get(name, ())):
                 if word:
                     claims.setdefault(word, []).append(name)
-        self.triggers = {w: ns for w, ns in claims.items() if len(ns) <= MAX_TRIGGER_EXPERTS}
+        self.triggers = {w: ns for w, ns in claims.items() if len(ns) <= MAX_TRIGGER_EXPERTS and not set(_WORD.findall(w)) <= STOP_WORDS}
         self.generic_triggers = sorted(claims.keys() - self.triggers.keys())
         # triggers by their first word: a prompt is matched only against those whose first word it holds
         self._by_word: dict[str, list[str]] = {}
@@ -192,8 +196,8 @@ class Router:
 
         picked: dict[str, float] = {}
         why = route.reasons = dict.fromkeys(self.names, f"not in top {top_k}")
-        for found in self._trigger_matches(prompt):
-            for name in self.triggers[found.lower()]:
+        for found, word in self._trigger_matches(prompt):
+            for name in self.triggers[word]:
                 if name not in picked:
                     picked[name] = 1.0
                     why[name] = f"trigger {found!r}"
@@ -214,9 +218,11 @@ class Router:
             why[name] += " (weight rounds to 0, left out)"
         return route
 
-    def _trigger_matches(self, prompt: str) -> list[str]:
-        """The trigger words in `prompt` as written, in order: whole words, longest first, case-insensitive.
-        Only the triggers whose first word the prompt holds are tried, so 10,000 cost what 10 do."""
+    def _trigger_matches(self, prompt: str) -> list[tuple[str, str]]:
+        """(as written, trigger) for the trigger words in `prompt`, in order: whole words, longest first,
+        case-insensitive. Only the triggers whose first word the prompt holds are tried, so 10,000 cost what
+        10 do. The trigger is told by which one matched, not by lower-casing the match: "İstanbul" matches
+        "istanbul" but lower-cases to "i̇stanbul"."""
         if not self.triggers or not prompt:
             return []
         candidates = [t for w in {*_WORD.findall(prompt.lower()), ""} for t in self._by_word.get(w, ())]
@@ -224,7 +230,8 @@ class Router:
             return []
         words = sorted(candidates, key=len, reverse=True)
         pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, words)) + r")(?!\w)", re.IGNORECASE)
-        return [m.group(0) for m in pattern.finditer(prompt)]
+        same = lambda word, text: re.fullmatch(re.escape(word), text, re.IGNORECASE) is not None  # noqa: E731
+        return [(m.group(0), next(w for w in words if same(w, m.group(0)))) for m in pattern.finditer(prompt)]
 
 
 

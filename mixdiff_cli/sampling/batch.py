@@ -29,7 +29,7 @@ from mixdiff_cli.routing.route import check_known, parse_members
 from mixdiff_cli.sampling.distributed import base_seed, distributed_state, gather, split_work
 from mixdiff_cli.sampling.manifest import MANIFEST, Appender, BatchError, already_done, manifest_records, merge_manifest, params
 from mixdiff_cli.sampling.options import GenerationOptions
-from mixdiff_cli.sampling.prompts import PromptItem, parse_prompts
+from mixdiff_cli.sampling.prompts import PromptFileError, PromptItem, parse_prompts
 from mixdiff_cli.sampling.regions import parse_regions
 from mixdiff_cli.sampling.signals import Interrupted, Stop, stop_on_signals
 from mixdiff_cli.sampling.work import Work, groups, plan, valid_items
@@ -121,8 +121,9 @@ def run_batch(
     check_known(opts.experts, cat.names)  # an unknown --expert fails before anything else
     parsed = parse_prompts(prompts_file)
     items, errors = valid_items(cat, parsed)
-    if errors and not settings.keep_going:
-        raise errors[0]
+    if errors and not settings.keep_going:  # the one place that can offer --keep-going
+        first = errors[0]
+        raise PromptFileError(first.message, f"{first.hint}; or pass --keep-going to skip it" if first.hint else "pass --keep-going to skip it", line=first.line)
     start = _start(cat, out_dir, items, opts, settings.resume, engine, router)
     state, engine = start.state, start.engine
     todo = [w for w in start.work if not already_done(out_dir, start.done.get(w.item.id), w, opts.blend)]

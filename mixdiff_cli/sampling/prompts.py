@@ -291,15 +291,21 @@ def parse_txt_line(text: str) -> dict[str, Any]:
     return record
 
 
+def lines(text: str) -> list[str]:
+    """`text`'s lines, split at line feeds only: U+2028, U+0085 or a form feed inside a line belong to it
+    (`str.splitlines` would split there, and JSON strings may hold them)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _records_txt(text: str) -> Iterator[tuple[int, Any]]:
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(lines(text), start=1):
         line = raw.strip()
         if line and not line.startswith("#"):
             yield number, line
 
 
 def _records_jsonl(text: str) -> Iterator[tuple[int, Any]]:
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(lines(text), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -410,7 +416,7 @@ def parse_prompts(path: str | Path, text: str | None = None) -> PromptFile:
             seen_ids[item.id] = line
             result.items.append(item)
         except _Bad as bad:
-            result.errors.append(PromptFileError(f"{path}:{line}: {bad.what}", f"{bad.hint}; or pass --keep-going to skip it", line=line))
+            result.errors.append(PromptFileError(f"{path}:{line}: {bad.what}", bad.hint, line=line))
     if not result.items and not result.errors:
         raise PromptFileError(f"prompt file {path} holds no prompts", "write one prompt per line ('#' starts a comment)")
     return result

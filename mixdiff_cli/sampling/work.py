@@ -42,7 +42,7 @@ def valid_items(cat: Catalog, parsed: Any) -> tuple[list[PromptItem], list[Promp
             check_known(parse_members(item.experts), cat.names)
             check_regions(parse_regions(item.regions), cat.names)
         except (ExpertNotFound, UsageError) as exc:
-            errors.append(PromptFileError(f"{parsed.path}:{item.line}: {exc.message}", f"{exc.hint}; or pass --keep-going to skip it", line=item.line))
+            errors.append(PromptFileError(f"{parsed.path}:{item.line}: {exc.message}", exc.hint, line=item.line))
         else:
             items.append(item)
     errors.sort(key=lambda e: e.line or 0)
