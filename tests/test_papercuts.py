@@ -146,3 +146,63 @@ def test_a_trigger_of_function_words_forces_nothing(tmp_path):
     route = router.decide(router.embed(["a red circle on the table"])[0], "a red circle on the table", top_k=1)
     assert route.chosen == [("shapes", 1.0)] and not any("trigger" in why for why in route.reasons.values()), route.reasons
     assert {"a", "the", "on"} <= set(router.generic_triggers) and "square" in router.triggers
+
+
+def test_two_runs_into_one_folder_with_one_seed_keep_both_images(tmp_path):
+    """Data loss 1: the image number was chosen before sampling, so a run that finished meanwhile into the same
+    folder with the same seed had its 00001-SEED.png overwritten (both exited 0). Here the second run runs
+    to its end while the first is at its last step."""
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.sampling.generate import generate_images
+    from mixdiff_cli.sampling.options import GenerationOptions
+
+    out, inner = tmp_path / "out", []
+
+    def meanwhile(done: int, total: int) -> None:
+        if done == total and not inner:
+            inner.append(generate_images(packaged_catalog_path(), "a red circle", GenerationOptions(seed=0, steps=2), out_dir=out))
+
+    outer = generate_images(packaged_catalog_path(), "green and yellow checks", GenerationOptions(seed=0, steps=2), out_dir=out,
+                            progress=meanwhile)
+    [first], [second] = inner[0].paths, outer.paths
+    assert first.name == "00001-0.png" and second.name == "00002-0.png"
+    from mixdiff_cli.sampling.pngmeta import read_record
+
+    assert read_record(first)["prompt"] == "a red circle" and read_record(second)["prompt"] == "green and yellow checks"
+    assert sorted(p.name for p in out.iterdir()) == ["00001-0.png", "00002-0.png"]  # no temporary file left
+
+
+def test_a_second_batch_into_a_busy_folder_is_refused(tmp_path):
+    """Data loss 2: two batches started together into one folder both ran, overwrote each other's images and
+    left a manifest whose hashes did not match. Here a second batch starts while the first samples its
+    first image (nothing written yet)."""
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.core.errors import MixdiffError
+    from mixdiff_cli.sampling.batch import run_batch
+    from mixdiff_cli.sampling.engine import Engine
+    from mixdiff_cli.sampling.options import GenerationOptions
+
+    prompts, out, refused = tmp_path / "p.txt", tmp_path / "out", []
+    prompts.write_text("a red circle\n")
+    (tmp_path / "q.txt").write_text("green and yellow checks\n")
+    engine = Engine(packaged_catalog_path())
+    sample = engine.generate
+
+    def meanwhile(*args, **kwargs):
+        if not refused:
+            with pytest.raises(MixdiffError, match="another batch is writing into") as raised:
+                run_batch(packaged_catalog_path(), tmp_path / "q.txt", out, GenerationOptions(steps=2, seed=0), handle_signals_off())
+            refused.append(raised.value)
+        return sample(*args, **kwargs)
+
+    engine.generate = meanwhile
+    result = run_batch(packaged_catalog_path(), prompts, out, GenerationOptions(steps=2, seed=0), handle_signals_off(), engine=engine)
+    assert refused and result.written == 1
+    again = run_batch(packaged_catalog_path(), tmp_path / "q.txt", tmp_path / "other", GenerationOptions(steps=2, seed=0), handle_signals_off())
+    assert again.written == 1 and not list(tmp_path.glob(".*.batch.lock"))  # the lock goes with its batch
+
+
+def handle_signals_off():
+    from mixdiff_cli.sampling.batch import BatchSettings
+
+    return BatchSettings(handle_signals=False)

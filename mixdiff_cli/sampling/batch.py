@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,33 +124,34 @@ def run_batch(
     if errors and not settings.keep_going:  # the one place that can offer --keep-going
         first = errors[0]
         raise PromptFileError(first.message, f"{first.hint}; or pass --keep-going to skip it" if first.hint else "pass --keep-going to skip it", line=first.line)
-    start = _start(cat, out_dir, items, opts, settings.resume, engine, router)
-    state, engine = start.state, start.engine
-    todo = [w for w in start.work if not already_done(out_dir, start.done.get(w.item.id), w, opts.blend)]
-    ordered = [w for g in groups(todo) for w in g]  # by route; the same order on every process
-    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    if rank == 0:
-        _remove_stale(out_dir, [w.item for w in todo])
-    if state is not None:
-        state.wait_for_everyone()  # everyone has read the manifest before anyone appends to it
+    with claim_folder(out_dir):  # one batch at a time per folder: two would overwrite each other's images
+        start = _start(cat, out_dir, items, opts, settings.resume, engine, router)
+        state, engine = start.state, start.engine
+        todo = [w for w in start.work if not already_done(out_dir, start.done.get(w.item.id), w, opts.blend)]
+        ordered = [w for g in groups(todo) for w in g]  # by route; the same order on every process
+        rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+        if rank == 0:
+            _remove_stale(out_dir, [w.item for w in todo])
+        if state is not None:
+            state.wait_for_everyone()  # everyone has read the manifest before anyone appends to it
 
-    result = BatchResult(
-        out_dir=out_dir, manifest=out_dir / MANIFEST, total=len(parsed.items) + len(parsed.errors),
-        skipped=len(start.work) - len(todo), failed=len(errors), errors=[str(e) for e in errors], base_seed=start.seed,
-        processes=world, rank=rank,
-    )
-    mine = groups(split_work(ordered, state))
-    result.groups = len(mine)
-    part = MANIFEST if state is None else f"manifest.part{rank}.jsonl"
-    exact = settings.exact
-    if exact is None:
-        exact = engine.device.type == "cpu" and not getattr(engine, "compile", False)
-    run = _Run(opts.batch_size, opts.blend, start.seed, rank, settings.keep_going, exact, settings.handle_signals, parsed.path, on_image, opts)
-    _execute(engine, mine, out_dir / part, result, run)
-    result.seconds = time.perf_counter() - started
-    if result.interrupted is None:  # else any per-process parts stay; the next --resume merges them
-        _finish(state, result, len(errors), out_dir)
-    return result
+        result = BatchResult(
+            out_dir=out_dir, manifest=out_dir / MANIFEST, total=len(parsed.items) + len(parsed.errors),
+            skipped=len(start.work) - len(todo), failed=len(errors), errors=[str(e) for e in errors], base_seed=start.seed,
+            processes=world, rank=rank,
+        )
+        mine = groups(split_work(ordered, state))
+        result.groups = len(mine)
+        part = MANIFEST if state is None else f"manifest.part{rank}.jsonl"
+        exact = settings.exact
+        if exact is None:
+            exact = engine.device.type == "cpu" and not getattr(engine, "compile", False)
+        run = _Run(opts.batch_size, opts.blend, start.seed, rank, settings.keep_going, exact, settings.handle_signals, parsed.path, on_image, opts)
+        _execute(engine, mine, out_dir / part, result, run)
+        result.seconds = time.perf_counter() - started
+        if result.interrupted is None:  # else any per-process parts stay; the next --resume merges them
+            _finish(state, result, len(errors), out_dir)
+        return result
 
 
 def _start(cat: Catalog, out_dir: Path, items: list[PromptItem], opts: GenerationOptions, resume: bool,
@@ -174,6 +175,35 @@ def _start(cat: Catalog, out_dir: Path, items: list[PromptItem], opts: Generatio
             with contextlib.suppress(OSError):
                 out_dir.rmdir()  # leave nothing behind when the run never started (only if still empty)
         raise
+
+
+@contextlib.contextmanager
+def claim_folder(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir` for this batch: a second batch started into it meanwhile fails at once, naming it. The
+    lock is a file beside the folder (so that a folder the run creates can still be removed when empty);
+    in a distributed run the first process holds it for all."""
+    import os
+
+    from filelock import FileLock, Timeout
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    out_dir = out_dir.absolute()
+    lock_file = out_dir.parent / f".{out_dir.name}.batch.lock"
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise BatchError(f"another batch is writing into {out_dir}", "wait for it to finish, or choose another --out") from None
+    except OSError:  # the parent folder is not ours to write: go unguarded rather than refuse
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+        lock_file.unlink(missing_ok=True)
 
 
 def _prepare_out(out_dir: Path) -> bool:

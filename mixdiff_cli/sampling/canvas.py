@@ -252,8 +252,8 @@ def generate_canvas(
     prompt (None: none) at `canvas.background_weight`; `options.num_images` PNGs with metadata in `out_dir`.
     `catalog` may be an engine already loaded. With `from_image`, the recorded regions, routes and settings
     replay (options left None take the record's)."""
-    from mixdiff_cli.sampling.generate import Generated, _next_index
-    from mixdiff_cli.sampling.pngmeta import read_record, save_png
+    from mixdiff_cli.sampling.generate import Generated
+    from mixdiff_cli.sampling.pngmeta import read_record, save_next_png
 
     engine = catalog if isinstance(catalog, Engine) else None
     cat = engine.catalog if engine is not None else catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
@@ -285,14 +285,13 @@ def generate_canvas(
     run = prepare_canvas(engine, background, parsed, base, opts.updated(experts=background_members), canvas, replaying=from_image is not None)
     out_dir = writable_dir(out_dir)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(opts.num_images)]
-    index, paths = _next_index(out_dir), []
+    paths: list[Path] = []
     with engine.batch_invariant():
         for start in range(0, len(seeds), opts.batch_size):
             chunk = seeds[start : start + opts.batch_size]
             tick = None if progress is None else (lambda done, base=start * steps: progress(base + done, steps * len(seeds)))
             for s, image in zip(chunk, sample_canvas(run, chunk, tick)):
-                paths.append(save_png(image, out_dir / f"{index:05d}-{s}.png"))
-                index += 1
+                paths.append(save_next_png(image, out_dir, s, int(paths[-1].name[:5]) + 1 if paths else 1))
     route = {"regions": [{"name": e.name, "box": _box_text(e.region), "chosen": e.decision.get("chosen")} for e in run.entries if e.region]}
     if any(e.region is None for e in run.entries):
         route["background"] = {"chosen": next(e.decision.get("chosen") for e in run.entries if e.region is None)}

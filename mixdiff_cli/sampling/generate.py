@@ -36,12 +36,6 @@ class Generated:
         return {"images": [{"path": str(p), "seed": s} for p, s in zip(self.paths, self.seeds)], "route": self.route, "blend": self.blend}
 
 
-def _next_index(out_dir: Path) -> int:
-    """A1111-style numbering: one more than the highest `NNNNN-*.png` already in the folder."""
-    numbers = [int(p.name[:5]) for p in out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
-    return max(numbers, default=0) + 1
-
-
 def generate_images(
     catalog: Catalog | str | Path,
     prompt: str | None = None,
@@ -59,7 +53,7 @@ def generate_images(
     With `from_image`, every option left None takes the recorded value and the recorded experts and
     weights replace the router, so the image is reproduced (bit-exactly on the same CPU stack).
     """
-    from mixdiff_cli.sampling.pngmeta import save_png
+    from mixdiff_cli.sampling.pngmeta import save_next_png
 
     cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
     opts = (options or GenerationOptions()).check(len(cat.experts))
@@ -78,16 +72,14 @@ def generate_images(
     route, info = _decide(engine, prompt, encoded, members, bool(recorded), opts)
 
     paths: list[Path] = []
-    index = _next_index(out_dir)
     total = steps * opts.num_images
     with engine.batch_invariant():  # on CPU: --batch-size never changes an image, --from reproduces it bit-exactly
         for start in range(0, opts.num_images, opts.batch_size):
             chunk = requests[start : start + opts.batch_size]
             tick = None if progress is None else (lambda done, _t, base=start * steps: progress(base + done, total))
             images = engine.generate(chunk, route, blend, encoded=encoded.take([0] * len(chunk)), route_info=info, progress=tick)
-            for req, image in zip(chunk, images):
-                paths.append(save_png(image, out_dir / f"{index:05d}-{req.seed}.png"))
-                index += 1
+            for req, image in zip(chunk, images):  # numbered when written: another run may share the folder
+                paths.append(save_next_png(image, out_dir, req.seed, int(paths[-1].name[:5]) + 1 if paths else 1))
     label = images[0].info["mixdiff"]["blend"]
     return Generated(paths=paths, seeds=seeds, route=info.decision or {}, blend=label)
 

@@ -97,7 +97,8 @@ def parse_a1111(text: str) -> dict[str, Any]:
 
 
 def save_png(image: Any, path: str | Path, record: dict[str, Any] | None = None) -> Path:
-    """Write `image` as PNG with both chunks, atomically. `record` defaults to `image.info["mixdiff"]`."""
+    """Write `image` as PNG with both chunks, atomically (over a file of that name). `record` defaults to
+    `image.info["mixdiff"]`."""
     from PIL.PngImagePlugin import PngInfo
 
     record = record if record is not None else image.info.get(RECORD_KEY)
@@ -109,6 +110,34 @@ def save_png(image: Any, path: str | Path, record: dict[str, Any] | None = None)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return path
+
+
+def save_next_png(image: Any, out_dir: Path, seed: int, index: int = 1) -> Path:
+    """Write `image` as `out_dir`'s next `NNNNN-SEED.png` (A1111 numbering, from `index` up) and never over
+    another file: the name is claimed with an exclusive hard link of the finished file, so two runs writing
+    into one folder at once get two numbers and both images stay."""
+    import os
+    import uuid
+
+    tmp = out_dir / f".{uuid.uuid4().hex}.png.partial"
+    try:
+        save_png(image, tmp)
+        while True:
+            index = max(index, next_index(out_dir))
+            path = out_dir / f"{index:05d}-{seed}.png"
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                index += 1  # another run took this number since we looked
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def next_index(out_dir: Path) -> int:
+    """A1111-style numbering: one more than the highest `NNNNN-*.png` already in the folder."""
+    numbers = [int(p.name[:5]) for p in out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+    return max(numbers, default=0) + 1
 
 
 @dataclass
