@@ -206,3 +206,40 @@ def handle_signals_off():
     from mixdiff_cli.sampling.batch import BatchSettings
 
     return BatchSettings(handle_signals=False)
+
+
+def test_a_symlinked_catalog_stays_a_link(tmp_path):
+    """Data loss 5: the first write replaced a symlinked experts.yaml by a regular file (the shared catalog
+    it pointed to stayed behind, unchanged)."""
+    from mixdiff_cli.catalog.model import Base, Catalog
+    from mixdiff_cli.catalog.schema import edit_catalog, load_catalog, save_catalog
+
+    shared = tmp_path / "shared" / "experts.yaml"
+    shared.parent.mkdir()
+    save_catalog(Catalog(path=shared, base=Base(source="/nonexistent/base", arch="sd1")))
+    link = tmp_path / "mine" / "experts.yaml"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    with edit_catalog(link) as cat:
+        cat.base = Base(source="/another/base", arch="sd1")
+    assert link.is_symlink() and link.resolve() == shared.resolve()
+    assert load_catalog(shared).base.source == "/another/base"
+
+
+def test_router_files_keep_the_mode_other_users_can_read(tmp_path):
+    """Router files became 0600 after `router train` / `add-expert` (safetensors writes its file 0600),
+    locking other users of a shared catalog out."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mixdiff_cli.core.fsutil import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "router.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+        assert (tmp_path / "router.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)

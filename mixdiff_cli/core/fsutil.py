@@ -22,18 +22,22 @@ def fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target` atomically."""
-    target = Path(target)
+    """Yield a temporary path beside `target`; on success it replaces `target` atomically. A symlinked
+    `target` keeps its link: the file it points to is replaced."""
+    target = Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix or ".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        # mkstemp makes 0600 files; give the result the target's mode, or what umask allows.
+        # mkstemp makes 0600 files (and so do some writers, safetensors' among them): give the result the
+        # target's mode, or what umask allows, once it is written
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp_path, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~umask)
+        mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~umask
+        os.chmod(tmp_path, mode)
         yield tmp_path
+        os.chmod(tmp_path, mode)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
