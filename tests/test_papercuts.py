@@ -243,3 +243,24 @@ def test_router_files_keep_the_mode_other_users_can_read(tmp_path):
         assert (tmp_path / "router.safetensors").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def test_router_train_never_overwrites_a_file_that_is_not_a_router(tmp_path):
+    """Data loss 4: `router train --output PATH` overwrote anything: a registered LoRA, the base UNet, experts.yaml."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_router import write_catalog
+
+    catalog = write_catalog(tmp_path)
+    lora = tmp_path / "animals.safetensors"
+    lora.write_bytes(b"not yours to overwrite")
+    for victim in (lora, catalog):
+        before = victim.read_bytes()
+        res = runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--encoder", "words", "--output", str(victim)])
+        assert res.exit_code == 1 and "exists and is not a router checkpoint" in res.output, res.output
+        assert victim.read_bytes() == before
+    ok = runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--encoder", "words", "--output", str(tmp_path / "r.safetensors")])
+    assert ok.exit_code == 0, ok.output
+    again = runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--encoder", "words", "--output", str(tmp_path / "r.safetensors")])
+    assert again.exit_code == 0, again.output  # a router checkpoint is retrained in place

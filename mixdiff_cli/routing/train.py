@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixdiff_cli.catalog.model import Catalog
 from mixdiff_cli.catalog.schema import load_catalog
+from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.routing.checkpoint import ROUTER_FILE, Checkpoint, for_catalog, save_checkpoint
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
@@ -205,6 +206,25 @@ def _save(ckpt: Checkpoint, cat: Catalog, out_path: Path) -> None:
         live.router = live.relative_source(out_path)
 
 
+def check_output(path: Path) -> None:
+    """`--output` may be new or a router checkpoint; anything else there (a LoRA, a base's weights, the
+    catalog) is the user's file, never overwritten."""
+    from mixdiff_cli.routing.checkpoint import FORMAT
+
+    if not path.exists() and not path.is_symlink():
+        return
+    from mixdiff_cli.catalog.headers import read_header
+
+    meta: dict[str, str] = {}
+    if path.is_file():
+        try:
+            meta = read_header(path)[1]
+        except (MixdiffError, OSError):
+            meta = {}  # not even safetensors
+    if meta.get("mixdiff.format") != FORMAT:
+        raise RouterError(f"--output {path} exists and is not a router checkpoint", "choose a new path, or remove that file first")
+
+
 def train_router(
     catalog_path: str | Path,
     *,
@@ -221,6 +241,8 @@ def train_router(
     from mixdiff_cli.catalog.discovery import check_writable
 
     check_writable(catalog_path, output)  # before training: the packaged demo is read-only
+    if output is not None:
+        check_output(Path(output))
     config = config or TrainConfig()
     cat = load_catalog(catalog_path)
     if len(cat.experts) < 2:
