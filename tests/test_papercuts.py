@@ -264,3 +264,49 @@ def test_router_train_never_overwrites_a_file_that_is_not_a_router(tmp_path):
     assert ok.exit_code == 0, ok.output
     again = runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--encoder", "words", "--output", str(tmp_path / "r.safetensors")])
     assert again.exit_code == 0, again.output  # a router checkpoint is retrained in place
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--height", "100000"], "--height 100000 is over 8192 pixels"),
+    (["-g", "1e308"], "--guidance must be a number from 0 to 100"),
+    (["--steps", "5000"], "--steps must be 1 to 1000"),
+])
+def test_sizes_steps_and_guidance_have_upper_bounds(args, message, tmp_path):
+    """13: `--height 100000` hung through two SIGTERMs, `-g 1e308` gave a black PNG with exit 0."""
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+
+    res = runner.invoke(app, ["generate", "a red circle", *args, "--catalog", str(packaged_catalog_path()), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_prompt_file_values_out_of_range_are_bad_items_of_the_file(tmp_path):
+    """13: prompt-file steps 1,001-10,000 aborted the batch despite --keep-going; `guidance: Infinity` was
+    refused only after the model loaded, blaming --guidance."""
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.sampling.batch import BatchSettings, run_batch
+    from mixdiff_cli.sampling.options import GenerationOptions
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle", "steps": 2}\n{"prompt": "a red circle", "steps": 5000}\n'
+                       '{"prompt": "a red circle", "guidance": Infinity}\n{"prompt": "a red circle", "height": 100000}\n')
+    result = run_batch(packaged_catalog_path(), prompts, tmp_path / "out", GenerationOptions(steps=2, seed=0), BatchSettings(keep_going=True))
+    assert result.written == 1 and result.failed == 3, result.errors
+    assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in result.errors] == ["2", "3", "4"] and not any("--" in e for e in result.errors)
+
+
+def test_a_lora_of_nans_is_an_error_not_a_black_image(tiny_sd, tmp_path):
+    """12: NaN weights gave an all-black PNG with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    from mixdiff_cli.testing import make_lora
+
+    lora = make_lora(tiny_sd, tmp_path / "nan.safetensors", seed=1)
+    save_file({k: v * float("nan") for k, v in load_file(lora).items()}, lora)
+    catalog = tmp_path / "experts.yaml"
+    assert runner.invoke(app, ["init", "--base", str(tiny_sd), "--catalog", str(catalog)]).exit_code == 0
+    added = runner.invoke(app, ["add-expert", str(lora), "--catalog", str(catalog), "--name", "nan"])
+    assert added.exit_code == 0, added.output
+    res = runner.invoke(app, ["generate", "a cat", "-e", "nan", "--steps", "2", "--catalog", str(catalog), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "sampling went to NaN or Inf at step 1 of 2" in res.output, res.output
+    assert not list((tmp_path / "out").glob("*.png"))

@@ -30,6 +30,7 @@ from mixdiff_cli.core.fsutil import writable_dir
 from mixdiff_cli.routing.route import check_known, parse_members
 from mixdiff_cli.families.base import Cond, cat
 from mixdiff_cli.sampling.engine import Active, Engine, Request, RouteInfo
+from mixdiff_cli.sampling.requests import check_finite
 from mixdiff_cli.sampling.mixture import BASE, Mixture, adapter_names_hooks
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions, check_image
 from mixdiff_cli.sampling.regions import (CanvasOptions, Region, RegionError, Tile, box_tiles, check_regions, parse_box, parse_regions,
@@ -340,7 +341,12 @@ def sample_canvas(run: CanvasRun, seeds: Sequence[int], progress: Callable[[int]
 
     engine, req, pipe = run.engine, run.request, run.engine.pipe
     run.plan.images = len(seeds)
-    tick = None if progress is None else (lambda p, i, t, tensors: (progress(i + 1), tensors)[1])
+    def tick(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
+        check_finite(tensors, i + 1, req.steps)
+        if progress is not None:
+            progress(i + 1)
+        return tensors
+
     pipe.scheduler = engine.scheduler_for(req.scheduler)
     regional = len(run.entries) > 1  # one prompt: the pipeline's own decode
     with engine.installed(CanvasDenoiser(engine, run.plan)):

@@ -24,7 +24,7 @@ from mixdiff_cli.catalog.headers import sha256_file as file_sha256
 from mixdiff_cli.sampling.fusion import Fusion
 from mixdiff_cli.sampling.loaders import Loaders
 from mixdiff_cli.sampling.planning import Planning
-from mixdiff_cli.sampling.requests import Active, Request, RouteInfo, _Loaded, _Stage
+from mixdiff_cli.sampling.requests import Active, Request, RouteInfo, _Loaded, _Stage, check_finite
 from mixdiff_cli.sampling.residency import Residency
 
 if TYPE_CHECKING:
@@ -268,19 +268,17 @@ class Engine(Residency, Loaders, Fusion, Planning):
         def activate(stage: _Stage) -> None:  # each one-LoRA (or merged) stage fused while it runs, where that pays
             self._fuse(self._apply(stage.members, stage.mode)[4], tokens)
 
-        kwargs: dict[str, Any] = {}
-        if tick is not None or starts:
-            def on_step(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
-                if i + 1 in starts:
-                    stage, blend = starts[i + 1]
-                    with self.installed(self.denoiser):  # adapter calls need the plain denoiser in the pipeline
-                        activate(stage)
-                    self.mixture.switch(blend)
-                if tick is not None:
-                    tick(done + i + 1, total)
-                return tensors
+        def on_step(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
+            check_finite(tensors, i + 1, steps)
+            if i + 1 in starts:
+                stage, blend = starts[i + 1]
+                with self.installed(self.denoiser):  # adapter calls need the plain denoiser in the pipeline
+                    activate(stage)
+                self.mixture.switch(blend)
+            if tick is not None:
+                tick(done + i + 1, total)
+            return tensors
 
-            kwargs["callback_on_step_end"] = on_step
         _, stage, blend = spans[0]
         activate(stage)
         with self.installed(self.mixture), self.mixture.routed(blend):
@@ -292,7 +290,7 @@ class Engine(Residency, Loaders, Fusion, Planning):
                 height=height,
                 generator=generators,
                 output_type=output_type,
-                **kwargs,
+                callback_on_step_end=on_step,
             )
         images = out.images
         return list(images) if output_type == "pil" else [images[i] for i in range(len(reqs))]

@@ -17,6 +17,11 @@ SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 BLEND_MODES: tuple[str, ...] = get_args(BlendMode)
 MAX_SEED = 2**32 - 1
 DEFAULT_STEPS = 30
+# Upper bounds, so that a typo is an error and not an hour-long hang or a 14 GB allocation: the schedulers
+# have 1,000 training timesteps; guidance past 100 only saturates; a side of 8,192 px is 16x SDXL's.
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_SIDE = 8192
 DEFAULT_SCHEDULER: SchedulerName = "ddim"
 
 
@@ -38,13 +43,15 @@ def parse_size(text: str | int) -> int:
 def check_image(*, steps: int | None = None, guidance: float | None = None, width: int | None = None,
                 height: int | None = None, scheduler: str | None = None, seed: int | None = None) -> None:
     """Per-image values in range (None: not given, the default applies)."""
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}", "pass --steps 1 or more")
-    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
-        raise UsageError(f"--guidance must be a number >= 0, got {guidance}", "e.g. --guidance 7.5")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps must be 1 to {MAX_STEPS}, got {steps}", "pass e.g. --steps 30")
+    if guidance is not None and not (0 <= guidance <= MAX_GUIDANCE and math.isfinite(guidance)):
+        raise UsageError(f"--guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance}", "e.g. --guidance 7.5")
     for name, size in (("width", width), ("height", height)):
         if size is not None and (size <= 0 or size % 8):
             raise UsageError(f"--{name} {size} is not a positive multiple of 8", f"pass e.g. --{name} 512")
+        if size is not None and size > MAX_SIDE:
+            raise UsageError(f"--{name} {size} is over {MAX_SIDE} pixels", f"pass at most --{name} {MAX_SIDE}")
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
     if seed is not None and not 0 <= seed <= MAX_SEED:

@@ -21,7 +21,7 @@ from typing import Any
 
 from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.routing.route import Member, RouteSpecError, parse_member
-from mixdiff_cli.sampling.options import MAX_SEED, SCHEDULERS
+from mixdiff_cli.sampling.options import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, SCHEDULERS
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".yaml", ".yml")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -133,7 +133,7 @@ def _int(key: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
-def _float(key: str, value: Any, low: float) -> float:
+def _float(key: str, value: Any, low: float, high: float = float("inf")) -> float:
     if isinstance(value, str):
         try:
             value = float(value.strip())
@@ -141,8 +141,9 @@ def _float(key: str, value: Any, low: float) -> float:
             raise _Bad(f"{key} must be a number, got {value!r}", f"write e.g. {key} 7.5") from None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
         raise _Bad(f"{key} must be a number, got {value!r}", f"write e.g. {key} 7.5")
-    if value < low:
-        raise _Bad(f"{key} must be at least {low}, got {value}", f"fix the {key} value")
+    if not low <= value <= high:
+        span = f"from {low:g} to {high:g}" if high != float("inf") else f"at least {low:g}"
+        raise _Bad(f"{key} must be a number {span}, got {value}", f"fix the {key} value")
     return float(value)
 
 
@@ -153,7 +154,7 @@ def _text(key: str, value: Any) -> str:
 
 
 def _size(key: str, value: Any) -> int:
-    size = _int(key, value, 8)
+    size = _int(key, value, 8, MAX_SIDE)
     if size % 8:
         raise _Bad(f"{key} must be a multiple of 8, got {size}", f"use e.g. {size // 8 * 8 or 8}")
     return size
@@ -198,8 +199,8 @@ _CHECK = {
     "prompt": _text,
     "negative": _text,
     "seed": lambda k, v: _int(k, v, 0, MAX_SEED),
-    "steps": lambda k, v: _int(k, v, 1, 10_000),
-    "guidance": lambda k, v: _float(k, v, 0.0),
+    "steps": lambda k, v: _int(k, v, 1, MAX_STEPS),
+    "guidance": lambda k, v: _float(k, v, 0.0, MAX_GUIDANCE),
     "width": _size,
     "height": _size,
     "scheduler": lambda k, v: _scheduler(k, v),

@@ -18,6 +18,20 @@ class EngineError(MixdiffError):
     """A generation request the engine cannot run."""
 
 
+class NonFiniteError(EngineError):
+    """Sampling went to NaN or Inf: an expert's weights, its strength or the guidance."""
+
+
+def check_finite(tensors: dict, step: int, steps: int) -> None:
+    """Stop a run whose latents hold NaN or Inf: it would save a black image and exit 0."""
+    import torch
+
+    latents = tensors.get("latents")
+    if latents is not None and not bool(torch.isfinite(latents).all()):
+        raise NonFiniteError(f"sampling went to NaN or Inf at step {step} of {steps}; no image was written",
+                             "check the experts ('mixdiff experts verify'), their weights and --guidance")
+
+
 class ExpertLoadError(MixdiffError):
     """An expert's weights could not be loaded into the base."""
 
