@@ -310,3 +310,17 @@ def test_a_lora_of_nans_is_an_error_not_a_black_image(tiny_sd, tmp_path):
     res = runner.invoke(app, ["generate", "a cat", "-e", "nan", "--steps", "2", "--catalog", str(catalog), "--out", str(tmp_path / "out")])
     assert res.exit_code == 1 and "sampling went to NaN or Inf at step 1 of 2" in res.output, res.output
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_the_readme_bands_auto_example_runs(tmp_path):
+    """`generate "a harbour at dusk" --top-k 2 --bands auto` (README) exited 2: the second expert's share was
+    under one step. A sliver the user did not type is left out, and the route says so."""
+    import json
+
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+
+    res = runner.invoke(app, ["--json", "generate", "a harbour at dusk", "--top-k", "2", "--bands", "auto", "--steps", "8",
+                              "--catalog", str(packaged_catalog_path()), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    route = json.loads(res.stdout)["route"]
+    assert len(route["chosen"]) == 1 and any("left out: its share holds no step of the 8-step run" in why for why in route["reasons"].values())

@@ -241,9 +241,19 @@ def catalog_bands(catalog: Any) -> dict[str, Band | None]:
     return {e.name: (tuple(e.band) if e.band else None) for e in catalog.experts}  # type: ignore[misc]
 
 
-def spread_bands(route: Route, preference: dict[str, Band | None]) -> Route:
+def spread_bands(route: Route, preference: dict[str, Band | None], steps: int | None = None) -> Route:
     """`--bands auto`: give the chosen experts consecutive parts of the run, as wide as their weights,
-    ordered by the middle of their catalog band (no band: 0.5), so that each step runs one expert."""
+    ordered by the middle of their catalog band (no band: 0.5), so that each step runs one expert. An
+    expert whose share of a `steps`-step run would hold less than one step is left out (the user named no
+    band: a sliver is never their error), the others renormalised."""
+    if steps and len(route.chosen) > 1:
+        kept = [(n, w) for n, w in route.chosen if w * steps >= 1.05] or [max(route.chosen, key=lambda c: c[1])]  # 5%: rounding
+        if len(kept) < len(route.chosen):
+            reasons = dict(route.reasons)
+            for name in dict(route.chosen).keys() - dict(kept).keys():
+                reasons[name] = f"{reasons.get(name, '')}; left out: its share holds no step of the {steps}-step run".lstrip("; ")
+            route = Route(chosen=renormalise(kept), probs=route.probs, reasons=reasons, prompt=route.prompt, router=route.router,
+                          options=route.options, bands=route.bands)
     if len(route.chosen) < 2:
         return route
     middle = {n: 0.5 if preference.get(n) is None else sum(preference[n]) / 2 for n, _ in route.chosen}  # type: ignore[arg-type]

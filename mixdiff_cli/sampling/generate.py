@@ -134,7 +134,7 @@ def _decide(engine: Engine, prompt: str, encoded: Encoded, members: tuple[Member
     vec = encoded.router[0] if router.encoder_id == "base" else router.embed([prompt])[0]
     route = router.decide(vec, prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold)
     if opts.bands == "auto":
-        route = spread_bands(route, catalog_bands(cat))
+        route = spread_bands(route, catalog_bands(cat), opts.steps or DEFAULT_STEPS)
     return route, RouteInfo(source="router", decision=route.to_dict())
 
 
