@@ -324,3 +324,50 @@ def test_the_readme_bands_auto_example_runs(tmp_path):
     assert res.exit_code == 0, res.output
     route = json.loads(res.stdout)["route"]
     assert len(route["chosen"]) == 1 and any("left out: its share holds no step of the 8-step run" in why for why in route["reasons"].values())
+
+
+def _demo_catalog_copy(tmp_path):
+    """The repository-root view of the demo (its router is the packaged demo's, which mixdiff never writes)."""
+    text = (REPO / "experts.yaml").read_text().replace("mixdiff_cli/data/demo/", f"{REPO}/mixdiff_cli/data/demo/")
+    (tmp_path / "experts.yaml").write_text(text)
+    return tmp_path / "experts.yaml"
+
+
+def _add_without_router(catalog, name: str, prompts: list[str]):
+    """The catalog write of add-expert alone: the kill point before its router write."""
+    import dataclasses
+
+    from mixdiff_cli.catalog.schema import edit_catalog
+
+    with edit_catalog(catalog) as cat:
+        cat.experts.append(dataclasses.replace(cat.experts[0], name=name, prompts=prompts, trigger=[], description=None,
+                                               sha256="0" * 64))
+
+
+def test_a_router_one_write_behind_the_catalog_still_routes(tmp_path):
+    """6: add-expert wrote the catalog, then the router; a kill between the two (or a router the user cannot
+    write, as in the repository root) left every `route` and `generate` failing ("router ... lacks")."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_router import write_catalog
+
+    from mixdiff_cli.routing.checkpoint import read_checkpoint
+    from mixdiff_cli.routing.router import load_router
+
+    # a catalog of the user's: the next route brings the router in step, on disk too
+    catalog = write_catalog(tmp_path / "mine")
+    assert runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--encoder", "words"]).exit_code == 0
+    _add_without_router(catalog, "dragons", ["a purple dragon over a castle", "a dragon breathing fire"])
+    res = runner.invoke(app, ["--json", "route", "a purple dragon over a castle", "--catalog", str(catalog)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["chosen"][0]["expert"] == "dragons"
+    assert "dragons" in [e["name"] for e in read_checkpoint(tmp_path / "mine" / "router.safetensors").experts]
+    # the repository root's view of the demo: the packaged router stays as it is, routing works with a warning
+    demo = _demo_catalog_copy(tmp_path)
+    _add_without_router(demo, "dragons", ["a purple dragon over a castle", "a dragon breathing fire"])
+    router = load_router(demo)
+    assert "dragons" in router.names and "lacks the change to dragons" in router.warnings[0]
+    res = runner.invoke(app, ["route", "a purple dragon over a castle", "--catalog", str(demo)])
+    assert res.exit_code == 0 and "dragons" in res.stdout, res.output

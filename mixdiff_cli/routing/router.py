@@ -32,6 +32,7 @@ from mixdiff_cli.catalog.headers import sha256_file
 from mixdiff_cli.catalog.discovery import is_packaged, user_data_dir
 from mixdiff_cli.catalog.model import Catalog
 from mixdiff_cli.catalog.schema import load_catalog
+from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.routing.checkpoint import FORMAT_VERSION, for_catalog, read_checkpoint, save_checkpoint, stale_reason
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
@@ -387,6 +388,9 @@ def load_router(
         return prototype_router(cat, get_encoder(cat, encoder or "base", pipe=pipe, device=device))
     ckpt = read_checkpoint(path)
     problem = stale_reason(ckpt, cat)
+    notes: list[str] = []
+    if problem is not None:
+        ckpt, problem, notes = _catch_up(cat, ckpt, problem, pipe)
     if problem is None and encoder is not None and encoder != ckpt.encoder:
         problem = f"it was trained on the {ckpt.encoder!r} encoder, not {encoder!r}"
     if problem is not None:
@@ -398,8 +402,34 @@ def load_router(
         return router
     enc = get_encoder(cat, ckpt.encoder, pipe=pipe, device=device)
     return Router(
-        ckpt.names, ckpt.gate, enc, kind="trained", triggers=_triggers(cat), checkpoint=path, checkpoint_sha256=sha256_file(path)
+        ckpt.names, ckpt.gate, enc, kind="trained", triggers=_triggers(cat), checkpoint=path, checkpoint_sha256=sha256_file(path),
+        warnings=notes,
     )
+
+
+def _catch_up(cat: Catalog, ckpt: Any, problem: str, pipe: Any) -> tuple[Any, str | None, list[str]]:
+    """A checkpoint one catalog write behind (experts added, or one removed, since it was written: the
+    router write after a catalog write never happened, or its file is not the user's to write) gets those
+    rows now, in memory, and on disk where it can be written. Else the problem stands."""
+    from mixdiff_cli.routing import sync
+
+    fixed = sync.caught_up(cat, ckpt, pipe=pipe)
+    if fixed is None:
+        return ckpt, problem, []
+    ckpt, change, names = fixed
+    shown = ", ".join(names)
+    try:
+        from mixdiff_cli.catalog.discovery import check_writable
+
+        check_writable(cat.router_path())
+        if change == "added":
+            sync.extend_router(cat, names, pipe=pipe)
+        else:
+            sync.drop_router_row(cat, names[0])
+        return ckpt, None, []
+    except (MixdiffError, OSError) as exc:
+        return ckpt, None, [f"router checkpoint {cat.router} lacks the change to {shown} ({change}); routing with it in step for "
+                            f"this run (the file stays as it is: {exc}). Run 'mixdiff router train' to write it"]
 
 
 def router_status(catalog: Catalog) -> dict[str, Any]:
