@@ -371,3 +371,17 @@ def test_a_router_one_write_behind_the_catalog_still_routes(tmp_path):
     assert "dragons" in router.names and "lacks the change to dragons" in router.warnings[0]
     res = runner.invoke(app, ["route", "a purple dragon over a castle", "--catalog", str(demo)])
     assert res.exit_code == 0 and "dragons" in res.stdout, res.output
+
+
+def test_prompt_file_lines_take_the_short_flags_generate_takes(tmp_path):
+    """A line `a blue square -n blurry --seed 8` kept "-n blurry" inside the prompt."""
+    from mixdiff_cli.sampling.prompts import parse_prompts
+
+    (tmp_path / "p.txt").write_text("a blue square -n blurry --seed 8\na red circle -g 5 -W 128 -H 64 -e shapes:0.5\n"
+                                    "a well-lit room\na cat -N 4\n")
+    parsed = parse_prompts(tmp_path / "p.txt")
+    first, second, third = parsed.items
+    assert (first.prompt, first.negative, first.seed) == ("a blue square", "blurry", 8)
+    assert (second.guidance, second.width, second.height, second.experts) == (5.0, 128, 64, (("shapes", 0.5),))
+    assert third.prompt == "a well-lit room"  # a hyphen inside a word is text
+    assert "-N (--num-images) applies to the whole run" in str(parsed.errors[0])

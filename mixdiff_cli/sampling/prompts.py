@@ -42,8 +42,11 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 _FIELD = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
 _TXT_OPTIONS = {alias: name for alias, name in _FIELD.items() if name not in ("prompt", "id", "regions")}
-# `--name` or `--name=` at the start of the line or after whitespace
-_OPTION_RE = re.compile(r"(?:(?<=\s)|^)--([A-Za-z][\w-]*)(?:=|(?=\s)|$)")
+# `--name`, `--name=` or a short flag of `generate` (`-n`), at the start of the line or after whitespace
+_OPTION_RE = re.compile(r"(?:(?<=\s)|^)(?:--([A-Za-z][\w-]*)|-([A-Za-z]))(?:=|(?=\s)|$)")
+# generate's short flags: those an item may set, and those that belong to the whole run
+_SHORT = {"n": "negative", "g": "guidance", "W": "width", "H": "height", "e": "expert"}
+_RUN_FLAGS = {"N": "--num-images", "b": "--batch-size", "k": "--top-k", "o": "--out", "c": "--catalog", "q": "--quiet", "r": "--region"}
 
 
 class PromptFileError(MixdiffError):
@@ -275,19 +278,23 @@ def parse_txt_line(text: str) -> dict[str, Any]:
     record: dict[str, Any] = {"prompt": text[: marks[0].start()] if marks else text}
     for i, mark in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        key, value = mark.group(1), _strip_quotes(text[mark.end():end])
+        short, value = mark.group(2), _strip_quotes(text[mark.end():end])
+        if short is not None and short in _RUN_FLAGS:
+            raise _Bad(f"-{short} ({_RUN_FLAGS[short]}) applies to the whole run, not to one item", f"pass {_RUN_FLAGS[short]} on the command line")
+        key = mark.group(1) or _SHORT.get(short, short)
+        shown = f"-{short}" if short is not None else f"--{key}"
         name = _TXT_OPTIONS.get(key.lower())
         if name is None:
-            raise _Bad(f"unknown option --{key}", "known: " + ", ".join(f"--{k}" for k in sorted(_TXT_OPTIONS)))
+            raise _Bad(f"unknown option {shown}", "known: " + ", ".join(f"--{k}" for k in sorted(_TXT_OPTIONS)))
         if not value:
-            raise _Bad(f"--{key} needs a value", f"write e.g. --{key} VALUE")
+            raise _Bad(f"{shown} needs a value", f"write e.g. {shown} VALUE")
         if name == "experts":
             record.setdefault("experts", []).extend(_split_specs(value))
             continue
         if name in ("seed", "steps", "guidance", "width", "height", "scheduler") and len(value.split()) > 1:
-            raise _Bad(f"--{key} takes one value, got {value!r}", "put the prompt text before the first --option")
+            raise _Bad(f"{shown} takes one value, got {value!r}", "put the prompt text before the first --option")
         if name in record:
-            raise _Bad(f"--{key} is given twice", "keep one of them")
+            raise _Bad(f"{shown} is given twice", "keep one of them")
         record[name] = value
     return record
 
