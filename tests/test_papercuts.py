@@ -385,3 +385,51 @@ def test_prompt_file_lines_take_the_short_flags_generate_takes(tmp_path):
     assert (second.guidance, second.width, second.height, second.experts) == (5.0, 128, 64, (("shapes", 0.5),))
     assert third.prompt == "a well-lit room"  # a hyphen inside a word is text
     assert "-N (--num-images) applies to the whole run" in str(parsed.errors[0])
+
+
+def test_init_then_init_base_sets_the_base(tmp_path):
+    """`init` without --base wrote `base: null`, then refused a second `init --base`."""
+    from mixdiff_cli.catalog.schema import load_catalog
+
+    catalog = tmp_path / "experts.yaml"
+    assert runner.invoke(app, ["init", "--catalog", str(catalog)]).exit_code == 0
+    res = runner.invoke(app, ["init", "--base", str(REPO / "mixdiff_cli/data/demo/base"), "--catalog", str(catalog)])
+    assert res.exit_code == 0, res.output
+    assert load_catalog(catalog).base.arch == "sd1"
+    again = runner.invoke(app, ["init", "--base", str(REPO / "mixdiff_cli/data/demo/base"), "--catalog", str(catalog)])
+    assert again.exit_code == 1 and "already exists" in again.output  # a catalog with a base is not replaced
+
+
+def test_init_with_the_demo_base_keeps_its_guidance(tmp_path):
+    """`init --base <demo base>` dropped the demo's `guidance: 3.0`."""
+    from mixdiff_cli.catalog.schema import load_catalog
+
+    catalog = tmp_path / "experts.yaml"
+    assert runner.invoke(app, ["init", "--base", str(REPO / "mixdiff_cli/data/demo/base"), "--catalog", str(catalog)]).exit_code == 0
+    assert load_catalog(catalog).base.guidance == 3.0
+
+
+def test_init_from_demo_starts_a_personal_catalog_that_keeps_routing(tmp_path):
+    """There was no way to start a catalog of one's own from the demo; add-expert in the repository root
+    wrote the tracked experts.yaml and every later route failed."""
+    import json
+
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.catalog.headers import sha256_file
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.testing import make_lora
+
+    demo = load_catalog(packaged_catalog_path())
+    packaged_router = sha256_file(demo.router_path())
+    catalog = tmp_path / "mine" / "experts.yaml"
+    res = runner.invoke(app, ["init", "--from-demo", "--catalog", str(catalog)])
+    assert res.exit_code == 0, res.output
+    mine = load_catalog(catalog)
+    assert mine.names == demo.names and mine.base.guidance == demo.base.guidance
+    assert [e.prompts for e in mine.experts] == [e.prompts for e in demo.experts] and [e.description for e in mine.experts] == [e.description for e in demo.experts]
+    lora = make_lora(REPO / "mixdiff_cli/data/demo/base", tmp_path / "dragons.safetensors", seed=3)
+    added = runner.invoke(app, ["add-expert", str(lora), "--catalog", str(catalog), "--prompt", "a purple dragon over a castle"])
+    assert added.exit_code == 0 and "warning" not in added.output, added.output
+    res = runner.invoke(app, ["--json", "route", "a purple dragon over a castle", "--catalog", str(catalog)])
+    assert res.exit_code == 0 and json.loads(res.stdout)[0]["chosen"][0]["expert"] == "dragons", res.output
+    assert sha256_file(demo.router_path()) == packaged_router  # the packaged demo is never written

@@ -26,14 +26,16 @@ def init(
         typer.Option("--base", help="Base model: a diffusers folder, a .safetensors checkpoint or hf://org/repo@revision."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing catalog.")] = False,
+    from_demo: Annotated[bool, typer.Option("--from-demo", help="Start from the embedded demo: its base, experts (prompts, descriptions, guidance) and a copy of its router.")] = False,
 ) -> None:
     """Create a catalog (default ./experts.yaml).
 
     Example: mixdiff init --base ./models/sd15
+    Example: mixdiff init --from-demo   (then add-expert your own LoRAs to it)
     """
     from mixdiff_cli.experts.manage import init_catalog
 
-    cat = init_catalog(catalog, base, force=force)
+    cat = init_catalog(catalog, base, force=force, from_demo=from_demo)
     out.result(str(cat.path), {"catalog": str(cat.path), "base": cat.base.to_dict() if cat.base else None})
 
 

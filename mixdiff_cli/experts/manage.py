@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, replace
@@ -44,21 +45,47 @@ def base_geometry(cat: Catalog) -> Geometry | None:
     return read_geometry(path) if path.is_dir() else None
 
 
-def init_catalog(path: str | Path | None = None, base: str | None = None, *, force: bool = False) -> Catalog:
-    """Create a catalog file (refuses to overwrite one unless `force`)."""
+def init_catalog(path: str | Path | None = None, base: str | None = None, *, force: bool = False, from_demo: bool = False) -> Catalog:
+    """Create a catalog file (refuses to overwrite one unless `force`). An existing catalog that has no base
+    yet takes `base`. `from_demo`: a catalog of the user's holding the packaged demo's base, experts (their
+    prompts, descriptions, guidance) and a copy of its router, to add experts to."""
     from mixdiff_cli.catalog.discovery import find_catalog
 
     path = find_catalog(path, must_exist=False)
     if path.is_dir():
         path = path / CATALOG_NAME
     if path.exists() and not force:
+        if base is not None and not from_demo and load_catalog(path).base is None and not load_catalog(path).experts:
+            with edit_catalog(path) as live:  # `init` first, `init --base` next: the base is the one thing to add
+                live.base = make_base(live, base)
+            return live
         raise CatalogError(f"catalog {path} already exists", "edit it with 'mixdiff add-expert', or pass --force to replace it")
-    cat = Catalog(path=path)
+    cat = _from_demo(path) if from_demo else Catalog(path=path)
     if base is not None:
         cat.base = make_base(cat, base)
     path.parent.mkdir(parents=True, exist_ok=True)
     with catalog_lock(path):
         save_catalog(cat)
+    return cat
+
+
+def _from_demo(path: Path) -> Catalog:
+    """The packaged demo as a catalog at `path`: every source pointing at the packaged files, the router copied."""
+    import dataclasses
+    import shutil
+
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.core.fsutil import atomic_path
+    from mixdiff_cli.routing.checkpoint import ROUTER_FILE
+
+    demo = load_catalog(packaged_catalog_path())
+    cat = Catalog(path=path)
+    cat.base = dataclasses.replace(demo.base, source=cat.relative_source(demo.resolve(demo.base.source)))
+    cat.experts = [dataclasses.replace(e, source=cat.relative_source(demo.resolve(e.source))) for e in demo.experts]
+    if demo.router_path() is not None:
+        with atomic_path(path.parent / ROUTER_FILE) as tmp:
+            shutil.copyfile(demo.router_path(), tmp)
+        cat.router = ROUTER_FILE
     return cat
 
 
@@ -70,7 +97,16 @@ def make_base(cat: Catalog, source: str) -> Base:
     path = Path(source).expanduser()
     if not path.exists():
         raise UsageError(f"base model {source} does not exist", "pass a diffusers folder, a .safetensors checkpoint or hf://org/repo@revision")
-    return Base(source=cat.relative_source(path), arch=base_arch(path))
+    return Base(source=cat.relative_source(path), arch=base_arch(path), guidance=_known_guidance(path))
+
+
+def _known_guidance(path: Path) -> float | None:
+    """The guidance the packaged demo's catalog gives this base, when it is the demo's base (else None)."""
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+
+    demo = load_catalog(packaged_catalog_path())
+    same = demo.base is not None and Path(os.path.realpath(demo.resolve(demo.base.source))) == Path(os.path.realpath(path))
+    return demo.base.guidance if same else None
 
 
 @dataclass
