@@ -433,3 +433,20 @@ def test_init_from_demo_starts_a_personal_catalog_that_keeps_routing(tmp_path):
     res = runner.invoke(app, ["--json", "route", "a purple dragon over a castle", "--catalog", str(catalog)])
     assert res.exit_code == 0 and json.loads(res.stdout)[0]["chosen"][0]["expert"] == "dragons", res.output
     assert sha256_file(demo.router_path()) == packaged_router  # the packaged demo is never written
+
+
+def test_a_dry_run_table_says_would_add(tmp_path):
+    """`add-expert --dry-run` tables said "added" for files it did not add."""
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.testing import make_lora
+
+    catalog = tmp_path / "experts.yaml"
+    assert runner.invoke(app, ["init", "--base", str(REPO / "mixdiff_cli/data/demo/base"), "--catalog", str(catalog)]).exit_code == 0
+    folder = tmp_path / "loras"
+    for i in range(2):
+        make_lora(REPO / "mixdiff_cli/data/demo/base", folder / f"style{i}.safetensors", seed=i)
+    res = runner.invoke(app, ["add-expert", str(folder), "--catalog", str(catalog), "--dry-run"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.stdout.splitlines() if "style" in line]
+    assert len(rows) == 2 and all("would add" in row and " added " not in row for row in rows), res.stdout
+    assert not load_catalog(catalog).experts

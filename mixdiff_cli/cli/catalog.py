@@ -102,7 +102,8 @@ def _import(path: Path, sources: list[str], options: ExpertOptions, *, copy: boo
         few = added + present <= 40  # a big import lists its refusals only; --json lists every file
         root = Path(sources[0]).expanduser() if len(sources) == 1 else None
         shown = lambda src: os.path.relpath(src, root) if root is not None and root.is_dir() else src  # noqa: E731
-        rows = [{**r.to_dict(), "file": shown(r.source)} for r in result.rows if few or r.status == "refused"]
+        status = lambda r: "would add" if dry_run and r.status == "added" else r.status  # noqa: E731 (a dry run adds nothing)
+        rows = [{**r.to_dict(), "status": status(r), "file": shown(r.source)} for r in result.rows if few or r.status == "refused"]
         if rows:
             out.table(rows, ["status", "name", "file", "reason"], title=f"{'dry run: nothing written to ' if dry_run else ''}{path}")
         for r in result.rows:  # whole, where the table cuts them at the terminal's width
