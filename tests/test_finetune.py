@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -334,21 +333,42 @@ def test_stopped_run_resumes_to_the_same_weights(tmp_path, tiny_sd, small, unint
     assert len(list((tmp_path / "run").glob("checkpoint-*"))) == 2  # --keep 2
 
 
+# `mixdiff fine-tune ...` that SIGKILLs itself as soon as checkpoint-000003 is on disk
+KILLED_AFTER_CHECKPOINT_3 = """
+import os, signal, sys
+import mixdiff_cli.training.trainer as trainer
+save_state = trainer.save_state
+
+
+def save_then_die(*args, **kwargs):
+    path = save_state(*args, **kwargs)
+    if path.name == "checkpoint-000003":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+
+trainer.save_state = save_then_die
+from mixdiff_cli.cli import main
+sys.argv = ["mixdiff", *sys.argv[1:]]
+main()
+"""
+
+
 def test_killed_cli_run_resumes_to_the_same_weights(tmp_path, tiny_sd, small, uninterrupted):
-    """A real SIGKILL after the first checkpoint, then `--resume latest`."""
+    """A real SIGKILL right after the first checkpoint is written (the run signals itself there: the kill
+    lands at the same point on any machine), then `--resume latest`."""
     args = ["fine-tune", str(small), "--name", "k", "--base", str(tiny_sd), "--no-register", "--output", str(tmp_path / "k.safetensors"),
             "--output-dir", str(tmp_path / "run"), "--rank", "4", "--resolution", "32", "--batch-size", "2", "--seed", "3",
             "--lr", "1e-3", "--steps", "8", "--checkpoint-every", "3", "--keep", "2", "--grad-accum", "2", "--random-flip",
             "--lr-scheduler", "cosine", "--warmup", "2", "--noise-offset", "0.05", "--caption-dropout", "0.3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mixdiff_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killer = tmp_path / "killed_at_3.py"
+    killer.write_text(KILLED_AFTER_CHECKPOINT_3)
+    proc = subprocess.Popen([sys.executable, str(killer), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.wait(timeout=300)
     first = tmp_path / "run" / "checkpoint-000003"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert first.exists() and not (tmp_path / "k.safetensors").exists(), "the run ended before it could be killed"
+    assert proc.returncode == -signal.SIGKILL and first.exists() and not (tmp_path / "k.safetensors").exists()
+    assert not (tmp_path / "run" / "checkpoint-000006").exists()  # killed at step 3, not later
     result = run(*args, "--resume", "latest")
     assert result.exit_code == 0, result.output
     assert max_diff(tensors(tmp_path / "k.safetensors"), tensors(uninterrupted)) < 1e-6

@@ -450,3 +450,31 @@ def test_a_dry_run_table_says_would_add(tmp_path):
     rows = [line for line in res.stdout.splitlines() if "style" in line]
     assert len(rows) == 2 and all("would add" in row and " added " not in row for row in rows), res.stdout
     assert not load_catalog(catalog).experts
+
+
+def test_an_interrupted_batch_says_how_many_are_left_and_how_to_finish(tmp_path, monkeypatch):
+    """Ctrl-C in a batch printed "1 written, 0 skipped, 0 failed" and exited 130, without saying that the rest
+    was left or how to finish it. The run signals itself after its first image (deterministic)."""
+    import os
+    import signal
+
+    from mixdiff_cli.catalog.discovery import packaged_catalog_path
+    from mixdiff_cli.sampling import batch
+
+    run_batch = batch.run_batch
+
+    def interrupted_after_one(*args, on_image=None, **kwargs):
+        def hook(record, done, total):
+            if done == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            if on_image is not None:
+                on_image(record, done, total)
+
+        return run_batch(*args, on_image=hook, **kwargs)
+
+    monkeypatch.setattr(batch, "run_batch", interrupted_after_one)
+    (tmp_path / "p.txt").write_text("a red circle\ngreen and yellow checks\na landscape at night\n")
+    res = runner.invoke(app, ["generate", "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--seed", "0",
+                              "--catalog", str(packaged_catalog_path()), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 130, res.output
+    assert "interrupted: 2 left; rerun the same command with --resume to finish" in res.output

@@ -151,18 +151,24 @@ def _batch(cat_path: Path, prompts: Path, out_dir: Path, options: Any, settings:
     from mixdiff_cli.core.quiet import quiet_frameworks
     from mixdiff_cli.sampling.batch import run_batch
 
-    with quiet_frameworks(), _progress() as tick:
+    with quiet_frameworks(), _progress("images") as tick:
         on_image = None if tick is None else (lambda record, done, total: tick(done, total))
         result = run_batch(cat_path, prompts, out_dir, options, settings, on_image=on_image)
     for line in result.errors:
         out.warn(line)
     out.result(f"{result.written} written, {result.skipped} skipped, {result.failed} failed -> {result.manifest}", result.to_dict())
+    if result.interrupted is not None:
+        left = max(0, result.total - result.written - result.skipped - result.failed)
+        out.warn(f"interrupted: {left} left; rerun the same command with --resume to finish")
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
 
 class _progress:
     """A rich progress bar on stderr in human mode; yields a `tick(done, total)` callable (or None)."""
+
+    def __init__(self, unit: str = "steps") -> None:
+        self.unit = unit  # what the bar counts: sampling steps, or images of a batch
 
     def __enter__(self):
         if out.mode != "human":
@@ -173,8 +179,8 @@ class _progress:
 
         import sys
 
-        self._bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                             console=Console(file=sys.stderr), transient=True)
+        self._bar = Progress(TextColumn(f"sampling ({self.unit})"), BarColumn(), MofNCompleteColumn(), TextColumn("left"),
+                             TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
         self._bar.start()
         self._task = self._bar.add_task("sampling", total=None)
 
