@@ -478,3 +478,24 @@ def test_an_interrupted_batch_says_how_many_are_left_and_how_to_finish(tmp_path,
                               "--catalog", str(packaged_catalog_path()), "--out", str(tmp_path / "out")])
     assert res.exit_code == 130, res.output
     assert "interrupted: 2 left; rerun the same command with --resume to finish" in res.output
+
+
+def test_copying_two_peft_adapters_keeps_each_its_own_config(tiny_sd, tmp_path):
+    """Data loss 3: `add-expert --copy` of a second PEFT adapter wrote its adapter_config.json over the
+    first one's; the first expert's images changed (alpha 4 -> 400) while `verify` passed."""
+    import json
+
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.testing import make_lora
+
+    catalog = tmp_path / "experts.yaml"
+    assert runner.invoke(app, ["init", "--base", str(tiny_sd), "--catalog", str(catalog)]).exit_code == 0
+    for name, alpha in (("four", 4.0), ("many", 400.0)):
+        folder = make_lora(tiny_sd, tmp_path / "src" / name, "peft", alpha=alpha, seed=int(alpha))
+        res = runner.invoke(app, ["add-expert", str(folder / "adapter_model.safetensors"), "--catalog", str(catalog), "--name", name, "--copy"])
+        assert res.exit_code == 0, res.output
+    cat = load_catalog(catalog)
+    for name, alpha in (("four", 4.0), ("many", 400.0)):
+        config = cat.resolve(cat.expert(name).source).parent / "adapter_config.json"
+        assert json.loads(config.read_text())["lora_alpha"] == alpha, name
+    assert runner.invoke(app, ["experts", "verify", "--catalog", str(catalog)]).exit_code == 0

@@ -242,15 +242,23 @@ def copy_into(cat: Catalog, local: Path, name: str) -> Path:
     from mixdiff_cli.core.fsutil import atomic_folder, atomic_path
 
     dest_dir = cat.root / "experts"
+    peft_file = local.is_file() and (local.parent / "adapter_config.json").is_file()
+    if peft_file:  # a PEFT adapter's weights: its folder goes whole, its config with it (never one shared config)
+        if (dest_dir / name).exists():
+            raise DuplicateExpert(f"{dest_dir / name} already exists", "remove it or pass another --name")
+        with atomic_folder(dest_dir / name) as tmp:
+            shutil.copyfile(local, tmp / local.name)
+            shutil.copyfile(local.parent / "adapter_config.json", tmp / "adapter_config.json")
+        return dest_dir / name / local.name
     dest = dest_dir / (f"{name}{local.suffix}" if local.is_file() else name)
     if dest.exists():
         raise DuplicateExpert(f"{dest} already exists", "remove it or pass another --name")
     if local.is_file():
         with atomic_path(dest) as tmp:
             shutil.copyfile(local, tmp)
-        for sidecar in (local.with_suffix(".json"), local.parent / "adapter_config.json"):
-            if sidecar.is_file():
-                shutil.copyfile(sidecar, dest_dir / (dest.stem + ".json" if sidecar.name != "adapter_config.json" else sidecar.name))
+        sidecar = local.with_suffix(".json")  # kohya / Civitai metadata beside the file
+        if sidecar.is_file():
+            shutil.copyfile(sidecar, dest_dir / (dest.stem + ".json"))
     else:
         with atomic_folder(dest) as tmp:
             shutil.copytree(local, tmp, dirs_exist_ok=True)
