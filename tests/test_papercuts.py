@@ -499,3 +499,20 @@ def test_copying_two_peft_adapters_keeps_each_its_own_config(tiny_sd, tmp_path):
         config = cat.resolve(cat.expert(name).source).parent / "adapter_config.json"
         assert json.loads(config.read_text())["lora_alpha"] == alpha, name
     assert runner.invoke(app, ["experts", "verify", "--catalog", str(catalog)]).exit_code == 0
+
+
+def test_a_swapped_expert_file_is_refused_not_used(tiny_sd, tmp_path):
+    """9: generate never checked an expert file against its recorded sha256: a swapped file was used
+    silently and the PNG recorded the old hash."""
+    from mixdiff_cli.testing import make_lora
+
+    catalog = tmp_path / "experts.yaml"
+    lora = make_lora(tiny_sd, tmp_path / "style.safetensors", seed=1)
+    assert runner.invoke(app, ["init", "--base", str(tiny_sd), "--catalog", str(catalog)]).exit_code == 0
+    assert runner.invoke(app, ["add-expert", str(lora), "--catalog", str(catalog), "--name", "style"]).exit_code == 0
+    args = ["generate", "a cat", "-e", "style", "--steps", "2", "--seed", "1", "--catalog", str(catalog)]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
+    make_lora(tiny_sd, lora, seed=2)  # another file under the same name
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert res.exit_code == 1 and "is not the file the catalog recorded" in res.output, res.output
+    assert not list((tmp_path / "b").glob("*.png"))

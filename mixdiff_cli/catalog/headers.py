@@ -45,6 +45,34 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def known_sha256(path: str | Path) -> str:
+    """`sha256_file`, remembered per user by (real path, size, mtime) as A1111's cache.json does, so that
+    checking a file before each use costs one stat once its hash is known."""
+    import json
+    import os
+
+    from mixdiff_cli.catalog.discovery import user_data_dir
+    from mixdiff_cli.core.fsutil import atomic_write
+
+    real, stat = os.path.realpath(path), os.stat(path)
+    key = f"{stat.st_size}:{stat.st_mtime_ns}"
+    cache_file = user_data_dir() / "hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(real)
+    if isinstance(entry, list) and len(entry) == 2 and entry[0] == key:
+        return str(entry[1])
+    digest = sha256_file(path)
+    cache[real] = [key, digest]
+    try:
+        atomic_write(cache_file, json.dumps(cache))
+    except OSError:
+        pass  # a read-only home: hash again next time
+    return digest
+
+
 def autov2(sha: str) -> str:
     """A1111/Civitai "AutoV2" short hash: the first 10 hex digits of the file's sha256."""
     return sha[:10]

@@ -29,6 +29,7 @@ class Loaders:
 
     def _load(self, expert: Expert) -> _Loaded:
         path = self._expert_path(expert)
+        self._check_hash(expert, path)
         try:
             if expert.kind == "model":
                 return self._load_model(expert, path)
@@ -41,6 +42,19 @@ class Loaders:
                 f"could not load expert {expert.name} from {path}: {first[:300]}",
                 "check that it fits the base model ('mixdiff experts show NAME') and that the file is intact ('mixdiff experts verify')",
             ) from exc
+
+    def _check_hash(self, expert: Expert, path: Path) -> None:
+        """The file is the one the catalog recorded: a swapped file would be used silently, and every PNG
+        would record the old hash."""
+        if not expert.sha256 or expert.source.startswith("hf://"):
+            return
+        from mixdiff_cli.catalog.formats import inspect_source
+        from mixdiff_cli.catalog.headers import known_sha256
+
+        file = path if path.is_file() else inspect_source(path, checksum=False).file
+        if file is not None and known_sha256(file) != expert.sha256:
+            raise ExpertLoadError(f"expert {expert.name}: {file} is not the file the catalog recorded (sha256 differs)",
+                                  f"run 'mixdiff experts verify'; if the change is yours, 'mixdiff experts remove {expert.name}' and add it again")
 
     def _adapter_name(self, expert: Expert) -> tuple[str, bool]:
         """The adapter name for `expert`, and whether to hotswap into it (compile mode)."""
