@@ -91,6 +91,12 @@ def generate(
         return
     if resume or keep_going:
         raise UsageError("--resume and --keep-going apply to --prompts", "add --prompts FILE or drop them")
+    if region:  # the boxes and canvas settings, checked before anything heavy is imported
+        from mixdiff_cli.sampling.regions import CanvasOptions, parse_regions
+
+        parse_regions(region)
+        CanvasOptions(background_weight=background_weight, feather=feather, tile_overlap=tile_overlap).check()
+    options.check()
     if region or (from_image is not None and _has_regions(from_image)):
         _canvas(cat_path, prompt, region or (), options, out_dir, from_image, (background_weight, feather, tile_overlap))
         return
@@ -149,8 +155,9 @@ def _canvas(cat_path: Path, prompt: str | None, regions: Any, options: Any, out_
 def _batch(cat_path: Path, prompts: Path, out_dir: Path, options: Any, settings: Any) -> None:
     """`--prompts FILE`: mixdiff_cli.sampling.batch.run_batch does the work."""
     from mixdiff_cli.core.quiet import quiet_frameworks
-    from mixdiff_cli.sampling.batch import run_batch
+    from mixdiff_cli.sampling.batch import read_inputs, run_batch
 
+    read_inputs(cat_path, prompts, options, settings)  # a bad item fails here, before the frameworks import
     with quiet_frameworks(), _progress("images") as tick:
         on_image = None if tick is None else (lambda record, done, total: tick(done, total))
         result = run_batch(cat_path, prompts, out_dir, options, settings, on_image=on_image)

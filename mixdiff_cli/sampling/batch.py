@@ -115,15 +115,8 @@ def run_batch(
     `on_image(record, done, total)` is called after each image is written.
     """
     started = time.perf_counter()
-    cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
     out_dir, settings = Path(out_dir), settings or BatchSettings()
-    opts = (options or GenerationOptions()).check(len(cat.experts))
-    check_known(opts.experts, cat.names)  # an unknown --expert fails before anything else
-    parsed = parse_prompts(prompts_file)
-    items, errors = valid_items(cat, parsed)
-    if errors and not settings.keep_going:  # the one place that can offer --keep-going
-        first = errors[0]
-        raise PromptFileError(first.message, f"{first.hint}; or pass --keep-going to skip it" if first.hint else "pass --keep-going to skip it", line=first.line)
+    cat, opts, parsed, items, errors = read_inputs(catalog, prompts_file, options, settings)
     with claim_folder(out_dir):  # one batch at a time per folder: two would overwrite each other's images
         start = _start(cat, out_dir, items, opts, settings.resume, engine, router)
         state, engine = start.state, start.engine
@@ -175,6 +168,22 @@ def _start(cat: Catalog, out_dir: Path, items: list[PromptItem], opts: Generatio
             with contextlib.suppress(OSError):
                 out_dir.rmdir()  # leave nothing behind when the run never started (only if still empty)
         raise
+
+
+def read_inputs(catalog: Catalog | str | Path, prompts_file: str | Path, options: GenerationOptions | None,
+                settings: BatchSettings) -> tuple[Catalog, GenerationOptions, Any, list[PromptItem], list[PromptFileError]]:
+    """The catalog, the checked options, the parsed prompt file, its good items and its bad ones; the first
+    bad item raises unless `settings.keep_going`. Cheap (no torch): the CLI calls it before anything loads."""
+    cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
+    opts = (options or GenerationOptions()).check(len(cat.experts))
+    check_known(opts.experts, cat.names)  # an unknown --expert fails before anything else
+    parsed = parse_prompts(prompts_file)
+    items, errors = valid_items(cat, parsed)
+    if errors and not settings.keep_going:  # the one place that can offer --keep-going
+        first = errors[0]
+        hint = f"{first.hint}; or pass --keep-going to skip it" if first.hint else "pass --keep-going to skip it"
+        raise PromptFileError(first.message, hint, line=first.line)
+    return cat, opts, parsed, items, errors
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from mixdiff_cli.core.errors import UsageError
-from mixdiff_cli.routing.route import Member, OnStale, check_routing, parse_members
+from mixdiff_cli.routing.route import Member, OnStale, band_steps, check_routing, format_band, parse_members
 
 SchedulerName = Literal["ddim", "euler", "euler-a", "dpm++"]
 BlendMode = Literal["noise", "merge"]
@@ -114,4 +114,9 @@ class GenerationOptions:
         if self.max_memory is not None and self.max_memory <= 0:
             raise UsageError(f"--max-memory must be more than 0 bytes, got {self.max_memory}", "e.g. --max-memory 6GB")
         check_routing(self.top_k, self.temperature, self.threshold, n_experts)
+        steps = self.steps or DEFAULT_STEPS
+        for m in self.experts:  # a band that holds no step fails here, before any model loads
+            if m.band is not None and not band_steps(m.band, steps):
+                raise UsageError(f"expert {m.expert}'s band {format_band(m.band)} holds no step of the {steps}-step run",
+                                 f"widen it to at least 1/{steps} of the run, or raise --steps")
         return self
