@@ -545,3 +545,34 @@ def test_usage_errors_come_before_torch_is_imported(args, code, message, tmp_pat
     res = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=120)
     assert res.returncode == code and message in res.stderr, res.stderr
     assert "torch imported: False" in res.stderr
+
+
+def test_a_fifo_in_a_lora_folder_is_skipped_not_waited_on(tmp_path):
+    """14: a FIFO named x.safetensors in a LoRA folder hung add-expert, even with --dry-run."""
+    import os
+
+    from mixdiff_cli.testing import make_lora
+
+    catalog = tmp_path / "experts.yaml"
+    assert runner.invoke(app, ["init", "--base", str(REPO / "mixdiff_cli/data/demo/base"), "--catalog", str(catalog)]).exit_code == 0
+    folder = tmp_path / "loras"
+    make_lora(REPO / "mixdiff_cli/data/demo/base", folder / "style.safetensors", seed=1)
+    os.mkfifo(folder / "x.safetensors")
+    res = runner.invoke(app, ["add-expert", str(folder), "--catalog", str(catalog), "--dry-run"])
+    assert res.exit_code == 0 and "would add 1" in res.output, res.output
+    single = runner.invoke(app, ["add-expert", str(folder / "x.safetensors"), "--catalog", str(catalog)])
+    assert single.exit_code == 1 and "is not a regular file" in single.output, single.output
+
+
+def test_integer_lora_weights_are_refused_when_added(tmp_path):
+    """17: I8/BOOL LoRA tensors were accepted at add-expert and failed at generate with 47 kB of loader errors."""
+    from safetensors.torch import load_file, save_file
+
+    from mixdiff_cli.testing import make_lora
+
+    catalog = tmp_path / "experts.yaml"
+    assert runner.invoke(app, ["init", "--base", str(REPO / "mixdiff_cli/data/demo/base"), "--catalog", str(catalog)]).exit_code == 0
+    lora = make_lora(REPO / "mixdiff_cli/data/demo/base", tmp_path / "int.safetensors", seed=1)
+    save_file({k: (v * 100).to(dtype=__import__("torch").int8) for k, v in load_file(lora).items()}, lora)
+    res = runner.invoke(app, ["add-expert", str(lora), "--catalog", str(catalog)])
+    assert res.exit_code == 1 and "holds I8 tensors; LoRA weights are floating point" in res.output, res.output

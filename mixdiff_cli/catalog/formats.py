@@ -167,11 +167,18 @@ def _alpha(file: Path, header: dict[str, dict], meta: dict[str, str], parsed: _P
     return None
 
 
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # a LoRA's matrices (its alphas may be integers: diffusers writes int64)
+
+
 def _inspect_lora(file: Path, header: dict[str, dict], meta: dict[str, str], fmt: str, peft_config: dict | None) -> SourceInfo:
     parsed = _lora_modules(file, header, fmt, (peft_config or {}).get("modules_to_save"))
     mods = parsed.modules
     if not mods:
         raise UnknownLoraFormat(f"{file} has LoRA-like keys but no down/A matrices", "export the LoRA again with diffusers, PEFT or kohya")
+    odd = sorted({t["dtype"] for t in header.values() if len(t.get("shape", ())) >= 2 and t.get("dtype") not in FLOAT_DTYPES})
+    if odd:  # integer or boolean weights load nowhere: refuse them here, not at generate
+        raise UnknownLoraFormat(f"{file} holds {', '.join(odd)} tensors; LoRA weights are floating point",
+                                "export the LoRA again in float16, bfloat16 or float32")
     sidecar = _sidecar(file)
     arch, arch_from = families.of_lora(mods, meta, sidecar)
     info = SourceInfo(

@@ -97,6 +97,8 @@ def _looks_pickled(head: bytes) -> bool:
 def read_header(file: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     """(tensors, metadata) of a safetensors file: ``{name: {"dtype", "shape", "data_offsets"}}``."""
     file = Path(file)
+    if file.exists() and not file.is_file():  # a FIFO or device named x.safetensors would block the read
+        raise NotSafetensors(f"{file} is not a regular file", "point at a .safetensors file")
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(9)

@@ -107,7 +107,7 @@ def find_weights(paths: Sequence[str | Path]) -> tuple[list[str], int]:
                 mine.append(here / d)
                 dirs.remove(d)
             for name in files:
-                if not name.startswith(".") and Path(name).suffix.lower() in WEIGHT_SUFFIXES:
+                if not name.startswith(".") and Path(name).suffix.lower() in WEIGHT_SUFFIXES and (here / name).is_file():
                     mine.append(here / name)
                 else:
                     skipped += 1
