@@ -265,6 +265,8 @@ def test_lora_learns_its_domain_and_not_an_unrelated_one(tmp_path, calibrated_sd
     lora = catalog.parent / "experts" / "squares.safetensors"
     assert result.stdout.strip() == str(lora)
     assert "held-out loss: base" in result.stderr and "step 300/300" in result.stderr  # the progress report
+    told = "".join(result.stderr.split())  # rich wraps long lines, inside a long path too
+    assert "".join(f"training on 58 image(s) of {squares}, 6 held out".split()) in told  # issue 20: it never said how many
     assert load_catalog(catalog).names == ["squares"]
 
     on_squares = denoising_loss(calibrated_sd, write_squares(tmp_path / "squares-heldout", 32, seed=9), lora, resolution=32)

@@ -576,3 +576,29 @@ def test_integer_lora_weights_are_refused_when_added(tmp_path):
     save_file({k: (v * 100).to(dtype=__import__("torch").int8) for k, v in load_file(lora).items()}, lora)
     res = runner.invoke(app, ["add-expert", str(lora), "--catalog", str(catalog)])
     assert res.exit_code == 1 and "holds I8 tensors; LoRA weights are floating point" in res.output, res.output
+
+
+def test_router_train_after_add_keeps_the_encoder_and_prints_no_tokenizer_noise(tmp_path):
+    """`router train` after add-expert switched the demo's words encoder to base (and its 64-unit gate to a
+    linear one), and printed about 6 kB of tokenizer warnings for texts past the encoder's 16 tokens."""
+    from mixdiff_cli.routing.checkpoint import read_checkpoint
+    from mixdiff_cli.testing import make_lora
+
+    catalog = tmp_path / "mine" / "experts.yaml"
+    assert runner.invoke(app, ["init", "--from-demo", "--catalog", str(catalog)]).exit_code == 0
+    lora = make_lora(REPO / "mixdiff_cli/data/demo/base", tmp_path / "dragons.safetensors", seed=3)
+    long_prompt = "a purple dragon with wide wings over a grey castle on a hill under a stormy evening sky full of clouds"
+    assert runner.invoke(app, ["add-expert", str(lora), "--catalog", str(catalog), "--prompt", long_prompt]).exit_code == 0
+    router = tmp_path / "mine" / "router.safetensors"
+    before = read_checkpoint(router)
+    assert (before.encoder, before.gate.hidden) == ("words", 64)
+    res = runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--epochs", "20"])
+    assert res.exit_code == 0, res.output
+    after = read_checkpoint(router)
+    assert (after.encoder, after.gate.hidden) == ("words", 64) and "dragons" in after.names
+    res = runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--epochs", "20", "--encoder", "base"])
+    assert res.exit_code == 0, res.output
+    assert len(res.stderr) < 400 and "Token indices" not in res.stderr and "truncated" not in res.stderr, res.stderr
+    assert read_checkpoint(router).encoder == "base"
+    res = runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--epochs", "20", "--hidden", "0"])
+    assert res.exit_code == 0 and (read_checkpoint(router).encoder, read_checkpoint(router).gate.hidden) == ("base", 0)

@@ -231,6 +231,27 @@ def test_max_memory_keeps_the_loaded_experts_under_the_budget(sd15, tmp_path, mo
     assert seen[-1][-1] >= 2  # experts were unloaded to stay under it (--max-loaded 8 never binds)
 
 
+def test_max_memory_is_a_promise_a_route_over_it_is_refused(sd15, tmp_path):
+    """Issue 20: `--max-memory 1MB` with a larger expert generated anyway ("the caps bend to the route")."""
+    from mixdiff_cli.core.errors import OverMemory
+    from mixdiff_cli.sampling.engine import Engine
+
+    common = ("--catalog", sd15.speed, "--steps", 1, "-W", 64, "-H", 64, "--seed", 1, "--max-memory", "1MiB")
+    res = mixdiff("generate", PROMPT, "--expert", "c", *common, "--out", tmp_path / "c")
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "take 2.5 MiB (c 2.5 MiB), more than --max-memory 1.0 MiB" in lines[0], res.stderr
+    assert not list((tmp_path / "c").glob("*.png"))
+    res = mixdiff("generate", PROMPT, "--expert", "c", *common, "--allow-over-memory", "--out", tmp_path / "c")
+    assert res.exit_code == 0 and len(list((tmp_path / "c").glob("*.png"))) == 1, res.output
+
+    engine = Engine(sd15.speed, max_memory=2**20)
+    engine.ensure_loaded(["a"])
+    with pytest.raises(OverMemory, match=r"\(b 0.6 MiB, a 0.6 MiB\)|\(a 0.6 MiB, b 0.6 MiB\)"):
+        engine.ensure_loaded(["a", "b"])  # each fits, the two together do not: nothing to evict
+    assert engine.resident_bytes <= 2**20 and engine.loaded == ["a"]  # the budget held through the refusal
+
+
 @pytest.mark.parametrize(("value", "message"), [("6XB", "'6XB' is not a memory size"), ("0", "'0' is not a memory size")])
 def test_bad_max_memory_is_a_usage_error(sd15, tmp_path, value, message):
     res = mixdiff("generate", PROMPT, "--catalog", sd15.speed, "--max-memory", value, "--out", tmp_path / "out")

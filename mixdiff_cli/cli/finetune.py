@@ -137,7 +137,9 @@ class _Progress:
         from mixdiff_cli.training.report import CheckpointEvent, Note, StepEvent
 
         if isinstance(event, Note):
-            (out.warn if event.level == "warn" else out.info)(event.text)
+            from rich.markup import escape
+
+            out.warn(event.text) if event.level == "warn" else out.info(escape(event.text))  # paths are the user's text
             return
         if self.bar is None:
             return

@@ -43,7 +43,8 @@ def generate(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help="Experts kept loaded (LRU).")] = 4,
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Bytes the loaded experts may take (e.g. 6GB, 512MiB): least recently used ones are unloaded first; device memory on CUDA, process memory on CPU. Beside --max-loaded.")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Bytes the loaded experts may take (e.g. 6GB, 512MiB): least recently used ones are unloaded first; a route whose experts alone take more is refused. Device memory on CUDA, process memory on CPU. Beside --max-loaded.")] = None,
+    allow_over_memory: Annotated[bool, typer.Option("--allow-over-memory", help="Run a route whose experts alone pass --max-memory instead of refusing it.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (LoRA hotswap keeps it compiled).")] = False,
     catalog: CatalogOpt = None,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Reproduce a PNG made by mixdiff (its recorded prompt, seed, experts, ...); other options override.")] = None,
@@ -79,7 +80,7 @@ def generate(
         negative=negative, steps=steps, guidance=guidance, seed=seed, width=width, height=height, scheduler=scheduler,
         num_images=num_images, batch_size=batch_size, experts=tuple(expert or ()), top_k=top_k, temperature=temperature,
         threshold=threshold, blend=blend, bands=bands, device=device, dtype=dtype, max_loaded=max_loaded,
-        max_memory=None if max_memory is None else parse_size(max_memory), compile=compile,
+        max_memory=None if max_memory is None else parse_size(max_memory), allow_over_memory=allow_over_memory, compile=compile,
     )
     cat_path = _catalog_for(catalog, from_image)
     if prompts is not None:

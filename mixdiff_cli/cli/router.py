@@ -20,14 +20,14 @@ def train(
         Optional[Path],
         typer.Option("--prompts", help='Extra labelled prompts: .jsonl lines {"prompt": "...", "expert": "NAME"}, or .csv with a prompt,expert header (as evaluate routing reads).'),
     ] = None,
-    hidden: Annotated[int, typer.Option("--hidden", min=0, help="0: linear cosine gate; N: one hidden layer of N units.")] = 0,
+    hidden: Annotated[Optional[int], typer.Option("--hidden", min=0, help="0: linear cosine gate; N: one hidden layer of N units. Default: the current router's, else 0.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training prompts.")] = 300,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 0.01,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the held-out split and initialisation.")] = 0,
     val_split: Annotated[float, typer.Option("--val-split", help="Held-out fraction of each expert's prompts.")] = 0.2,
     balance: Annotated[float, typer.Option("--balance", help="Load-balancing loss weight (keeps one expert from taking all).")] = 0.01,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Also report top-k accuracy.")] = 2,
-    encoder: Annotated[str, typer.Option("--encoder", help="Prompt encoder: base, minilm or words.")] = "base",
+    encoder: Annotated[Optional[str], typer.Option("--encoder", help="Prompt encoder: base, minilm or words. Default: the current router's, else base.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint path (default: router.safetensors beside the catalog).")] = None,
 ) -> None:
     """Train the router on each expert's prompts and trigger words; save it and point the catalog at it.

@@ -55,6 +55,10 @@ class VerifyFailed(MixdiffError):
     pass
 
 
+class OverMemory(MixdiffError):
+    """A route's experts alone pass the user's --max-memory budget."""
+
+
 class OutputError(MixdiffError):
     """The output folder cannot be written."""
 

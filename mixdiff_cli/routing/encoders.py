@@ -47,11 +47,11 @@ class BaseEncoder(Encoder):
 
         from mixdiff_cli.models import text
 
-        if self.pipe is None:
-            with quiet_frameworks():
-                self.pipe = text.load_text_encoders(self.catalog, device=self.device)
         prompts = list(prompts)
-        parts = [text.router_vectors(self.pipe, prompts[i : i + self.batch]) for i in range(0, len(prompts), self.batch)]
+        with quiet_frameworks():  # the tokenizer's "longer than the maximum" / "truncated" lines, once per long text
+            if self.pipe is None:
+                self.pipe = text.load_text_encoders(self.catalog, device=self.device)
+            parts = [text.router_vectors(self.pipe, prompts[i : i + self.batch]) for i in range(0, len(prompts), self.batch)]
         return torch.cat(parts).float().cpu()
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mixdiff_cli.catalog.model import Catalog
 from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import MixdiffError
-from mixdiff_cli.routing.checkpoint import ROUTER_FILE, Checkpoint, for_catalog, save_checkpoint
+from mixdiff_cli.routing.checkpoint import ROUTER_FILE, Checkpoint, for_catalog, read_checkpoint, save_checkpoint
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
 from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, forward_features, forward_logits, prototype_gate, row_matrix
@@ -28,7 +28,7 @@ CONFUSION_MAX = 30  # experts up to which results carry the whole confusion matr
 
 @dataclass
 class TrainConfig:
-    hidden: int = 0  # 0: linear cosine gate; N: one hidden layer of N units (residual MLP)
+    hidden: int | None = None  # 0: linear cosine gate; N: one hidden layer of N units (residual MLP); None: the last router's, else 0
     epochs: int = 300  # full passes over the training prompts (mini-batches of `batch_size`)
     lr: float = 0.01  # Adam
     seed: int = 0
@@ -36,7 +36,7 @@ class TrainConfig:
     balance: float = 0.01  # load-balancing loss coefficient (Switch Transformer, Fedus et al. 2021, eq. 4)
     batch_size: int = 512
     top_k: int = 2  # also report top-k accuracy
-    encoder: str = "base"
+    encoder: str | None = None  # None: the last router's encoder, else "base"
     max_steps: int = 1000  # fewer epochs when they would take more optimizer steps (thousands of experts)
 
 
@@ -171,6 +171,24 @@ def _accuracy(gate: Gate, x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[flo
     return float((top[:, 0] == y).float().mean()), float((top == y[:, None]).any(-1).float().mean()), top[:, 0]
 
 
+def _resolved(config: TrainConfig, cat: Catalog) -> TrainConfig:
+    """`config` with the encoder and hidden size it leaves open taken from the catalog's current router (a
+    retrain after add-expert keeps what the user chose), else base and 0."""
+    import dataclasses
+
+    last = None
+    if (config.encoder is None or config.hidden is None) and cat.router_path() is not None:
+        try:
+            last = read_checkpoint(cat.router_path())
+        except MixdiffError:
+            last = None  # a damaged or missing checkpoint: the defaults
+    return dataclasses.replace(
+        config,
+        encoder=config.encoder or (last.encoder if last else "base"),
+        hidden=config.hidden if config.hidden is not None else (last.gate.hidden if last else 0),
+    )
+
+
 def _check_config(config: TrainConfig) -> None:
     if config.hidden < 0 or config.epochs < 1 or config.max_steps < 1 or not config.lr > 0 or not 0 <= config.val_split < 1 or config.balance < 0:
         raise RouteOptionError("bad training options", "use --hidden >= 0, --epochs >= 1, --lr > 0, 0 <= --val-split < 1")
@@ -247,6 +265,7 @@ def train_router(
     cat = load_catalog(catalog_path)
     if len(cat.experts) < 2:
         raise RouterError(f"the catalog {cat.path} has {len(cat.experts)} expert(s); a router needs at least 2", "add experts with 'mixdiff add-expert'")
+    config = _resolved(config, cat)
     _check_config(config)
     k = max(1, min(config.top_k, len(cat.experts)))
     enc = encoder or get_encoder(cat, config.encoder)

@@ -231,7 +231,7 @@ def _engine(cat: Catalog, opts: GenerationOptions, state: Any) -> Engine:
     device = opts.device
     if device is None and state is not None:
         device = "cpu" if state.device.type == "cpu" else str(state.device)
-    return Engine(cat, device=device, dtype=opts.dtype, max_loaded=opts.max_loaded, max_memory=opts.max_memory)
+    return Engine.from_options(cat, opts, device=device)
 
 
 def _remove_stale(out_dir: Path, items: list[PromptItem]) -> None:

@@ -279,8 +279,7 @@ def generate_canvas(
     steps, guidance, scheduler = pick("steps") or DEFAULT_STEPS, pick("guidance"), pick("scheduler") or DEFAULT_SCHEDULER
     negative, seed = pick("negative"), pick("seed")
     seed = seed if seed is not None else random.randint(0, MAX_SEED)
-    engine = engine or Engine(cat, device=opts.device, dtype=opts.dtype, max_loaded=opts.max_loaded, compile=opts.compile,
-                              max_memory=opts.max_memory)
+    engine = engine or Engine.from_options(cat, opts)
     check_image(seed=seed)
     base = canvas_request(engine, Request(background or "", negative, None, steps, guidance, pick("width"), pick("height"), scheduler))
     run = prepare_canvas(engine, background, parsed, base, opts.updated(experts=background_members), canvas, replaying=from_image is not None)

@@ -19,7 +19,7 @@ from mixdiff_cli.catalog.model import Catalog
 from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import UsageError
 from mixdiff_cli.core.runtime import pick_device, pick_dtype, versions
-from mixdiff_cli.sampling.options import BLEND_MODES, MAX_SEED, SCHEDULERS, BlendMode, check_image
+from mixdiff_cli.sampling.options import BLEND_MODES, MAX_SEED, SCHEDULERS, BlendMode, GenerationOptions, check_image
 from mixdiff_cli.catalog.headers import sha256_file as file_sha256
 from mixdiff_cli.sampling.fusion import Fusion
 from mixdiff_cli.sampling.loaders import Loaders
@@ -65,6 +65,7 @@ class Engine(Residency, Loaders, Fusion, Planning):
         compile: bool = False,
         memory_fraction: float = 0.9,
         max_memory: int | None = None,
+        allow_over_memory: bool = False,
     ):
         from mixdiff_cli.families import of_pipeline
         from mixdiff_cli.models.pipeline import load_base
@@ -79,6 +80,7 @@ class Engine(Residency, Loaders, Fusion, Planning):
         self.dtype = pick_dtype(dtype, self.device)
         self.max_loaded = max_loaded
         self.max_memory = max_memory  # bytes of loaded experts (adapters and model experts' denoisers where they run)
+        self.allow_over_memory = allow_over_memory  # False: a route whose experts alone pass max_memory is refused
         self.memory_fraction = memory_fraction
         self.fuse: Literal["auto", "always", "never"] = "auto"  # fuse single-LoRA and merge routes (see _fuse_pays)
         self.compile = compile
@@ -105,6 +107,12 @@ class Engine(Residency, Loaders, Fusion, Planning):
         if compile:
             ranks = [e.rank for e in self.catalog.experts if e.kind == "lora" and e.rank]
             self.pipe.enable_lora_hotswap(target_rank=max(ranks, default=128))
+
+    @classmethod
+    def from_options(cls, catalog: Catalog, opts: GenerationOptions, device: str | None = None) -> Engine:
+        """The engine a run of `opts` asks for (device, dtype, LRU budgets, compile); `device` overrides theirs."""
+        return cls(catalog, device=device or opts.device, dtype=opts.dtype, max_loaded=opts.max_loaded, compile=opts.compile,
+                   max_memory=opts.max_memory, allow_over_memory=opts.allow_over_memory)
 
     def encode(self, prompts: Sequence[str], negatives: Sequence[str | None] | None = None) -> Encoded:
         """Prompt embeds (and negatives) plus the router vector, in one pass of the bare text encoders."""

@@ -66,8 +66,7 @@ def generate_images(
     seeds, steps = [r.seed for r in requests], requests[0].steps
     out_dir = writable_dir(out_dir)
 
-    engine = engine or Engine(cat, device=opts.device, dtype=opts.dtype, max_loaded=opts.max_loaded, compile=opts.compile,
-                              max_memory=opts.max_memory)
+    engine = engine or Engine.from_options(cat, opts)
     encoded = engine.encode([prompt], [requests[0].negative])  # the router reads this pass; generation reuses it
     route, info = _decide(engine, prompt, encoded, members, bool(recorded), opts)
 

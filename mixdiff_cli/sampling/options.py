@@ -88,6 +88,7 @@ class GenerationOptions:
     dtype: str | None = None
     max_loaded: int = 4
     max_memory: int | None = None  # bytes the loaded experts may take (LRU, beside max_loaded); None: no limit
+    allow_over_memory: bool = False  # a route whose experts alone pass max_memory runs anyway (else it is refused)
     compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # room for callers' own settings (recorded, not read)
 

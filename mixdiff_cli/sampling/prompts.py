@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mixdiff_cli.core.errors import MixdiffError
-from mixdiff_cli.routing.route import Member, RouteSpecError, parse_member
+from mixdiff_cli.routing.route import RouteSpecError, parse_member
 from mixdiff_cli.sampling.options import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, SCHEDULERS
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".yaml", ".yml")

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mixdiff_cli.catalog import sources
 from mixdiff_cli.catalog.model import Expert
-from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.core.errors import MixdiffError, OverMemory
 from mixdiff_cli.sampling.requests import _Loaded
-
-if TYPE_CHECKING:
-
-    pass
 
 
 class Residency:
@@ -30,18 +26,41 @@ class Residency:
         return list(self._loaded)
 
     def ensure_loaded(self, names: Sequence[str]) -> None:
-        """Load the experts `names` (others stay as they are), evicting least recently used ones."""
+        """Load the experts `names` (others stay as they are), evicting least recently used ones. A route
+        whose experts pass `max_memory` by themselves is refused (`OverMemory`) unless `allow_over_memory`."""
+        loaded_now: list[str] = []
         for name in names:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 continue
-            self._make_room(keep=set(names), incoming=self._size_hint(self.catalog.expert(name)))
+            hint = self._size_hint(self.catalog.expert(name))
+            self._make_room(keep=set(names), incoming=hint)
+            self._keep_promise(names, loaded_now, name, hint)  # before the load, from the file's headers
             self._adapters_changed()
             item = self._load(self.catalog.expert(name))
             item.nbytes = self._resident(item)
             self._loaded[name] = item
             self.loads.append(name)
+            loaded_now.append(name)
         self._make_room(keep=set(names), adding=0)  # real sizes known now (a hint may fall short)
+        self._keep_promise(names, loaded_now)
+
+    def _keep_promise(self, names: Sequence[str], loaded_now: list[str], incoming: str | None = None, nbytes: int = 0) -> None:
+        """Raise `OverMemory` when the route `names` (with `incoming`, `nbytes` more) passes `max_memory` with
+        nothing left to evict; the experts this call loaded are unloaded first, so the budget still holds."""
+        if self.max_memory is None or self.allow_over_memory or self.resident_bytes + nbytes <= self.max_memory:
+            return
+        sizes = {n: self._loaded[n].nbytes for n in names if n in self._loaded}
+        if incoming is not None:
+            sizes[incoming] = nbytes
+        for name in loaded_now:
+            self.evict(name)
+        mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+        what = ", ".join(f"{n} {mib(b)}" for n, b in sizes.items())
+        raise OverMemory(
+            f"the route's experts take {mib(sum(sizes.values()))} ({what}), more than --max-memory {mib(self.max_memory)}",
+            "raise --max-memory, route fewer experts (--top-k 1), or pass --allow-over-memory",
+        )
 
     @property
     def resident_bytes(self) -> int:
@@ -65,7 +84,7 @@ class Residency:
         while self._loaded and (len(self._loaded) + adding > self.max_loaded or self._over_budget(incoming)):
             victim = next((n for n in self._loaded if n not in keep), None)
             if victim is None:
-                return  # everything loaded is needed now: the caps bend to the route
+                return  # everything loaded is needed now: `_keep_promise` decides
             self.evict(victim)
 
     def _size_hint(self, expert: Expert) -> int:
