@@ -602,3 +602,25 @@ def test_router_train_after_add_keeps_the_encoder_and_prints_no_tokenizer_noise(
     assert read_checkpoint(router).encoder == "base"
     res = runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--epochs", "20", "--hidden", "0"])
     assert res.exit_code == 0 and (read_checkpoint(router).encoder, read_checkpoint(router).gate.hidden) == ("base", 0)
+
+
+def _aliased_catalog(path: Path, experts: int, prompts: int) -> Path:
+    """A catalog whose experts all share one anchored prompt list (`prompts: *p`)."""
+    shared = "[" + ", ".join(f'"shared prompt number {i} of a long list"' for i in range(prompts)) + "]"
+    items = [f"- name: e{i}\n  kind: lora\n  source: e{i}.safetensors\n  format: diffusers\n  prompts: {f'&p {shared}' if i == 0 else '*p'}"
+             for i in range(experts)]
+    path.write_text("version: 1\nbase: null\nexperts:\n" + "\n".join(items) + "\n")
+    return path
+
+
+def test_a_catalog_of_yaml_aliases_is_refused_before_it_expands(tmp_path):
+    """11: a 183 KB catalog of YAML anchors expanded to a 79 MB cache in 13 s."""
+    from mixdiff_cli.catalog.schema import load_catalog
+
+    bomb = _aliased_catalog(tmp_path / "bomb.yaml", 1500, 1500)  # 140 KB of text, 60 MB of prompts expanded
+    assert bomb.stat().st_size < 200_000
+    res = runner.invoke(app, ["experts", "list", "--catalog", str(bomb)])
+    assert res.exit_code == 1 and "aliases (*name) expand to far more than the file holds" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    fair = load_catalog(_aliased_catalog(tmp_path / "fair.yaml", 20, 30))  # aliases used as meant still load
+    assert len(fair.experts) == 20 and all(len(e.prompts) == 30 for e in fair.experts)

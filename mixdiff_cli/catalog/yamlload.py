@@ -54,10 +54,22 @@ def _construct(node: yaml.Node) -> Any:
     return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
 
+EXPANSION = 8  # a catalog's values, aliases (*name) expanded, may take this many times its text (at least EXPANSION_MIN)
+EXPANSION_MIN = 4 << 20
+
+
 class _Loader:
     def __init__(self, path: Path):
         self.path = path
         self.spans: list[tuple[int, int]] | None = None  # each expert's item in the text (see `_item_spans`)
+        self.budget = EXPANSION_MIN  # characters of values left to read (an alias re-reads its anchor's)
+
+    def spend(self, node: yaml.ScalarNode) -> None:
+        """Count a value read; without aliases the values fit in the text, so only an alias bomb runs out."""
+        self.budget -= len(node.value) + 1
+        if self.budget < 0:
+            raise self.fail(node, "the catalog's YAML aliases (*name) expand to far more than the file holds",
+                            "write the repeated values out, or use fewer aliases of long lists")
 
     def fail(self, node: yaml.Node | None, what: str, hint: str) -> CatalogError:
         line = f":{node.start_mark.line + 1}" if node is not None else ""
@@ -66,6 +78,8 @@ class _Loader:
     def scalar(self, node: yaml.Node, want: str | tuple[str, ...], key: str) -> Any:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             return None
+        if isinstance(node, yaml.ScalarNode):
+            self.spend(node)
         try:
             value = _construct(node) if isinstance(node, yaml.ScalarNode) else None
         except yaml.YAMLError:  # a tag the safe loader does not know (!!python/..., !custom): never constructed
@@ -114,6 +128,7 @@ class _Loader:
         return cls(**{k: v for k, v in values.items() if v is not None})
 
     def catalog(self, text: str) -> Catalog:
+        self.budget = max(EXPANSION * len(text), EXPANSION_MIN)
         try:
             root = yaml.compose(text, Loader=_PARSER)
         except yaml.YAMLError as exc:
