@@ -214,7 +214,9 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         raise OSError("killed mid-rename")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    from mixdiff_cli.core.errors import OutputError
+
+    with pytest.raises(OutputError, match=f"cannot write {path}: killed mid-rename"):  # a failed write names its file
         with edit_catalog(path) as cat:
             cat.experts.clear()
     assert path.read_bytes() == before

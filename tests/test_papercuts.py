@@ -624,3 +624,173 @@ def test_a_catalog_of_yaml_aliases_is_refused_before_it_expands(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
     fair = load_catalog(_aliased_catalog(tmp_path / "fair.yaml", 20, 30))  # aliases used as meant still load
     assert len(fair.experts) == 20 and all(len(e.prompts) == 30 for e in fair.experts)
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("deep.jsonl", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
+    ("deep.yaml", "- prompt: " + "[" * 100_000 + "]" * 100_000 + "\n"),
+    ("deep-item.yaml", "- a red fox\n- " + "[" * 2_000 + "]" * 2_000 + "\n"),
+])
+def test_a_deeply_nested_prompt_file_is_a_bad_item_not_a_crash(tmp_path, name, text):
+    """18: deep JSONL/YAML prompt files ended in "unexpected RecursionError ... report it"."""
+    path = tmp_path / name
+    path.write_text(text)
+    res = runner.invoke(app, ["generate", "--prompts", str(path), "--catalog", str(_demo_catalog_copy(tmp_path)), "--out", str(tmp_path / "o")])
+    assert res.exit_code in (1, 2) and "values nested too deeply to read" in res.stderr and "unexpected" not in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_csv_cell_past_the_csv_module_limit_is_read(tmp_path):
+    """18: a CSV field over 131,072 characters ended in "unexpected Error: field larger than field limit"."""
+    from mixdiff_cli.sampling.prompts import parse_prompts
+
+    (tmp_path / "p.csv").write_text("prompt,seed\n" + "a red fox " * 15_000 + ",3\na cat,4\n")
+    parsed = parse_prompts(tmp_path / "p.csv")
+    assert not parsed.errors and [len(i.prompt) for i in parsed.items] == [149_999, 5] and parsed.items[1].seed == 4
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("seed", None, "seed is missing"),
+    ("seed", {"a": 1}, 'seed is dict {"a": 1}, not a whole number'),
+    ("seed", 3.5, "seed is float 3.5, not a whole number"),
+    ("steps", True, "steps is bool true, not a whole number"),
+    ("experts", [{"name": 3, "weight": 1}], "expert 1's name is 3, not text"),
+])
+def test_a_from_png_with_an_edited_record_is_refused_in_one_line(tmp_path, key, value, message):
+    """18: `--from` PNGs whose seed is missing, a dict or a float ended in "unexpected ... report it"."""
+    import json
+
+    record = {"format": "mixdiff/1", "prompt": "a red fox", "negative": None, "seed": 1, "steps": 2, "guidance": 3.0,
+              "width": 64, "height": 64, "scheduler": "ddim", "experts": []}
+    if value is None:
+        del record[key]
+    else:
+        record[key] = value
+    info = PngImagePlugin.PngInfo()
+    info.add_text("mixdiff", json.dumps(record))
+    Image.new("RGB", (8, 8)).save(tmp_path / "edited.png", pnginfo=info)
+    res = runner.invoke(app, ["generate", "--from", str(tmp_path / "edited.png"), "--catalog", str(_demo_catalog_copy(tmp_path)),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and f"the mixdiff record's {message}" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shape", [[0], [2]])
+def test_a_kohya_alpha_that_is_not_one_number_is_refused(tmp_path, shape):
+    """18: an alpha of shape [0] ended in "unexpected error ... report it" at add-expert."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mixdiff_cli.testing import make_lora
+
+    lora = make_lora(REPO / "mixdiff_cli/data/demo/base", tmp_path / "k.safetensors", fmt="kohya", seed=3)
+    tensors = {k: (torch.ones(shape) if k.endswith(".alpha") else v) for k, v in load_file(lora).items()}
+    save_file(tensors, lora)
+    res = runner.invoke(app, ["add-expert", str(lora), "--catalog", str(_demo_catalog_copy(tmp_path))])
+    assert res.exit_code == 1 and f"has shape {shape}; an alpha is one number" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    """18: disk-full errors named no path ("error: No space left on device. Check the path")."""
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # where a full disk shows on a real filesystem
+
+    monkeypatch.setattr(os, "fsync", full)
+    catalog = tmp_path / "mine" / "experts.yaml"
+    res = runner.invoke(app, ["init", "--catalog", str(catalog)])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.strip() == f"error: cannot write {catalog}: No space left on device. Free space on that disk, or write somewhere else"
+    assert [p.name for p in catalog.parent.iterdir()] == [".experts.yaml.lock"]  # nothing half-written left behind
+
+
+def test_one_warning_one_hint_and_routing_warnings_look_alike(tmp_path):
+    """18: a hint was printed twice ("... or pass --catalog PATH. Run 'mixdiff router train'"), and generate
+    printed the router's warning without "warning:"."""
+    from mixdiff_cli.testing import make_lora
+
+    demo = _demo_catalog_copy(tmp_path)
+    lora = make_lora(REPO / "mixdiff_cli/data/demo/base", tmp_path / "dragons.safetensors", seed=3)
+    res = runner.invoke(app, ["add-expert", str(lora), "--catalog", str(demo), "--prompt", "a purple dragon"])
+    assert res.exit_code == 0, res.output
+    (warning,) = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warning.count("Run '") == 1 and "mixdiff init --from-demo" in warning, warning
+    for args in (["route", "a purple dragon"], ["generate", "a purple dragon", "--steps", "1", "--out", str(tmp_path / "o")]):
+        res = runner.invoke(app, [*args, "--catalog", str(demo)])
+        assert res.exit_code == 0, res.output
+        said = [line for line in res.stderr.splitlines() if "lacks the change to dragons" in line]
+        assert len(said) == 1 and said[0].startswith("warning: ") and said[0].count("Run '") == 1, res.stderr
+
+
+def test_a_closed_stdout_is_an_error_not_lost_output(tmp_path):
+    """18: with stdout closed (`>&-`), commands exited 0 and lost their output."""
+    import shlex
+    import sys
+
+    command = f"{shlex.quote(sys.executable)} -m mixdiff_cli experts list --catalog {shlex.quote(str(_demo_catalog_copy(tmp_path)))} >&-"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: stdout is closed"), proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["a red circle", "--expert", "shapes"],
+    ["", "-r", "0:1,0:0.5=a red circle --expert shapes", "-r", "0:1,0.5:1=blue and green stripes --expert stripes"],
+])
+def test_a_generate_that_fails_leaves_no_empty_output_folder(tmp_path, args):
+    """18: a failed `generate` left an empty out dir (here: a route over --max-memory, refused after the base loads)."""
+    out_dir = tmp_path / "renders" / "today"
+    res = runner.invoke(app, ["generate", *args, "--max-memory", "1", "--steps", "1", "--catalog", str(_demo_catalog_copy(tmp_path)),
+                              "--out", str(out_dir)])
+    assert res.exit_code == 1 and "more than --max-memory" in res.stderr, res.output
+    assert not (tmp_path / "renders").exists()
+
+
+def test_four_parallel_adds_leave_the_catalog_and_router_in_step(tmp_path):
+    """6: four `add-expert` runs at once left a stale router, and every later route failed."""
+    import json
+    import sys
+
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.routing.checkpoint import read_checkpoint
+    from mixdiff_cli.testing import make_lora
+
+    catalog = tmp_path / "mine" / "experts.yaml"
+    assert runner.invoke(app, ["init", "--from-demo", "--catalog", str(catalog)]).exit_code == 0
+    prompts = {"dragons": "a purple dragon over a castle", "ships": "a sailing ship on a stormy sea",
+               "robots": "a chrome robot in a factory", "owls": "a snowy owl on a branch"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mixdiff_cli", "add-expert",
+                               str(make_lora(REPO / "mixdiff_cli/data/demo/base", tmp_path / f"{name}.safetensors", seed=i)),
+                               "--catalog", str(catalog), "--prompt", prompt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (name, prompt) in enumerate(prompts.items())]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert set(prompts) <= set(load_catalog(catalog).names) and len(load_catalog(catalog).experts) == 8
+    assert set(prompts) <= set(read_checkpoint(tmp_path / "mine" / "router.safetensors").names)  # every row written
+    res = runner.invoke(app, ["--json", "route", *prompts.values(), "--catalog", str(catalog)])
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    assert [r["chosen"][0]["expert"] for r in json.loads(res.stdout)] == list(prompts)
+
+
+def test_a_router_write_after_two_catalog_writes_takes_both_rows(tmp_path):
+    """6, deterministically: two adds wrote the catalog, then the first one's router write came; it refused
+    ("already out of date") and the second add's row was lost."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_router import write_catalog
+
+    from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.routing.checkpoint import read_checkpoint
+    from mixdiff_cli.routing.sync import extend_router
+
+    catalog = write_catalog(tmp_path / "mine")
+    assert runner.invoke(app, ["router", "train", "--catalog", str(catalog), "--encoder", "words"]).exit_code == 0
+    _add_without_router(catalog, "dragons", ["a purple dragon over a castle"])
+    _add_without_router(catalog, "ships", ["a sailing ship on a stormy sea"])
+    extend_router(load_catalog(catalog), "dragons")  # the first add's router write, after both catalog writes
+    assert {"dragons", "ships"} <= set(read_checkpoint(tmp_path / "mine" / "router.safetensors").names)
+    extend_router(load_catalog(catalog), "ships")  # the second's: already done

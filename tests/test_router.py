@@ -410,7 +410,9 @@ def test_router_file_is_written_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", explode)
-    with pytest.raises(OSError):
+    from mixdiff_cli.core.errors import OutputError
+
+    with pytest.raises(OutputError, match=f"cannot write {ckpt_path}: disk full"):  # a failed write names its file
         train_router(path, config=TrainConfig(encoder="words", epochs=5))
     assert ckpt_path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir() if "router" in p.name) == ["router.safetensors"]  # no temp file left

@@ -51,7 +51,7 @@ def check_writable(*paths: str | Path | None) -> None:
         if path is not None and is_packaged(path):
             raise ReadOnlyCatalog(
                 f"{path} is part of the packaged demo, which mixdiff never modifies",
-                "run 'mixdiff init' to create a catalog of your own, or pass --catalog PATH",
+                "run 'mixdiff init --from-demo' to start a catalog of your own from it, or pass --catalog PATH",
             )
 
 

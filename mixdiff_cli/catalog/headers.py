@@ -68,8 +68,8 @@ def known_sha256(path: str | Path) -> str:
     cache[real] = [key, digest]
     try:
         atomic_write(cache_file, json.dumps(cache))
-    except OSError:
-        pass  # a read-only home: hash again next time
+    except (OSError, MixdiffError):
+        pass  # a read-only home or a full disk: hash again next time
     return digest
 
 
@@ -198,6 +198,8 @@ def _read_scalars(file: Path, header: dict[str, dict], names: list[str]) -> list
         data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         for name in names:
             t = header[name]
+            if any(d != 1 for d in t["shape"]):  # kohya writes a scalar, shape [] (older files [1])
+                raise _tensor_error(file, name, f"has shape {t['shape']}; an alpha is one number")
             begin, end = t["data_offsets"]
             f.seek(data_start + begin)
             raw = f.read(end - begin)

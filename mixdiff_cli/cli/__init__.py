@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -38,6 +39,9 @@ def _root(
 ) -> None:
     """Mixture of Diffusers."""
     out.configure(json_mode=json_mode, quiet=quiet)
+    if sys.stdout is None or sys.stdout.closed:  # Python's view of a closed file descriptor 1 (`>&-`)
+        out.error("stdout is closed, so this command's output would be lost. Redirect it instead: > FILE, or > /dev/null to drop it")
+        raise typer.Exit(1)
 
 
 for _module in (catalog, route, generate, router, finetune, evaluate):

@@ -52,8 +52,7 @@ def route(
 
     cat = load_catalog(find_catalog(catalog))
     router = load_router(cat, encoder, device=device, on_stale=on_stale)
-    for warning in router.warnings:
-        out.warn(warning)
+    router.warn()
     routes = router.route(prompts, top_k=top_k, temperature=temperature, threshold=threshold, overrides=expert or None)
     if out.json:
         out.data([r.to_dict() for r in routes])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -36,15 +37,27 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
         os.umask(umask)
         mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~umask
         os.chmod(tmp_path, mode)
-        yield tmp_path
-        os.chmod(tmp_path, mode)
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, target)
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, mode)
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, target)
+        except OSError as exc:
+            if exc.filename not in (None, str(tmp_path), tmp):
+                raise  # about another file (one the block read): its own message names it
+            raise _write_error(target, exc) from None
         fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def _write_error(target: Path, exc: OSError) -> OutputError:
+    """A failed write named by the file it was for (a full disk's OSError names no file, or the hidden temporary)."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return OutputError(f"cannot write {target}: {exc.strerror or exc}",
+                       "free space on that disk, or write somewhere else" if full else "check the folder and its permissions")
 
 
 def atomic_write(target: str | Path, data: bytes | str) -> Path:
@@ -65,6 +78,24 @@ def writable_dir(out_dir: str | Path) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot write to --out {out_dir}: {exc.strerror or exc}", "pass a writable output folder") from None
     return out_dir
+
+
+@contextlib.contextmanager
+def output_dir(out_dir: str | Path) -> Iterator[Path]:
+    """`writable_dir(out_dir)` around a block that writes into it: the folders it had to create are removed
+    again (while still empty) when the block fails, so a run that failed leaves nothing behind."""
+    out_dir = Path(out_dir)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    writable_dir(out_dir)
+    try:
+        yield out_dir
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()  # only while empty
+            except OSError:
+                break
+        raise
 
 
 @contextlib.contextmanager

@@ -289,7 +289,9 @@ def router_after_change(cat: Catalog, *, added: str | list[str] | None = None, r
             drop_router_row(load_catalog(cat.path), removed)
     except MixdiffError as exc:
         change = f"added {added if isinstance(added, str) else ', '.join(added)}" if added else f"removed {removed}"
-        warnings.warn(f"{change}, but the router checkpoint was not updated: {exc}. Run 'mixdiff router train'", MixdiffWarning, stacklevel=2)
+        hint = exc.hint or "run 'mixdiff router train' to write it"  # one hint: the cause's own, else the retrain
+        warnings.warn(f"{change}, but the router checkpoint was not updated ({exc.message}); routing takes the change in "
+                      f"from the catalog. {hint[:1].upper()}{hint[1:]}", MixdiffWarning, stacklevel=2)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from mixdiff_cli.catalog.headers import sha256_file
 from mixdiff_cli.catalog.discovery import is_packaged, user_data_dir
 from mixdiff_cli.catalog.model import Catalog
 from mixdiff_cli.catalog.schema import load_catalog
-from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.core.errors import MixdiffError, OutputError
 from mixdiff_cli.routing.checkpoint import FORMAT_VERSION, for_catalog, read_checkpoint, save_checkpoint, stale_reason
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
@@ -105,6 +105,15 @@ class Router:
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
+
+    def warn(self) -> None:
+        """Raise this router's warnings (a checkpoint one write behind, a fallback) as `MixdiffWarning`s."""
+        import warnings
+
+        from mixdiff_cli.core.errors import MixdiffWarning
+
+        for message in self.warnings:
+            warnings.warn(message, MixdiffWarning, stacklevel=2)
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """(N, D) router vectors of `prompts` with this router's encoder."""
@@ -358,7 +367,7 @@ def _save_prototypes(gate: Gate, catalog: Catalog, encoder: str, key: str, diges
         row["texts"] = digest
     try:
         save_checkpoint(ckpt, path)
-    except OSError as exc:  # a read-only catalog folder still routes, just without the cache
+    except (OSError, OutputError) as exc:  # a read-only catalog folder (or a full disk) still routes, just without the cache
         log.debug("prototype cache not written: %s", exc)
 
 
@@ -428,8 +437,10 @@ def _catch_up(cat: Catalog, ckpt: Any, problem: str, pipe: Any) -> tuple[Any, st
             sync.drop_router_row(cat, names[0])
         return ckpt, None, []
     except (MixdiffError, OSError) as exc:
+        why = exc.message if isinstance(exc, MixdiffError) else f"{exc.strerror or exc}: {exc.filename}"
+        hint = (exc.hint if isinstance(exc, MixdiffError) else None) or "run 'mixdiff router train' to write it"
         return ckpt, None, [f"router checkpoint {cat.router} lacks the change to {shown} ({change}); routing with it in step for "
-                            f"this run (the file stays as it is: {exc}). Run 'mixdiff router train' to write it"]
+                            f"this run ({why}). {hint[:1].upper()}{hint[1:]}"]
 
 
 def router_status(catalog: Catalog) -> dict[str, Any]:

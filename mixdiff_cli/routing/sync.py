@@ -51,6 +51,8 @@ def _edit_rows(catalog: Catalog, names: list[str], change: Change, edit: Callabl
         ckpt = read_checkpoint(path)
         rows = set(ckpt.names)
         todo = [n for n in names if (n in rows) != (change == "added")]
+        if change == "added" and todo:  # with any other add whose router write has not come yet (parallel adds)
+            todo = [n for n in cat.names if n not in rows]
         if not todo:
             return path  # already done
         problem = _problem_before(ckpt, cat, todo, change)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from mixdiff_cli.catalog.model import Catalog
 from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.core.fsutil import output_dir
 from mixdiff_cli.catalog.headers import sha256_file as file_sha256
 from mixdiff_cli.routing.route import check_known, parse_members
 from mixdiff_cli.sampling.distributed import base_seed, distributed_state, gather, split_work
@@ -151,8 +152,7 @@ def _start(cat: Catalog, out_dir: Path, items: list[PromptItem], opts: Generatio
            engine: Engine | None, router: Router | None) -> _Start:
     """Prepare the output folder, read the manifest, fix the seed, build the engine, plan the work;
     a created folder is removed again (if still empty) when any of it fails."""
-    created = _prepare_out(out_dir)
-    try:
+    with output_dir(out_dir):
         state = distributed_state(opts.device)
         done = manifest_records(out_dir)
         if done and not resume:
@@ -163,11 +163,6 @@ def _start(cat: Catalog, out_dir: Path, items: list[PromptItem], opts: Generatio
         seed = base_seed(opts.seed, done, state)
         engine = engine or _engine(cat, opts, state)
         return _Start(state, done, seed, engine, plan(items, opts, seed, engine, router))
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # leave nothing behind when the run never started (only if still empty)
-        raise
 
 
 def read_inputs(catalog: Catalog | str | Path, prompts_file: str | Path, options: GenerationOptions | None,
@@ -213,15 +208,6 @@ def claim_folder(out_dir: Path) -> Iterator[None]:
     finally:
         lock.release()
         lock_file.unlink(missing_ok=True)
-
-
-def _prepare_out(out_dir: Path) -> bool:
-    """Create the output folder and prove it is writable, before any model loads. True if created."""
-    from mixdiff_cli.core.fsutil import writable_dir
-
-    created = not out_dir.exists()
-    writable_dir(out_dir)
-    return created
 
 
 def _engine(cat: Catalog, opts: GenerationOptions, state: Any) -> Engine:

@@ -26,7 +26,7 @@ import torch
 from mixdiff_cli.catalog.model import Catalog
 from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import MixdiffWarning
-from mixdiff_cli.core.fsutil import writable_dir
+from mixdiff_cli.core.fsutil import output_dir
 from mixdiff_cli.routing.route import check_known, parse_members
 from mixdiff_cli.families.base import Cond, cat
 from mixdiff_cli.sampling.engine import Active, Engine, Request, RouteInfo
@@ -283,10 +283,9 @@ def generate_canvas(
     check_image(seed=seed)
     base = canvas_request(engine, Request(background or "", negative, None, steps, guidance, pick("width"), pick("height"), scheduler))
     run = prepare_canvas(engine, background, parsed, base, opts.updated(experts=background_members), canvas, replaying=from_image is not None)
-    out_dir = writable_dir(out_dir)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(opts.num_images)]
     paths: list[Path] = []
-    with engine.batch_invariant():
+    with output_dir(out_dir) as out_dir, engine.batch_invariant():
         for start in range(0, len(seeds), opts.batch_size):
             chunk = seeds[start : start + opts.batch_size]
             tick = None if progress is None else (lambda done, base=start * steps: progress(base + done, steps * len(seeds)))

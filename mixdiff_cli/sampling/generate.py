@@ -3,7 +3,6 @@ image with its metadata. `mixdiff generate PROMPT` is this function."""
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from mixdiff_cli.core.errors import UsageError
 from mixdiff_cli.routing.route import Member, Route, catalog_bands, check_known, explicit_route, parse_members, spread_bands
 from mixdiff_cli.sampling.engine import Engine, Request, RouteInfo
 from mixdiff_cli.sampling.options import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SEED, GenerationOptions
-from mixdiff_cli.core.fsutil import writable_dir
+from mixdiff_cli.core.fsutil import output_dir
 
 if TYPE_CHECKING:
     from mixdiff_cli.models.text import Encoded
@@ -64,21 +63,20 @@ def generate_images(
         raise UsageError("no prompt given", "pass a PROMPT, --from IMAGE.png or --prompts FILE")
     requests = _requests(prompt, opts, recorded)
     seeds, steps = [r.seed for r in requests], requests[0].steps
-    out_dir = writable_dir(out_dir)
+    with output_dir(out_dir) as out_dir:  # made before the models load; gone again if nothing could be written
+        engine = engine or Engine.from_options(cat, opts)
+        encoded = engine.encode([prompt], [requests[0].negative])  # the router reads this pass; generation reuses it
+        route, info = _decide(engine, prompt, encoded, members, bool(recorded), opts)
 
-    engine = engine or Engine.from_options(cat, opts)
-    encoded = engine.encode([prompt], [requests[0].negative])  # the router reads this pass; generation reuses it
-    route, info = _decide(engine, prompt, encoded, members, bool(recorded), opts)
-
-    paths: list[Path] = []
-    total = steps * opts.num_images
-    with engine.batch_invariant():  # on CPU: --batch-size never changes an image, --from reproduces it bit-exactly
-        for start in range(0, opts.num_images, opts.batch_size):
-            chunk = requests[start : start + opts.batch_size]
-            tick = None if progress is None else (lambda done, _t, base=start * steps: progress(base + done, total))
-            images = engine.generate(chunk, route, blend, encoded=encoded.take([0] * len(chunk)), route_info=info, progress=tick)
-            for req, image in zip(chunk, images):  # numbered when written: another run may share the folder
-                paths.append(save_next_png(image, out_dir, req.seed, int(paths[-1].name[:5]) + 1 if paths else 1))
+        paths: list[Path] = []
+        total = steps * opts.num_images
+        with engine.batch_invariant():  # on CPU: --batch-size never changes an image, --from reproduces it bit-exactly
+            for start in range(0, opts.num_images, opts.batch_size):
+                chunk = requests[start : start + opts.batch_size]
+                tick = None if progress is None else (lambda done, _t, base=start * steps: progress(base + done, total))
+                images = engine.generate(chunk, route, blend, encoded=encoded.take([0] * len(chunk)), route_info=info, progress=tick)
+                for req, image in zip(chunk, images):  # numbered when written: another run may share the folder
+                    paths.append(save_next_png(image, out_dir, req.seed, int(paths[-1].name[:5]) + 1 if paths else 1))
     label = images[0].info["mixdiff"]["blend"]
     return Generated(paths=paths, seeds=seeds, route=info.decision or {}, blend=label)
 
@@ -127,8 +125,7 @@ def _decide(engine: Engine, prompt: str, encoded: Encoded, members: tuple[Member
     from mixdiff_cli.routing.router import load_router
 
     router = load_router(cat, opts.encoder, pipe=engine.pipe, device=str(engine.device), on_stale=opts.on_stale)
-    for message in router.warnings:
-        logging.getLogger("mixdiff").warning(message)
+    router.warn()
     # the base text encoder's pooled vector from the pass generation reuses; other encoders embed themselves
     vec = encoded.router[0] if router.encoder_id == "base" else router.embed([prompt])[0]
     route = router.decide(vec, prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold)

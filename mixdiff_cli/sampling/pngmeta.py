@@ -178,9 +178,45 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if meta.record is None:
         what = "only A1111 parameters" if meta.parameters else "no generation metadata"
         raise MetadataError(f"{path} has {what}, no mixdiff record", "pass a PNG written by 'mixdiff generate'")
-    if meta.record.get("format") != RECORD_FORMAT:
-        raise MetadataError(f"{path}: unknown mixdiff record format {meta.record.get('format')!r}", "upgrade mixdiff")
+    if not isinstance(meta.record, dict) or meta.record.get("format") != RECORD_FORMAT:
+        found = meta.record.get("format") if isinstance(meta.record, dict) else type(meta.record).__name__
+        raise MetadataError(f"{path}: unknown mixdiff record format {found!r}", "upgrade mixdiff")
+    _check_record(meta.record, path)
     return meta.record
+
+
+_NUMBER, _TEXT, _WHOLE, _LIST, _MAP = "a number", "text", "a whole number", "a list", "a mapping"
+_FIELDS = {  # what a record's replayed fields hold; None is allowed for those not in _REQUIRED_FIELDS
+    "prompt": _TEXT, "negative": _TEXT, "seed": _WHOLE, "steps": _WHOLE, "guidance": _NUMBER, "width": _WHOLE,
+    "height": _WHOLE, "scheduler": _TEXT, "experts": _LIST, "regions": _LIST, "canvas": _MAP, "catalog": _MAP, "base": _MAP,
+}
+_REQUIRED_FIELDS = ("prompt", "seed", "steps", "scheduler")
+_EXPERT_FIELDS = {"name": _TEXT, "weight": _NUMBER}
+
+
+def _kind_ok(value: Any, want: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    return {_NUMBER: isinstance(value, (int, float)), _TEXT: isinstance(value, str), _WHOLE: isinstance(value, int),
+            _LIST: isinstance(value, list), _MAP: isinstance(value, dict)}[want]
+
+
+def _check_record(record: dict[str, Any], path: str | Path) -> None:
+    """Every field a replay reads has the type mixdiff writes, so an edited record is refused in one line."""
+    bad = lambda what: MetadataError(f"{path}: the mixdiff record's {what}", "the file was edited; pass a PNG written by 'mixdiff generate'")  # noqa: E731
+    for key, want in _FIELDS.items():
+        value = record.get(key)
+        if value is None:
+            if key in _REQUIRED_FIELDS:
+                raise bad(f"{key} is missing")
+        elif not _kind_ok(value, want):
+            raise bad(f"{key} is {type(value).__name__} {json.dumps(value)[:40]}, not {want}")
+    for i, expert in enumerate(record.get("experts") or [], start=1):
+        if not isinstance(expert, dict):
+            raise bad(f"expert {i} is not a mapping")
+        for key, want in _EXPERT_FIELDS.items():
+            if not _kind_ok(expert.get(key), want):
+                raise bad(f"expert {i}'s {key} is {json.dumps(expert.get(key))[:40]}, not {want}")
 
 
 def replay(record: dict[str, Any]) -> tuple[dict[str, Any], list[list[Any]], str | None]:

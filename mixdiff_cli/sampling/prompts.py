@@ -321,9 +321,12 @@ def _records_jsonl(text: str) -> Iterator[tuple[int, Any]]:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             yield number, _Bad(f"not valid JSON ({exc.msg} at column {exc.colno})", 'write one object per line, e.g. {"prompt": "a red fox"}')
+        except RecursionError:
+            yield number, _too_deep()
 
 
 def _records_csv(text: str) -> Iterator[tuple[int, Any]]:
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a cell may be as long as the file (default: 131,072)
     reader = csv.reader(io.StringIO(text))
     try:
         header = next(reader)
@@ -349,6 +352,9 @@ def _records_yaml(text: str) -> Iterator[tuple[int, Any]]:
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        yield 1, _too_deep()
+        return
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -373,9 +379,15 @@ def _records_yaml(text: str) -> Iterator[tuple[int, Any]]:
             value = loader.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             value = _Bad(f"bad value: {exc}", "fix the item")
+        except RecursionError:
+            value = _too_deep()
         finally:
             loader.dispose()
         yield node.start_mark.line + 1, value
+
+
+def _too_deep() -> _Bad:
+    return _Bad("values nested too deeply to read", "write each item as a prompt, or as one object with a prompt and its settings")
 
 
 def _read_text(path: Path) -> str:

@@ -61,6 +61,7 @@ def plan(items: list[PromptItem], opts: GenerationOptions, seed: int, engine: En
             from mixdiff_cli.routing.router import load_router
 
             router = load_router(cat, opts.encoder, pipe=engine.pipe, device=str(engine.device), on_stale=opts.on_stale)
+            router.warn()
         vecs = router.embed([it.prompt for it in need_router])
         for it, vec in zip(need_router, vecs):
             route = router.decide(vec, it.prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold)
