@@ -290,7 +290,7 @@ def generate_canvas(
             chunk = seeds[start : start + opts.batch_size]
             tick = None if progress is None else (lambda done, base=start * steps: progress(base + done, steps * len(seeds)))
             for s, image in zip(chunk, sample_canvas(run, chunk, tick)):
-                paths.append(save_next_png(image, out_dir, s, int(paths[-1].name[:5]) + 1 if paths else 1))
+                paths.append(save_next_png(image, out_dir, s, after=paths[-1] if paths else None))
     route = {"regions": [{"name": e.name, "box": _box_text(e.region), "chosen": e.decision.get("chosen")} for e in run.entries if e.region]}
     if any(e.region is None for e in run.entries):
         route["background"] = {"chosen": next(e.decision.get("chosen") for e in run.entries if e.region is None)}

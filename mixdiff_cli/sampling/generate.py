@@ -76,7 +76,7 @@ def generate_images(
                 tick = None if progress is None else (lambda done, _t, base=start * steps: progress(base + done, total))
                 images = engine.generate(chunk, route, blend, encoded=encoded.take([0] * len(chunk)), route_info=info, progress=tick)
                 for req, image in zip(chunk, images):  # numbered when written: another run may share the folder
-                    paths.append(save_next_png(image, out_dir, req.seed, int(paths[-1].name[:5]) + 1 if paths else 1))
+                    paths.append(save_next_png(image, out_dir, req.seed, after=paths[-1] if paths else None))
     label = images[0].info["mixdiff"]["blend"]
     return Generated(paths=paths, seeds=seeds, route=info.decision or {}, blend=label)
 

@@ -112,13 +112,14 @@ def save_png(image: Any, path: str | Path, record: dict[str, Any] | None = None)
     return path
 
 
-def save_next_png(image: Any, out_dir: Path, seed: int, index: int = 1) -> Path:
-    """Write `image` as `out_dir`'s next `NNNNN-SEED.png` (A1111 numbering, from `index` up) and never over
-    another file: the name is claimed with an exclusive hard link of the finished file, so two runs writing
-    into one folder at once get two numbers and both images stay."""
+def save_next_png(image: Any, out_dir: Path, seed: int, after: Path | None = None) -> Path:
+    """Write `image` as `out_dir`'s next `NNNNN-SEED.png` (A1111 numbering; past `after`, the run's last image)
+    and never over another file: the name is claimed with an exclusive hard link of the finished file, so two
+    runs writing into one folder at once get two numbers and both images stay."""
     import os
     import uuid
 
+    index = int(after.name[:5]) + 1 if after is not None else 1
     tmp = out_dir / f".{uuid.uuid4().hex}.png.partial"
     try:
         save_png(image, tmp)
