@@ -79,8 +79,8 @@ def fine_tune(job: FineTuneJob, on_event: Callable[[Event], None] | None = None)
     if accelerator.num_processes > 1:
         _share_seed(plan, accelerator)
     tr = Trainer(plan, accelerator, emit)  # the last of the checks: options, data and base are good from here on
-    emit(Note(f"training on {len(plan.train)} image(s) of {plan.ds.root}, {len(plan.val)} held out for the validation loss"))
     start = tr.restore() if plan.ckpt is not None else 0
+    emit(Note(f"training on {len(plan.train)} image(s) of {plan.ds.root}, {len(plan.val)} held out for the validation loss"))
     tr.base_loss = tr.validate(lora=False)
     end = tr.total if job.stop_after is None else min(tr.total, start + job.stop_after)
     seconds = _run_steps(tr, start, end, emit)
