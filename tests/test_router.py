@@ -19,6 +19,7 @@ from mixdiff_cli.routing import router as R
 from mixdiff_cli.catalog.headers import sha256_file
 from mixdiff_cli.routing.checkpoint import read_checkpoint
 from mixdiff_cli.routing.encoders import WordsEncoder
+from mixdiff_cli.routing.generic import generic_captions
 from mixdiff_cli.routing.errors import RouterError, StaleRouter
 from mixdiff_cli.routing.train import TrainConfig, train_router
 from mixdiff_cli.catalog.model import Base, Catalog, Expert
@@ -74,7 +75,11 @@ def test_top_k_renormalises_and_temperature_sharpens(words_router):
     sharp = words_router.decide(vec, "", top_k=3, temperature=0.25).probs
     soft = words_router.decide(vec, "", top_k=3, temperature=4.0).probs
     assert max(sharp.values()) > max(r2.probs.values()) > max(soft.values())
-    assert len(words_router.decide(vec, "", top_k=3).chosen) == 3
+    # k is an upper bound: shapes (p 0.025, under FLOOR x the top member's) is left out, and says so
+    three = words_router.decide(vec, "", top_k=3)
+    assert [n for n, _ in three.chosen] == ["city", "animals"] and three.probs["shapes"] < R.FLOOR * three.probs["city"]
+    assert three.reasons["shapes"].startswith("left out (weight 0.0") and "< floor 0.05 x top" in three.reasons["shapes"]
+    assert len(words_router.decide(vec, "", top_k=3, temperature=4.0).chosen) == 3  # softer: all three pass the floor
     # a weight that rounds to 0 is left out (the engine refuses zero weights), and says so
     tiny = words_router.decide(words_router.embed(["a cat"])[0], "a cat", top_k=3, temperature=0.02)
     assert tiny.chosen == [("animals", 1.0)] and "left out" in tiny.reasons["city"] and tiny.probs["city"] < 5e-5
@@ -185,7 +190,9 @@ def test_prototypes_are_cached_beside_the_catalog(tmp_path):
     cat = load_catalog(path)
     first = CountingEncoder()
     R.prototype_router(cat, first)
-    assert first.texts == 17  # 12 prompts + 2 trigger words + 3 file names (= the names), embedded once
+    # 12 prompts + 2 trigger words + 3 file names (= the names) for the rows; for the abstention, the same 17
+    # (a sample of at most 2048) against the generic captions, once per cold build
+    assert first.texts == 17 + 17 + len(generic_captions())
     cache = tmp_path / ".experts.prototypes.safetensors"
     assert cache.is_file()
     second = CountingEncoder()

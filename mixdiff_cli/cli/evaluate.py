@@ -57,12 +57,25 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _abstention_line(ab: dict) -> str:
+    inside = ab["in_world"]
+    line = (f"abstention (fit threshold {ab['fit_threshold']:g}): " if ab["fit_threshold"] is not None else "abstention: ")
+    line += f"{inside['abstained']} of {inside['n']} labelled prompts went to the bare base ({_pct(inside['rate'])})"
+    if "outside" in ab:
+        o = ab["outside"]
+        line += (f"; --outside: {o['abstained']} of {o['n']} abstained (recall {_pct(o['recall'])}), "
+                 f"precision {_pct(ab['precision']) if ab['precision'] is not None else '-'}")
+    return line
+
+
 def routing(
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help='Labelled prompts: .jsonl lines {"prompt": ..., "expert": ...} or .csv with the header prompt,expert.', show_default=False)],
     catalog: CatalogOpt = None,
     out_dir: OutOpt = Path("eval/routing"),
     top_k: TopKOpt = 2,
-    threshold: Annotated[float, typer.Option("--threshold", help="The router's threshold, as generate --threshold (experts below it are not chosen), and the calibration's confidence split (0.5 when 0).")] = 0.0,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Override the router's calibrated abstention, as generate --threshold (experts below it are not chosen), and the calibration's confidence split (else 0.5).", show_default=False)] = None,
+    abstain: Annotated[bool, typer.Option("--abstain/--no-abstain", help="--no-abstain: route every prompt to an expert, as generate --no-abstain.")] = True,
+    outside: Annotated[Optional[Path], typer.Option("--outside", help="Prompts no expert is for (.txt, one per line, or .jsonl with 'prompt'): reports how many abstain (recall) and how many abstentions they are (precision).", show_default=False)] = None,
     temperature: TemperatureOpt = 1.0,
     encoder: Annotated[Optional[str], typer.Option("--encoder", help="Prompt encoder: base, minilm or words (default: the router checkpoint's).")] = None,
     bins: Annotated[int, typer.Option("--bins", min=1, help="Confidence bins of the reliability table.")] = 5,
@@ -81,8 +94,9 @@ def routing(
     with quiet_frameworks():
         report = evaluate_routing(
             load_catalog(find_catalog(catalog)), prompts,
-            RoutingSettings(top_k=top_k, threshold=threshold, temperature=temperature, encoder=encoder, bins=bins, device=device,
-                            min_accuracy=min_accuracy),
+            RoutingSettings(top_k=top_k, threshold=threshold, abstain=abstain, temperature=temperature, encoder=encoder, bins=bins,
+                            device=device, min_accuracy=min_accuracy),
+            outside=outside,
         )
     m = report.data["metrics"]
     head = m["headline"]
@@ -101,6 +115,7 @@ def routing(
         f"top-{m['top_k']} {_pct(m['topk_accuracy'])}); balance {m['usage']['balance']:.2f} (1 = even use)",
         f"calibration: {cal['confident']['n']} prompts with p >= {cal['threshold']:g} ({_pct(cal['confident']['accuracy'])} right), "
         f"{cal['below_threshold']} below ({_pct(cal['unconfident']['accuracy'])} right); ECE {cal['ece']:.3f}",
+        _abstention_line(m["abstention"]),
     ]
     title = "routing" if len(shown) == len(m["per_expert"]) else f"routing: the {len(shown)} experts routed worst of {len(m['per_expert'])}"
     _finish(report, out_dir, rows, ["expert", "support", "routed", "precision", "recall", "f1", "top-1 share"], title, lines)

@@ -35,7 +35,8 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images sampled together.")] = 1,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Experts the router picks.")] = 1,
     temperature: Annotated[float, typer.Option("--temperature", help="Router softmax temperature (lower is sharper).")] = 1.0,
-    threshold: Annotated[float, typer.Option("--threshold", help="Router abstains (bare base) when no expert has p >= this.")] = 0.0,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Override the router's calibrated abstention: the bare base when no expert has p >= this (0 never abstains).", show_default=False)] = None,
+    abstain: Annotated[bool, typer.Option("--abstain/--no-abstain", help="--no-abstain: the router always picks an expert, even for a prompt unlike all of them.")] = True,
     blend: BlendOpt = None,
     bands: Annotated[BandsMode, typer.Option("--bands", help="auto: the router's top-k experts take consecutive parts of the sampling run (ordered by their catalog 'band', as wide as their weights), so k experts cost one. none: each expert's own band (NAME@START:END, else the catalog's), else the whole run.")] = "none",
     expert: Annotated[Optional[list[str]], typer.Option("--expert", "-e", help="NAME[:WEIGHT][@START:END]; repeatable. Overrides the router. @START:END: the fractions of the sampling run it takes (e.g. layout@:0.4 detail@0.4:).")] = None,
@@ -79,7 +80,7 @@ def generate(
     options = GenerationOptions(
         negative=negative, steps=steps, guidance=guidance, seed=seed, width=width, height=height, scheduler=scheduler,
         num_images=num_images, batch_size=batch_size, experts=tuple(expert or ()), top_k=top_k, temperature=temperature,
-        threshold=threshold, blend=blend, bands=bands, device=device, dtype=dtype, max_loaded=max_loaded,
+        threshold=threshold, abstain=abstain, blend=blend, bands=bands, device=device, dtype=dtype, max_loaded=max_loaded,
         max_memory=None if max_memory is None else parse_size(max_memory), allow_over_memory=allow_over_memory, compile=compile,
     )
     cat_path = _catalog_for(catalog, from_image)

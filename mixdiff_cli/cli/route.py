@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Optional
 
 import typer
+from rich.markup import escape
 
 from mixdiff_cli.cli._common import CatalogOpt, DeviceOpt
 from mixdiff_cli.cli._errors import command
@@ -13,7 +14,12 @@ from mixdiff_cli.cli._output import out
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="How many experts to blend (1 = the single best).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Softmax temperature over the router's logits (lower is sharper).")]
 ThresholdOpt = Annotated[
-    float, typer.Option("--threshold", help="Drop experts with probability below this; none left = the bare base (0 never abstains).")
+    Optional[float],
+    typer.Option("--threshold", help="Override the calibrated abstention: drop experts with probability below this; none left = the bare base (0 never abstains).", show_default=False),
+]
+AbstainOpt = Annotated[
+    bool,
+    typer.Option("--abstain/--no-abstain", help="--no-abstain: always pick an expert, even for a prompt unlike all of them (default: such a prompt gets the bare base)."),
 ]
 ExpertOpt = Annotated[
     Optional[list[str]],
@@ -35,7 +41,8 @@ def route(
     catalog: CatalogOpt = None,
     top_k: TopKOpt = 1,
     temperature: TemperatureOpt = 1.0,
-    threshold: ThresholdOpt = 0.0,
+    threshold: ThresholdOpt = None,
+    abstain: AbstainOpt = True,
     expert: ExpertOpt = None,
     encoder: EncoderOpt = None,
     on_stale: OnStaleOpt = "error",
@@ -53,7 +60,7 @@ def route(
     cat = load_catalog(find_catalog(catalog))
     router = load_router(cat, encoder, device=device, on_stale=on_stale)
     router.warn()
-    routes = router.route(prompts, top_k=top_k, temperature=temperature, threshold=threshold, overrides=expert or None)
+    routes = router.route(prompts, top_k=top_k, temperature=temperature, threshold=threshold, overrides=expert or None, abstain=abstain)
     if out.json:
         out.data([r.to_dict() for r in routes])
         return
@@ -73,7 +80,12 @@ def route(
         if len(router.names) > len(rows):
             out.info(f"[dim]... and {len(router.names) - len(rows)} less probable experts (--json lists them all)[/dim]")
         chosen = ", ".join(f"{n} ({w:.2f})" for n, w in r.chosen) or "none: the bare base"
-        out.info(f"[bold]-> {chosen}[/bold]  [dim]({router.kind} router, {router.encoder_id} encoder)[/dim]")
+        out.info(f"[bold]-> {escape(chosen)}[/bold]  [dim]({router.kind} router, {router.encoder_id} encoder)[/dim]")
+        if r.abstention is not None and r.abstention["abstained"]:
+            out.info(f"abstained: {escape(r.abstention['reason'])}")
+        for name, why in r.reasons.items():
+            if why.startswith("left out"):
+                out.info(f"{escape(name)} {escape(why)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -75,8 +75,26 @@ def routing_markdown(data: Mapping[str, Any]) -> str:
     m = data["metrics"]
     small = m["confusion"]["matrix"] is not None
     lines = _routing_accuracy_md(data) + _routing_experts_md(m, small) + _routing_confusion_md(m, small)
-    lines += _routing_calibration_md(m["calibration"]) + _routing_errors_md(m)
+    lines += _routing_calibration_md(m["calibration"]) + _routing_abstention_md(m.get("abstention")) + _routing_errors_md(m)
     return _md_document("Routing evaluation", data, lines)
+
+
+def _routing_abstention_md(ab: Mapping[str, Any] | None) -> list[str]:
+    """How many labelled and --outside prompts went to the bare base."""
+    if not ab:
+        return []
+    inside = ab["in_world"]
+    rows = [["labelled (in world)", inside["n"], inside["abstained"], pct(inside["rate"])]]
+    if "outside" in ab:
+        rows.append(["--outside", ab["outside"]["n"], ab["outside"]["abstained"], pct(ab["outside"]["recall"])])
+    lines = ["## Abstention", "", f"Fit threshold: {ab['fit_threshold'] if ab['fit_threshold'] is not None else 'none (this router never abstains by itself)'}.", "",
+             md_table(["prompts", "n", "bare base", "rate"], rows), ""]
+    if "outside" in ab:
+        lines += [f"Recall {pct(ab['outside']['recall'])} (outside prompts that abstained), precision "
+                  f"{pct(ab['precision']) if ab['precision'] is not None else '-'} (abstentions that were outside prompts).", ""]
+        if ab["outside"]["missed"]:
+            lines += ["Outside prompts routed to an expert: " + "; ".join(f"`{p}`" for p in ab["outside"]["missed"][:10]), ""]
+    return lines
 
 
 def _routing_accuracy_md(data: Mapping[str, Any]) -> list[str]:
@@ -93,7 +111,7 @@ def _routing_accuracy_md(data: Mapping[str, Any]) -> list[str]:
         f"Top-1 and top-{m['top_k']}: the route `generate` would use (trigger words force their experts in, then the "
         f"{data['router']['kind']} gate on the {data['router']['encoder']!r} encoder ranks the rest; below the threshold, the "
         f"bare base). Gate: its own ranking alone. {m['routes']['trigger_forced']} prompts had experts forced by trigger words "
-        f"and {m['routes']['abstained']} fell below the threshold.",
+        f"and {m['routes']['abstained']} went to the bare base (fitting no expert, or below --threshold).",
         "",
         md_table(["", *[f"top-{n}" for n in head["topn"]]], [["final route", *map(pct, head["topn"].values())],
                                                              ["gate", *map(pct, m["topn"].values())]]),

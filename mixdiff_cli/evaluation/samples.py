@@ -202,7 +202,7 @@ def _render(engine: Any, requests: Sequence[Any], opts: GenerationOptions, route
         from mixdiff_cli.routing.router import load_router
 
         router = load_router(cat, pipe=engine.pipe, device=opts.device)
-        grid.routes = router.route(texts, top_k=min(opts.top_k, len(cat.names)), temperature=opts.temperature, threshold=opts.threshold)
+        grid.routes = router.route(texts, top_k=min(opts.top_k, len(cat.names)), temperature=opts.temperature, threshold=opts.threshold, abstain=opts.abstain)
         grid.columns.append("routed")
         grid.images["routed"] = [None] * n
         groups: dict[tuple, list[int]] = {}

@@ -59,6 +59,37 @@ def row_matrix(weight: Any, scale: Any) -> Any:
     return scale * unit(weight).T
 
 
+def none_logit(features: Any, weight: Any, scale: Any, bias: Any) -> Any:
+    """(N, D) features -> (N,) logit of the "none of these" row: scale * cos(feature, row) + bias, as an
+    expert's; zeros without a row."""
+    if weight is None:
+        return features[:, 0] * 0
+    unit, _ = _ops(weight)
+    return features @ (scale * unit(weight[None])[0]) + bias
+
+
+def fit_margin(logits: Any, none: Any) -> Any:
+    """(N, E) expert logits, (N,) none logits -> (N,) log-odds of "some expert" against "none of these":
+    logsumexp(logits) - none (numpy or torch)."""
+    if isinstance(logits, np.ndarray):
+        top = logits.max(-1)
+        return top + np.log(np.exp(logits - top[:, None]).sum(-1)) - none
+    import torch
+
+    return torch.logsumexp(logits, -1) - none
+
+
+def fit_score(logits: Any, none: Any, platt: tuple[float, float] = (1.0, 0.0)) -> Any:
+    """(N, E) expert logits, (N,) none logits -> (N,) fit = P(some expert fits) = sigmoid(a * margin + b),
+    `platt` = (a, b) fitted at calibration (Platt 1999); (1, 0) is the gate's own 1 - softmax([logits, none])[none]."""
+    z = platt[0] * fit_margin(logits, none) + platt[1]
+    if isinstance(z, np.ndarray):
+        return (0.5 * (1 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid without overflow
+    import torch
+
+    return torch.sigmoid(z)
+
+
 def forward_logits(features: Any, matrix: Any, bias: Any) -> Any:
     """(N, D) features, (D, E) `row_matrix`, (E,) bias -> (N, E) logits."""
     return features @ matrix + bias
@@ -76,6 +107,11 @@ class Gate:
     b1: torch.Tensor | None = None  # (H,)
     w2: torch.Tensor | None = None  # (D, H)
     own_cos: torch.Tensor | None = None  # (E,) mean cosine of each row with its own expert's prompts
+    none_weight: torch.Tensor | None = None  # (D,) the "none of these" row, learnt from generic captions (routing.generic)
+    none_bias: float = 0.0
+    temperature: float = 1.0  # fitted on held-out prompts (Guo et al. 2017): probabilities = softmax(logits / temperature)
+    fit_threshold: float | None = None  # abstain when fit = P(some expert) is below it; None: never abstain
+    fit_platt: tuple[float, float] = (1.0, 0.0)  # fit = sigmoid(a * margin + b), calibrated on held-out prompts and generic captions
 
     @property
     def hidden(self) -> int:
@@ -93,6 +129,19 @@ class Gate:
         """(N, D) -> (N, E)."""
         return forward_logits(self.features(x), row_matrix(self.weight, self.scale), self.bias)
 
+    def fit(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) features -> (N,) calibrated P(some expert fits); ones without a "none" row."""
+        import torch
+
+        if self.none_weight is None:
+            return torch.ones(len(features))
+        logits = forward_logits(features, row_matrix(self.weight, self.scale), self.bias)
+        return fit_score(logits, self.none_logit(features), self.fit_platt)
+
+    def none_logit(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) features -> (N,) logit of "none of these" (zeros and no effect on fit when there is no such row)."""
+        return none_logit(features, self.none_weight, self.scale, self.none_bias)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The gate as named float32 tensors, as a checkpoint stores them."""
         import torch
@@ -102,14 +151,26 @@ class Gate:
             out.update({"mlp.w1": self.w1, "mlp.b1": self.b1, "mlp.w2": self.w2})
         if self.own_cos is not None:
             out["own_cos"] = self.own_cos
+        if self.none_weight is not None:
+            out.update({"none.weight": self.none_weight, "none.bias": torch.tensor([self.none_bias])})
+        if self.temperature != 1.0:
+            out["temperature"] = torch.tensor([self.temperature])
+        if self.fit_threshold is not None:
+            out["fit_threshold"] = torch.tensor([self.fit_threshold])
+        if self.fit_platt != (1.0, 0.0):
+            out["fit_platt"] = torch.tensor(self.fit_platt)
         return {k: v.detach().float().contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> Gate:
         """The inverse of `tensors`."""
+        one = lambda key, default: float(t[key].reshape(-1)[0]) if key in t else default  # noqa: E731
         return cls(
-            mean=t["mean"], weight=t["weight"], bias=t["bias"], scale=float(t["scale"].reshape(-1)[0]),
+            mean=t["mean"], weight=t["weight"], bias=t["bias"], scale=one("scale", None),
             w1=t.get("mlp.w1"), b1=t.get("mlp.b1"), w2=t.get("mlp.w2"), own_cos=t.get("own_cos"),
+            none_weight=t.get("none.weight"), none_bias=one("none.bias", 0.0), temperature=one("temperature", 1.0),
+            fit_threshold=one("fit_threshold", None),
+            fit_platt=tuple(float(v) for v in t["fit_platt"].reshape(-1)[:2]) if "fit_platt" in t else (1.0, 0.0),  # type: ignore[arg-type]
         )
 
 

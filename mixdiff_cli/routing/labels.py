@@ -115,6 +115,11 @@ def read_labeled(path: str | Path) -> list[Labeled]:
     return [Labeled(_field(row, "prompt", where), _field(row, "expert", where), where) for where, row in _rows(Path(path))]
 
 
+def read_prompt_rows(path: str | Path) -> list[str]:
+    """The "prompt" of each row of a .jsonl file (any "expert" is ignored)."""
+    return [_field(row, "prompt", where) for where, row in _rows(Path(path))]
+
+
 def check_labels(items: Sequence[Labeled], experts: Sequence[str], catalog_path: Any = None) -> None:
     """Every label must name an expert of the catalog."""
     known = set(experts)

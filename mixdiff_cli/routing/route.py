@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mixdiff_cli.core.errors import ExpertNotFound, UsageError
@@ -168,6 +168,7 @@ class Route:
     router: dict[str, Any] = field(default_factory=dict)  # kind, encoder, checkpoint, sha256
     options: dict[str, Any] = field(default_factory=dict)  # top_k, temperature, threshold, overrides
     bands: dict[str, Band] = field(default_factory=dict)  # expert -> (start, end) of the run; absent = whole run
+    abstention: dict[str, Any] | None = None  # score (the fit), threshold, nearest, abstained, reason (calibrated routers only)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -191,6 +192,7 @@ class Route:
             "reasons": self.reasons,
             "router": dict(self.router),
             "options": self.options,
+            **({"abstention": dict(self.abstention)} if self.abstention is not None else {}),
         }
 
     @classmethod
@@ -204,6 +206,7 @@ class Route:
             prompt=data.get("prompt"),
             router=dict(data.get("router") or {}),
             options=dict(data.get("options") or {}),
+            abstention=dict(data["abstention"]) if isinstance(data.get("abstention"), dict) else None,
         )
 
 
@@ -252,8 +255,7 @@ def spread_bands(route: Route, preference: dict[str, Band | None], steps: int | 
             reasons = dict(route.reasons)
             for name in dict(route.chosen).keys() - dict(kept).keys():
                 reasons[name] = f"{reasons.get(name, '')}; left out: its share holds no step of the {steps}-step run".lstrip("; ")
-            route = Route(chosen=renormalise(kept), probs=route.probs, reasons=reasons, prompt=route.prompt, router=route.router,
-                          options=route.options, bands=route.bands)
+            route = replace(route, chosen=renormalise(kept), reasons=reasons)
     if len(route.chosen) < 2:
         return route
     middle = {n: 0.5 if preference.get(n) is None else sum(preference[n]) / 2 for n, _ in route.chosen}  # type: ignore[arg-type]
@@ -264,11 +266,10 @@ def spread_bands(route: Route, preference: dict[str, Band | None], steps: int | 
         end = 1.0 if i == len(order) - 1 else round(start + weight, WEIGHT_DIGITS)
         bands[name] = (start, end)
         start = end
-    return Route(chosen=list(route.chosen), probs=route.probs, reasons=route.reasons, prompt=route.prompt,
-                 router=route.router, options={**route.options, "bands": "auto"}, bands=bands)
+    return replace(route, chosen=list(route.chosen), options={**route.options, "bands": "auto"}, bands=bands)
 
 
-def check_routing(top_k: int, temperature: float, threshold: float, n_experts: int) -> None:
+def check_routing(top_k: int, temperature: float, threshold: float | None, n_experts: int) -> None:
     """The router's options, in range for a catalog of `n_experts` (0: nothing to route, any k)."""
     if n_experts and not 1 <= top_k <= n_experts:
         raise RouteSpecError(
@@ -279,5 +280,5 @@ def check_routing(top_k: int, temperature: float, threshold: float, n_experts: i
         raise RouteSpecError(f"--top-k {top_k} is out of range", "pass --top-k 1 or more")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise RouteSpecError(f"--temperature {temperature} must be a positive number", "try 1.0 (lower is sharper)")
-    if not 0.0 <= threshold < 1.0:
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold < 1.0):
         raise RouteSpecError(f"--threshold {threshold} must be in [0, 1)", "0 never abstains; e.g. 0.5 abstains when no expert has p >= 0.5")

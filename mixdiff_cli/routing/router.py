@@ -22,7 +22,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -36,15 +37,16 @@ from mixdiff_cli.core.errors import MixdiffError, OutputError
 from mixdiff_cli.routing.checkpoint import FORMAT_VERSION, for_catalog, read_checkpoint, save_checkpoint, stale_reason
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
-from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, forward_features
+from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, fit_score, forward_features, none_logit
 from mixdiff_cli.routing.labels import TEXTS_VERSION, expert_texts, texts_key
+from mixdiff_cli.routing.prototypes import learn_abstention, prototype_rows
 from mixdiff_cli.routing.route import Member, OnStale, Route, check_known, check_routing, explicit_route, parse_members, renormalise
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("mixdiff.router")
-KEEP_FLOATS = 64 * 2**20  # text embeddings a cold prototype build keeps in memory (256 MB); the rest it embeds twice
+FLOOR = 0.05  # a routed member under this fraction of the top member's weight is left out (k is an upper bound)
 MAX_TRIGGER_EXPERTS = 8  # a trigger word claimed by more experts than this is too generic to force any
 # English function words: a trigger made only of these ("a, the, on" in a LoRA's trigger_phrase) would force
 # its expert into nearly every prompt, so it forces none
@@ -94,9 +96,12 @@ class Router:
         weight = arr(gate.weight)  # (E, D)
         self._rows = weight.T  # (D, E) view
         self._col_scale = np.float32(gate.scale) / np.maximum(np.sqrt(np.einsum("ed,ed->e", weight, weight)), 1e-12)  # (E,)
+        self._none = None if gate.none_weight is None else arr(gate.none_weight)
+        self.temperature = round(float(gate.temperature), 4)
+        self.fit_threshold = None if gate.fit_threshold is None else round(float(gate.fit_threshold), 4)
         self._info = {
             "kind": kind, "encoder": encoder.id, "checkpoint": str(checkpoint) if checkpoint else None,
-            "sha256": checkpoint_sha256, "hidden": gate.hidden,
+            "sha256": checkpoint_sha256, "hidden": gate.hidden, "temperature": self.temperature, "fit_threshold": self.fit_threshold,
         }
 
     @property
@@ -119,8 +124,9 @@ class Router:
         """(N, D) router vectors of `prompts` with this router's encoder."""
         return self.encoder(list(prompts))
 
-    def _probs(self, vecs: Any, temperature: float) -> Any:
-        """(N, D) or (D,) vectors (torch or numpy) -> (N, E) float32 numpy probabilities."""
+    def _scores(self, vecs: Any, temperature: float) -> tuple[Any, Any]:
+        """(N, D) or (D,) vectors (torch or numpy) -> ((N, E) float32 expert probabilities at the calibrated
+        temperature times `temperature`, (N,) fit = P(some expert), ones without a "none" row)."""
         x = vecs.detach().cpu().numpy() if hasattr(vecs, "detach") else np.asarray(vecs)
         x = x.reshape(1, -1) if x.ndim == 1 else x
         if x.shape[-1] != self._mean.shape[0]:
@@ -130,18 +136,28 @@ class Router:
             )
         feats = forward_features(x.astype(np.float32), self._mean, *self._mlp)  # (N, D)
         logits = (feats @ self._rows) * self._col_scale + self._bias  # (N, E): gate.forward_logits, rows scaled after
-        logits /= temperature
+        fit = np.ones(len(x), np.float32)
+        if self._none is not None:
+            none = none_logit(feats, self._none, np.float32(self.gate.scale), np.float32(self.gate.none_bias))
+            fit = fit_score(logits, none, self.gate.fit_platt)
+        logits = logits / np.float32(self.temperature * temperature)
         logits -= logits.max(-1, keepdims=True)
         e = np.exp(logits)
-        return e / e.sum(-1, keepdims=True)
+        return e / e.sum(-1, keepdims=True), fit
 
     def probabilities(self, vecs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """(N, D) -> (N, E) softmax(logits / temperature)."""
+        """(N, D) -> (N, E) softmax(logits / (calibrated temperature * temperature))."""
         import torch
 
-        return torch.from_numpy(self._probs(vecs, temperature)).float()
+        return torch.from_numpy(self._scores(vecs, temperature)[0]).float()
 
-    def _check(self, top_k: int, temperature: float, threshold: float) -> None:
+    def fit(self, vecs: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N,) P(some expert fits): the score abstention compares with `fit_threshold`."""
+        import torch
+
+        return torch.from_numpy(self._scores(vecs, 1.0)[1]).float()
+
+    def _check(self, top_k: int, temperature: float, threshold: float | None) -> None:
         check_routing(top_k, temperature, threshold, max(len(self.names), 1))
 
     def _overrides(self, overrides: Sequence[str | Member | tuple[str, float]]) -> tuple[Member, ...]:
@@ -155,18 +171,23 @@ class Router:
         prompt: str = "",
         top_k: int = 1,
         temperature: float = 1.0,
-        threshold: float = 0.0,
+        threshold: float | None = None,
         overrides: Sequence[str | Member | tuple[str, float]] | None = None,
+        abstain: bool = True,
     ) -> Route:
         """The route for one prompt. `vec`: its (D,) router vector (may be None when `overrides` decide).
 
         Order of precedence: overrides (--expert) replace the router; trigger words force their experts
-        in; the remaining top-k slots go to the most probable experts with p >= threshold. Weights are
-        the chosen experts' probabilities renormalised (a trigger-forced expert counts as p = 1).
+        in; else, with `threshold` None and `abstain`, a prompt whose fit (P(some expert), from the "none
+        of these" row) is under the calibrated `fit_threshold` goes to the bare base; the remaining top-k
+        slots go to the most probable experts (with p >= `threshold` when one is given: an explicit
+        threshold replaces the calibrated abstention). Weights are the chosen experts' probabilities
+        renormalised (a trigger-forced expert counts as p = 1); a member under FLOOR of the top member's
+        weight is left out, so k is an upper bound.
         """
         self._check(top_k, temperature, threshold)
-        probs = None if vec is None else self._probs(vec, temperature)[0]
-        return self._decide(probs, prompt, top_k, temperature, threshold, overrides)
+        probs, fit = (None, None) if vec is None else (a[0] for a in self._scores(vec, temperature))
+        return self._decide(probs, fit, prompt, top_k, temperature, threshold, overrides, abstain)
 
     def decide_many(
         self,
@@ -174,8 +195,9 @@ class Router:
         prompts: Sequence[str],
         top_k: int = 1,
         temperature: float = 1.0,
-        threshold: float = 0.0,
+        threshold: float | None = None,
         overrides: Sequence[str | Member | tuple[str, float]] | None = None,
+        abstain: bool = True,
     ) -> list[Route]:
         """`decide` for N prompts with one (N, E) matrix product."""
         prompts = list(prompts)
@@ -184,17 +206,19 @@ class Router:
         if not prompts:
             return []
         self._check(top_k, temperature, threshold)
-        probs = self._probs(vecs, temperature)
-        return [self._decide(p, t, top_k, temperature, threshold, overrides) for p, t in zip(probs, prompts)]
+        probs, fits = self._scores(vecs, temperature)
+        return [self._decide(p, f, t, top_k, temperature, threshold, overrides, abstain) for p, f, t in zip(probs, fits, prompts)]
 
     def route(self, prompts: Sequence[str], **options: Any) -> list[Route]:
         """Embed `prompts` with the router's encoder and decide each (options as in `decide`)."""
         prompts = list(prompts)
         return self.decide_many(self.embed(prompts), prompts, **options) if prompts else []
 
-    def _decide(self, probs, prompt, top_k, temperature, threshold, overrides) -> Route:
+    def _decide(self, probs, fit, prompt, top_k, temperature, threshold, overrides, abstain) -> Route:
         p = {} if probs is None else dict(zip(self.names, probs.tolist()))
         options = {"top_k": top_k, "temperature": temperature, "threshold": threshold}
+        if not abstain:
+            options["abstain"] = False
         route = Route(chosen=[], probs=p, prompt=prompt, router=self._info, options=options)
         if overrides:
             fixed = explicit_route(self._overrides(overrides), prompt, self.names)
@@ -212,21 +236,56 @@ class Router:
                     picked[name] = 1.0
                     why[name] = f"trigger {found!r}"
         order = np.argsort(-probs, kind="stable")
+        calibrated = threshold is None and abstain and self.fit_threshold is not None
+        if calibrated:
+            route.abstention = self._abstention(float(fit), self.names[order[0]], bool(picked))
+            if route.abstention["abstained"]:
+                for name in self.names:
+                    why[name] = "bare base: fits no expert"
+                why[self.names[order[0]]] = f"nearest, but fit {fit:.2f} < {self.fit_threshold:.2f}: bare base"
+                return route
+        floor_p = threshold or 0.0
         for i in order:
             name = self.names[i]
             if name in picked:
                 continue
             if len(picked) >= top_k:
                 break  # the rest stay "not in top k"
-            if p[name] < threshold:
-                why[name] = f"below threshold (p={p[name]:.2f} < {threshold:g})"
+            if p[name] < floor_p:
+                why[name] = f"below threshold (p={p[name]:.2f} < {floor_p:g})"
             else:
                 picked[name] = p[name]
                 why[name] = f"router p={p[name]:.2f}"
-        route.chosen = renormalise(sorted(picked.items(), key=lambda kv: -kv[1])) if picked else []
-        for name in picked.keys() - dict(route.chosen).keys():
-            why[name] += " (weight rounds to 0, left out)"
+        route.chosen = self._floor(picked, why)
         return route
+
+    def _abstention(self, fit: float, nearest: str, triggered: bool) -> dict[str, Any]:
+        """The abstention record of a route: fit, threshold, nearest expert, whether and why."""
+        tau = float(self.fit_threshold)  # type: ignore[arg-type]
+        out: dict[str, Any] = {"score": round(fit, 4), "threshold": tau, "nearest": nearest, "abstained": False}
+        if triggered:
+            out["reason"] = f"a trigger word chose (fit {fit:.2f})"
+        elif fit < tau:
+            out.update(abstained=True, reason=f"nearest expert {nearest} at {fit:.2f}, below {tau:.2f}: bare base")
+        else:
+            out["reason"] = f"nearest expert {nearest} at {fit:.2f}, at or above {tau:.2f}"
+        return out
+
+    @staticmethod
+    def _floor(picked: dict[str, float], why: dict[str, str]) -> list[tuple[str, float]]:
+        """The picked experts renormalised, without those under FLOOR of the top member's weight (or that
+        round to 0): they would cost a forward each for next to nothing."""
+        if not picked:
+            return []
+        top = max(picked.values())
+        kept = {n: w for n, w in picked.items() if w >= FLOOR * top}
+        for name, w in picked.items():
+            if name not in kept:
+                why[name] = f"left out (weight {w / sum(picked.values()):.3f} < floor {FLOOR:g} x top)"
+        chosen = renormalise(sorted(kept.items(), key=lambda kv: -kv[1]))
+        for name in kept.keys() - dict(chosen).keys():
+            why[name] += " (weight rounds to 0, left out)"
+        return chosen
 
     def _trigger_matches(self, prompt: str) -> list[tuple[str, str]]:
         """(as written, trigger) for the trigger words in `prompt`, in order: whole words, longest first,
@@ -252,60 +311,6 @@ def _triggers(catalog: Catalog) -> dict[str, list[str]]:
     return {e.name: list(e.trigger) for e in catalog.experts}
 
 
-def _chunks(texts: Sequence[Sequence[str]], batch: int = 2048) -> Iterator[tuple[int, int]]:
-    """Ranges [i, j) of experts whose texts add up to about `batch` (one encoder call each)."""
-    i = 0
-    while i < len(texts):
-        j, n = i, 0
-        while j < len(texts) and (n == 0 or n + len(texts[j]) <= batch):
-            n += len(texts[j])
-            j += 1
-        yield i, j
-        i = j
-
-
-def _embed(encoder: Encoder, texts: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, D) embeddings of the experts' texts, flattened, and the (n,) index of the expert each belongs to."""
-    import torch
-
-    owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(ts) for ts in texts]))
-    return encoder([t for ts in texts for t in ts]), owner
-
-
-def _per_expert_sum(vecs: torch.Tensor, owner: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(n, D) rows, (n,) owners -> (E, D) sums per expert."""
-    import torch
-
-    return torch.zeros(n_experts, vecs.shape[1]).index_add_(0, owner, vecs)
-
-
-def _prototypes(encoder: Encoder, texts: Sequence[Sequence[str]], center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(center (D,), rows (E, D)) of `gate.prototype_gate` over the experts' embedded texts, computed a few
-    thousand texts at a time with batched ops. Without `center`, it is the mean of the experts' mean
-    embeddings (what did not fit in memory is embedded again for the rows); with it, only these experts
-    are embedded and their rows are imprinted against it."""
-    import torch
-    import torch.nn.functional as F
-
-    chunks = list(_chunks(texts))
-    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    if center is None:
-        means, budget = [], KEEP_FLOATS
-        for c, (i, j) in enumerate(chunks):
-            vecs, owner = _embed(encoder, texts[i:j])
-            means.append(_per_expert_sum(vecs, owner, j - i) / torch.bincount(owner, minlength=j - i)[:, None])  # (E_c, D)
-            if vecs.numel() <= budget:
-                kept[c], budget = (vecs, owner), budget - vecs.numel()
-        means = torch.cat(means)
-        center = means.mean(0) if len(means) >= 2 else torch.zeros(means.shape[1])  # = gate._center
-    rows = []
-    for c, (i, j) in enumerate(chunks):
-        vecs, owner = kept.pop(c) if c in kept else _embed(encoder, texts[i:j])
-        # = gate.prototype per expert: the normalised mean of its unit features normalize(x - center)
-        rows.append(F.normalize(_per_expert_sum(forward_features(vecs, center), owner, j - i), dim=-1))
-    return center, torch.cat(rows) if rows else torch.zeros(0, center.shape[0])
-
-
 def _cache_path(catalog: Catalog) -> Path:
     """Beside the catalog, or in the user's data folder for the packaged demo (never written to)."""
     if is_packaged(catalog.path):
@@ -316,7 +321,7 @@ def _cache_path(catalog: Catalog) -> Path:
 
 def _cache_key(catalog: Catalog, encoder: str) -> str:
     """What every cached row depends on: the cache format, the encoder and the base (whose text encoder "base" is)."""
-    ident = {"v": f"{FORMAT_VERSION}.rows", "texts": TEXTS_VERSION, "encoder": encoder, "base": catalog.base_identity() if encoder == "base" else None}
+    ident = {"v": f"{FORMAT_VERSION}.rows.abstain", "texts": TEXTS_VERSION, "encoder": encoder, "base": catalog.base_identity() if encoder == "base" else None}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -348,21 +353,24 @@ def prototype_router(catalog: Catalog, encoder: Encoder) -> Router:
         else:
             at = {d: i for i, d in enumerate(old_digests)}
             todo = [i for i, d in enumerate(digests) if d not in at]
-            _, new = _prototypes(encoder, [expert_texts(catalog.experts[i]) for i in todo], old.mean)
+            _, new = prototype_rows(encoder, [expert_texts(catalog.experts[i]) for i in todo], old.mean)
             fresh = dict(zip(todo, new))
             weight = torch.stack([fresh[i] if i in fresh else old.weight[at[d]] for i, d in enumerate(digests)])
-            gate = Gate(mean=old.mean, weight=weight, bias=torch.zeros(len(digests)), scale=PROTOTYPE_SCALE)
+            gate = replace(old, weight=weight, bias=torch.zeros(len(digests)))  # the "none" row and its calibration stay, as the center does
             _save_prototypes(gate, catalog, encoder.id, key, digests, center_n, path)
     else:
-        center, weight = _prototypes(encoder, [expert_texts(e) for e in catalog.experts])
+        center, weight = prototype_rows(encoder, [expert_texts(e) for e in catalog.experts])
         gate = Gate(mean=center, weight=weight, bias=torch.zeros(len(digests)), scale=PROTOTYPE_SCALE)
-        _save_prototypes(gate, catalog, encoder.id, key, digests, len(digests), path)
+        calibration = learn_abstention(gate, catalog, encoder)
+        _save_prototypes(gate, catalog, encoder.id, key, digests, len(digests), path, calibration)
     return Router(catalog.names, gate, encoder, kind="prototypes", triggers=_triggers(catalog))
 
 
-def _save_prototypes(gate: Gate, catalog: Catalog, encoder: str, key: str, digests: list[str], center_n: int, path: Path) -> None:
+def _save_prototypes(
+    gate: Gate, catalog: Catalog, encoder: str, key: str, digests: list[str], center_n: int, path: Path, calibration: dict[str, Any] | None = None
+) -> None:
     """Write the prototype cache (a router checkpoint of kind "prototypes"); best effort."""
-    ckpt = for_catalog(gate, catalog, encoder, kind="prototypes", key=key, training={"center_experts": center_n})
+    ckpt = for_catalog(gate, catalog, encoder, kind="prototypes", key=key, training={"center_experts": center_n, **(calibration or {})})
     for row, digest in zip(ckpt.experts, digests):
         row["texts"] = digest
     try:

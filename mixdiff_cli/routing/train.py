@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 from mixdiff_cli.catalog.model import Catalog
 from mixdiff_cli.catalog.schema import load_catalog
 from mixdiff_cli.core.errors import MixdiffError
+from mixdiff_cli.routing.calibrate import calibrate
 from mixdiff_cli.routing.checkpoint import ROUTER_FILE, Checkpoint, for_catalog, read_checkpoint, save_checkpoint
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
-from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, forward_features, forward_logits, prototype_gate, row_matrix
+from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, forward_features, forward_logits, none_logit, prototype_gate, row_matrix
 from mixdiff_cli.routing.labels import check_labels, expert_texts, read_labeled
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class TrainConfig:
     top_k: int = 2  # also report top-k accuracy
     encoder: str | None = None  # None: the last router's encoder, else "base"
     max_steps: int = 1000  # fewer epochs when they would take more optimizer steps (thousands of experts)
+    abstain: bool = True  # learn a "none of these" row from generic captions and calibrate the fit threshold
+    outlier: float = 0.5  # weight of the outlier-exposure loss: generic captions spread over the experts (Hendrycks et al. 2019)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class TrainResult:
     config: TrainConfig
     confused: list[tuple[str, str, int]] = field(default_factory=list)  # held-out (true, routed, count), most first
     epochs: int = 0  # epochs run (config.epochs, or fewer under config.max_steps)
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature, fit_threshold and what they were measured on
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -68,6 +72,7 @@ class TrainResult:
             "confused": [{"expert": t, "routed": r, "n": n} for t, r, n in self.confused[:50]],
             "loss": self.loss,
             "epochs": self.epochs,
+            "calibration": self.calibration,
             "config": asdict(self.config),
         }
         if self.confusion:
@@ -90,10 +95,38 @@ def _split(examples: list[tuple[str, int]], n_experts: int, val_split: float, se
     return train, val
 
 
+def _batch_loss(params: dict[str, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor, n_experts: int, config: TrainConfig,
+                with_none: bool) -> torch.Tensor:
+    """The loss of one batch of (B, D) features: cross-entropy over the experts (and "none", class E,
+    with `with_none`), outlier exposure on the generic captions and Switch load balancing."""
+    import torch
+    import torch.nn.functional as F
+
+    scale = params["log_scale"].exp()
+    logits = forward_logits(feats, row_matrix(params["weight"], scale), params["bias"])  # (B, E)
+    mine = labels < n_experts
+    if with_none:
+        full = torch.cat([logits, none_logit(feats, params["none_w"], scale, params["none_b"])[:, None]], -1)  # (B, E + 1)
+        loss = F.cross_entropy(full, labels)
+        if (~mine).any():  # outlier exposure: cross-entropy to the uniform distribution over experts
+            loss = loss - config.outlier * logits[~mine].log_softmax(-1).mean()
+    else:
+        loss = F.cross_entropy(logits, labels)
+    if mine.any():
+        probs = logits[mine].softmax(-1)
+        # Switch load balancing: E * sum_i f_i * P_i, f = fraction routed to i, P = mean router prob of i
+        frac = F.one_hot(probs.argmax(-1), n_experts).float().mean(0)
+        loss = loss + config.balance * n_experts * (frac * probs.mean(0)).sum()
+    return loss
+
+
 def fit_gate(
-    x: torch.Tensor, y: torch.Tensor, n_experts: int, config: TrainConfig, progress: Callable[[int, float], None] | None = None
+    x: torch.Tensor, y: torch.Tensor, n_experts: int, config: TrainConfig, progress: Callable[[int, float], None] | None = None,
+    generic: torch.Tensor | None = None,
 ) -> tuple[Gate, float]:
-    """Train a cosine gate on (N, D) vectors and labels (N,); rows start at the class prototypes."""
+    """Train a cosine gate on (N, D) vectors and labels (N,); rows start at the class prototypes. With
+    `generic` (G, D) vectors of generic captions, a "none of these" row learns them (class E) and their
+    expert probabilities are pushed towards uniform (outlier exposure: no evidence, no preference)."""
     import torch
     import torch.nn.functional as F
 
@@ -106,6 +139,11 @@ def fit_gate(
         "bias": torch.zeros(n_experts),
         "log_scale": torch.tensor(math.log(PROTOTYPE_SCALE)),
     }
+    with_none = generic is not None and len(generic) > 0
+    if with_none:
+        params["none_w"] = F.normalize(gate.features(generic).mean(0), dim=-1)  # imprinted, as an expert's row
+        params["none_b"] = torch.tensor(0.0)
+        x, y = torch.cat([x, generic]), torch.cat([y, torch.full((len(generic),), n_experts, dtype=torch.long)])
     if h:
         params["w1"] = torch.randn(h, d, generator=gen) / math.sqrt(d)
         params["b1"] = torch.zeros(h)
@@ -120,13 +158,7 @@ def fit_gate(
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
-            feats = forward_features(x[idx], gate.mean, *mlp())  # (B, D)
-            logits = forward_logits(feats, row_matrix(params["weight"], params["log_scale"].exp()), params["bias"])  # (B, E)
-            probs = logits.softmax(-1)
-            # Switch load balancing: E * sum_i f_i * P_i, f = fraction routed to i, P = mean router prob of i
-            frac = F.one_hot(probs.argmax(-1), n_experts).float().mean(0)
-            aux = n_experts * (frac * probs.mean(0)).sum()
-            loss = F.cross_entropy(logits, y[idx]) + config.balance * aux
+            loss = _batch_loss(params, forward_features(x[idx], gate.mean, *mlp()), y[idx], n_experts, config, with_none)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -139,6 +171,9 @@ def fit_gate(
             mean=gate.mean, weight=params["weight"].detach().clone(), bias=params["bias"].detach().clone(),
             scale=float(params["log_scale"].exp()), w1=w1, b1=b1, w2=w2,
         )
+        if with_none:
+            trained.none_weight, trained.none_bias = params["none_w"].detach().clone(), float(params["none_b"])
+            x, y = x[y < n_experts], y[y < n_experts]
         own = (trained.features(x) * F.normalize(trained.weight, dim=-1)[y]).sum(-1)  # (N,) cosine with its own row
         trained.own_cos = torch.zeros(n_experts).index_add_(0, y, own) / counts.clamp_min(1)
     return trained, loss_value
@@ -224,6 +259,22 @@ def _save(ckpt: Checkpoint, cat: Catalog, out_path: Path) -> None:
         live.router = live.relative_source(out_path)
 
 
+def _with_unseen_words(enc: Encoder, train: list[tuple[str, int]], val: list[tuple[str, int]], fit: tuple[torch.Tensor, torch.Tensor],
+                       cal: tuple[torch.Tensor, torch.Tensor], vecs: torch.Tensor, seed: int) -> tuple[Any, Any, Any]:
+    """The training and calibration (x, y) of an abstaining gate, each prompt also seen in an unseen
+    wording (`routing.generic.noisy`: made-up words inserted to train on, a third of the words replaced
+    to calibrate on), and (training, calibration) vectors of the generic negatives."""
+    import torch
+
+    from mixdiff_cli.routing.generic import negative_vectors, noisy
+
+    owner = torch.tensor([e for _, e in train + val], dtype=torch.long)
+    cal_texts = [t for t, _ in (val if len(val) else train)]
+    fit = torch.cat([fit[0], enc(noisy([t for t, _ in train], seed, replace=0.0))]), torch.cat([fit[1], fit[1]])
+    cal = torch.cat([cal[0], enc(noisy(cal_texts, seed + 1))]), torch.cat([cal[1], cal[1]])
+    return fit, cal, negative_vectors(enc, vecs, owner, seed)
+
+
 def check_output(path: Path) -> None:
     """`--output` may be new or a router checkpoint; anything else there (a LoRA, a base's weights, the
     catalog) is the user's file, never overwritten."""
@@ -277,7 +328,11 @@ def train_router(
     x_train, x_val = vecs[: len(train)], vecs[len(train) :]
     y_train = torch.tensor([e for _, e in train], dtype=torch.long)
     y_val = torch.tensor([e for _, e in val], dtype=torch.long)
-    gate, loss = fit_gate(x_train, y_train, len(names), config, progress)
+    fit, cal, (g_train, g_val) = (x_train, y_train), (x_val, y_val) if len(val) else (x_train, y_train), (None, None)
+    if config.abstain:
+        fit, cal, (g_train, g_val) = _with_unseen_words(enc, train, val, fit, cal, vecs, config.seed)
+    gate, loss = fit_gate(*fit, len(names), config, progress, generic=g_train)
+    calibration = calibrate(gate, *cal, g_val)
 
     train_top1 = round(_accuracy(gate, x_train, y_train, k)[0], 4)
     confusion, confused = _confusion([], [], names)
@@ -289,9 +344,10 @@ def train_router(
 
     out_path = Path(output) if output else cat.root / ROUTER_FILE
     training = {"epochs": epochs_run(config, len(train)), "lr": config.lr, "seed": config.seed, "val_split": config.val_split,
-                "balance": config.balance, "n_train": len(train), "n_val": len(val), "top1": top1, f"top{k}": topk}
+                "balance": config.balance, "n_train": len(train), "n_val": len(val), "top1": top1, f"top{k}": topk, **calibration}
     _save(for_catalog(gate, cat, enc.id, training=training), cat, out_path)
     return TrainResult(
         checkpoint=out_path, names=names, n_train=len(train), n_val=len(val), top1=top1, topk=topk, k=k,
         train_top1=train_top1, confusion=confusion, loss=loss, config=config, confused=confused, epochs=epochs_run(config, len(train)),
+        calibration=calibration,
     )

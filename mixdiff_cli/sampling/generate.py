@@ -128,7 +128,7 @@ def _decide(engine: Engine, prompt: str, encoded: Encoded, members: tuple[Member
     router.warn()
     # the base text encoder's pooled vector from the pass generation reuses; other encoders embed themselves
     vec = encoded.router[0] if router.encoder_id == "base" else router.embed([prompt])[0]
-    route = router.decide(vec, prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold)
+    route = router.decide(vec, prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold, abstain=opts.abstain)
     if opts.bands == "auto":
         route = spread_bands(route, catalog_bands(cat), opts.steps or DEFAULT_STEPS)
     return route, RouteInfo(source="router", decision=route.to_dict())

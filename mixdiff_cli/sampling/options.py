@@ -78,7 +78,8 @@ class GenerationOptions:
     experts: tuple[Member, ...] = ()
     top_k: int = 1
     temperature: float = 1.0
-    threshold: float = 0.0
+    threshold: float | None = None  # None: the router's calibrated abstention; a number: abstain when no expert has p >= it
+    abstain: bool = True  # False: always route to an expert (--no-abstain)
     encoder: str | None = None  # the router's prompt encoder; None: the checkpoint's
     on_stale: OnStale = "error"
     blend: BlendMode | None = None  # None: noise

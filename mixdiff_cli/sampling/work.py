@@ -64,7 +64,7 @@ def plan(items: list[PromptItem], opts: GenerationOptions, seed: int, engine: En
             router.warn()
         vecs = router.embed([it.prompt for it in need_router])
         for it, vec in zip(need_router, vecs):
-            route = router.decide(vec, it.prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold)
+            route = router.decide(vec, it.prompt, top_k=opts.top_k, temperature=opts.temperature, threshold=opts.threshold, abstain=opts.abstain)
             if opts.bands == "auto":
                 route = spread_bands(route, catalog_bands(cat), it.steps or opts.steps or DEFAULT_STEPS)
             routes[it.index] = (route, RouteInfo(source="router", decision=route.to_dict()))
