@@ -82,3 +82,23 @@ def test_routed_expert_draws_what_the_prompt_names(engine, routes, domain, promp
     right = sum(measure.check(domain, im, attrs)[better] for im in images)
     right_base = sum(measure.check(domain, im, attrs)[better] for im in base)
     assert right >= 7 and right - right_base >= 3, (better, right, right_base, [measure.measure(domain, im) for im in images])
+
+
+# the issue's own examples (router abstention): prompts outside every demo expert's world
+OUTSIDE = ["zzzz qqqq", "", "a portrait of an old fisherman", "a bowl of ramen", "a fox", "a cyberpunk street at night",
+           "an accordion on a park bench", "a plate of oysters", "a toddler blowing bubbles", "a saxophone in a smoky bar"]
+
+
+def test_demo_router_abstains_outside_its_world_and_is_calibrated():
+    from mixdiff_cli.evaluation.routing import RoutingSettings, evaluate_routing
+
+    router = load_router(DEMO)
+    outside = router.route(OUTSIDE)
+    assert sum(not r.chosen for r in outside) >= 9, [(r.prompt, r.chosen) for r in outside if r.chosen]
+    assert all(r.abstention["reason"].endswith(": bare base") for r in outside if not r.chosen)
+    assert all(r.chosen[0][0] == d for d, r in zip(PROMPTS, router.route(list(PROMPTS.values()))))
+    # the held-out wordings (unseen synonyms): the gate ranks as well as before (77.4% before abstention),
+    # its probabilities are calibrated (ECE 0.189 before)
+    m = evaluate_routing(DEMO, DEMO.parent / "prompts" / "heldout.jsonl", RoutingSettings(top_k=2)).data["metrics"]
+    assert m["top1_accuracy"] >= 0.764 and m["calibration"]["ece"] <= 0.05
+    assert m["abstention"]["fit_threshold"] == router.fit_threshold is not None

@@ -55,6 +55,11 @@ def train(
         ]
         out.table(rows, ["expert", *res.names, "n", "acc"], title="held-out confusion (rows: true expert, columns: routed to)")
     out.info(f"held-out top-1 {pct(res.top1)}, top-{res.k} {pct(res.topk)}; training top-1 {pct(res.train_top1)}")
+    cal = res.calibration
+    if "fit_threshold" in cal:
+        out.info(f"calibrated: temperature {cal['temperature']:g}; abstains below fit {cal['fit_threshold']:g} (keeps "
+                 f"{pct(cal['kept_in_world'])} of held-out prompts, abstains on {pct(cal['abstained_generic'])} of "
+                 f"{cal['n_generic']} held-out generic captions)")
     out.result(str(res.checkpoint))
 
 

@@ -281,7 +281,7 @@ class Router:
         kept = {n: w for n, w in picked.items() if w >= FLOOR * top}
         for name, w in picked.items():
             if name not in kept:
-                why[name] = f"left out (weight {w / sum(picked.values()):.3f} < floor {FLOOR:g} x top)"
+                why[name] = f"left out (weight {w / sum(picked.values()):.2g} < floor {FLOOR:g} x top)"
         chosen = renormalise(sorted(kept.items(), key=lambda kv: -kv[1]))
         for name in kept.keys() - dict(chosen).keys():
             why[name] += " (weight rounds to 0, left out)"
@@ -471,4 +471,7 @@ def router_status(catalog: Catalog) -> dict[str, Any]:
     if problem:
         status["problem"] = f"{problem}; run 'mixdiff router train'"
     status.update({k: v for k, v in ckpt.training.items() if k in ("top1", "top2", "top3", "n_train", "n_val", "epochs")})
+    gate = ckpt.gate
+    status["temperature"] = round(gate.temperature, 4)
+    status["abstains_below_fit"] = None if gate.fit_threshold is None else round(gate.fit_threshold, 4)
     return status
