@@ -319,11 +319,19 @@ def test_the_readme_bands_auto_example_runs(tmp_path):
 
     from mixdiff_cli.catalog.discovery import packaged_catalog_path
 
+    demo = str(packaged_catalog_path())
     res = runner.invoke(app, ["--json", "generate", "a harbour at dusk", "--top-k", "2", "--bands", "auto", "--steps", "8",
-                              "--catalog", str(packaged_catalog_path()), "--out", str(tmp_path)])
+                              "--catalog", demo, "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    route = json.loads(res.stdout)["route"]  # no demo expert is for harbours: the bare base, and why
+    assert route["chosen"] == [] and route["abstention"]["abstained"] and route["abstention"]["reason"].endswith(": bare base")
+    # glyphs' share (0.066 of this route) passes the router's floor but holds no step of 8
+    res = runner.invoke(app, ["--json", "generate", "there is a blue disk placed upon white paper", "--top-k", "2", "--bands", "auto",
+                              "--steps", "8", "--catalog", demo, "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     route = json.loads(res.stdout)["route"]
-    assert len(route["chosen"]) == 1 and any("left out: its share holds no step of the 8-step run" in why for why in route["reasons"].values())
+    assert [c["expert"] for c in route["chosen"]] == ["shapes"]
+    assert "left out: its share holds no step of the 8-step run" in route["reasons"]["glyphs"]
 
 
 def _demo_catalog_copy(tmp_path):

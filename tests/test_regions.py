@@ -189,7 +189,7 @@ def test_record_replays_and_inspect_shows_the_regions(arch, setup, tmp_path):
         pytest.skip("metadata does not depend on the architecture")
     _, _, catalog = setup
     [first] = cli(catalog, tmp_path / "a", "a plain background", "-e", "pixel", "-W", "96", "--seed", "7",
-                  "-r", "0:0.5,0:1=a photo of a red cat --expert ink", "-r", "0.5:1,0.2:1=a photo of a blue dog")
+                  "-r", "0:0.5,0:1=a photo of a red cat --expert ink", "-r", "0.5:1,0.2:1=a photo of a blue dog", "--no-abstain")
     from mixdiff_cli.sampling.pngmeta import read_record
 
     record = read_record(first)
