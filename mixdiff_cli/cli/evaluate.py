@@ -197,7 +197,7 @@ def samples(
     height: Annotated[Optional[int], typer.Option("--height", "-H", help="Image height (default: the base's).")] = None,
     routed: Annotated[bool, typer.Option("--routed/--no-routed", help="Include the routed-mixture column.")] = True,
     top_k: TopKOpt = 2,
-    threshold: Annotated[float, typer.Option("--threshold", help="Router threshold for the routed column.")] = 0.0,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Router threshold for the routed column (default: the router's calibrated abstention).", show_default=False)] = None,
     temperature: TemperatureOpt = 1.0,
     blend: Annotated[Optional[BlendMode], typer.Option("--blend", help="How the routed experts mix: noise or merge.")] = None,
     clip: Annotated[Optional[Path], typer.Option("--clip", help="A local CLIP model folder: adds CLIP scores (never downloads).")] = None,
