@@ -274,3 +274,21 @@ def test_k2_under_the_floor_runs_one_expert_and_draws_top1s_image(sd_catalog, tm
     assert batches == k1_batches and set(batches) == {2}  # one CFG pair per step: no forward for pixel
     assert [c["expert"] for c in two.route["chosen"]] == ["ink"] and "left out (weight" in two.route["reasons"]["pixel"]
     assert np.array_equal(np.asarray(Image.open(one.paths[0])), np.asarray(Image.open(two.paths[0])))
+
+
+def test_an_expert_added_without_retraining_is_routed_not_abstained(tmp_path):
+    from mixdiff_cli.catalog.model import Expert
+    from mixdiff_cli.catalog.schema import edit_catalog, load_catalog
+    from mixdiff_cli.routing.sync import extend_router
+
+    path = make_catalog(tmp_path, DOMAINS, Path("/nonexistent/base"))
+    train_router(path, config=TrainConfig(encoder="words"))
+    with edit_catalog(path) as cat:  # dragons, wizards and castles: subjects the generic captions hold too
+        cat.experts.append(Expert(name="fantasy", kind="lora", source="fantasy.safetensors", format="diffusers", sha256="f-sha",
+                                  prompts=captions("fantasy", 40, "train")))
+    extend_router(load_catalog(path), "fantasy")
+    router = R.load_router(path)
+    routes = router.route(captions("fantasy", 60, "heldout"))
+    assert sum(bool(r.chosen) and r.chosen[0][0] == "fantasy" for r in routes) / 60 >= 0.85  # measured 0.933
+    assert sum(not r.chosen for r in routes) / 60 <= 0.05  # measured 0.017
+    assert sum(not r.chosen for r in router.route(OUTSIDE)) / len(OUTSIDE) >= 0.85
