@@ -201,8 +201,6 @@ def test_peft_folder_is_applied_as_peft_does(layout, compat_files, tiny_sd, tmp_
 @pytest.mark.parametrize(
     "kind, words",
     [
-        ("loha", ["LyCORIS LoHa"]),
-        ("lokr", ["LyCORIS LoKr"]),
         ("ia3", ["(IA)^3"]),
         ("kohya-dora", ["DoRA"]),
         ("peft-dora", ["DoRA"]),
@@ -215,6 +213,15 @@ def test_peft_folder_is_applied_as_peft_does(layout, compat_files, tiny_sd, tmp_
 )
 def test_refused_layout_is_one_line(kind, words, compat_files, tiny_sd, tmp_path):
     assert_refused(new_catalog(tmp_path, tiny_sd), compat_files[("sd1", kind)], *words)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_kohya_named_loha_and_lokr_are_accepted(kind, compat_files, tiny_sd, tmp_path):
+    """Once refused by name; now rewritten as exact LoRAs (tests/test_lycoris.py has the references)."""
+    catalog = new_catalog(tmp_path, tiny_sd)
+    assert add(catalog, compat_files[("sd1", kind)], kind).exit_code == 0
+    got, bare = engine_top1(catalog, kind)
+    assert diff(got, bare) > EFFECT
 
 
 def test_sdxl_layouts_refused_on_an_sd_base(compat_files, tiny_sd, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from mixdiff_cli import families
 from mixdiff_cli.core.errors import MixdiffError
 from mixdiff_cli.catalog.fit import ArchitectureMismatch, fits_base, require_fit
+from mixdiff_cli.catalog.lycoris import LycorisShapeError
 from mixdiff_cli.catalog.formats import AmbiguousSource, BadSidecar, inspect_source, NoModelFound, SourceNotFound
 from mixdiff_cli.catalog.headers import autov2, CorruptSafetensors, NotSafetensors, PickleRefused, sha256_file
 from mixdiff_cli.catalog.lora_keys import kohya_to_dotted, module_type, UnknownLoraFormat
@@ -416,7 +417,7 @@ def test_unknown_and_lycoris_formats(tmp_path):
     with pytest.raises(UnknownLoraFormat, match="first keys: embedding.weight"):
         inspect_source(write_safetensors(tmp_path / "emb.safetensors", {"embedding.weight": [4, 8]}))
     loha = {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": [4, 4], "lora_unet_mid_block_attentions_0_proj_in.alpha": []}
-    with pytest.raises(UnknownLoraFormat, match="LyCORIS"):
+    with pytest.raises(LycorisShapeError, match="LoHa module mid_block.attentions.0.proj_in: no hada_w1_b"):
         inspect_source(write_safetensors(tmp_path / "loha.safetensors", loha))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class SourceInfo:
     layout: str | None = None  # LoRA key layout: kohya | peft | diffusers-peft | diffusers-script | attn-procs
     convert: bool = False  # diffusers cannot load this layout as it is: catalog.convert makes it exact
     prediction_type: str | None = None  # full models: epsilon | v_prediction, when known
+    lycoris: dict[str, int] = field(default_factory=dict)  # LyCORIS modules by kind ("LoHa 4x4": 96), rewritten as LoRAs (catalog.lycoris)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the per-module shapes)."""
@@ -90,6 +92,7 @@ class SourceInfo:
             "has_text_encoder": self.has_text_encoder, "title": self.title, "trigger": list(self.trigger),
             "description": self.description, "preferred_weight": self.preferred_weight, "sha256": self.sha256,
             "layout": self.layout, "modules_to_save": sorted(self.saved_shapes), "prediction_type": self.prediction_type,
+            **({"lycoris": dict(self.lycoris)} if self.lycoris else {}),
         }  # fmt: skip
 
 
@@ -187,9 +190,9 @@ def _inspect_lora(file: Path, header: dict[str, dict], meta: dict[str, str], fmt
         has_text_encoder=any(m.component != "unet" for m in mods),
         unet_shapes={m.path: (m.in_features, m.out_features) for m in mods if m.component == "unet"},
         text_shapes={(m.component, m.path): (m.in_features, m.out_features) for m in mods if m.component != "unet"},
-        saved_shapes=parsed.saved, layout=parsed.layout, metadata=meta,
-        # layouts diffusers loads wrongly or not at all go through catalog.convert
-        convert=fmt == "peft" or parsed.layout == "attn-procs" or (fmt == "diffusers" and bool(parsed.alphas)),
+        saved_shapes=parsed.saved, layout=parsed.layout, metadata=meta, lycoris=dict(parsed.lycoris),
+        # layouts diffusers loads wrongly or not at all go through catalog.convert (LyCORIS: catalog.lycoris)
+        convert=fmt == "peft" or parsed.layout == "attn-procs" or (fmt == "diffusers" and bool(parsed.alphas)) or bool(parsed.lycoris),
     )  # fmt: skip
     return _describe(info, meta, sidecar)
 
@@ -234,7 +237,7 @@ def _inspect_file(file: Path, checksum: bool) -> SourceInfo:
     config_file = file.parent / PEFT_CONFIG
     peft_config = _read_json(config_file) if config_file.is_file() and kind in ("peft", None) else None
     if kind not in ("single-file", "diffusers-unet"):
-        _refuse_variant(file, list(header), peft_config)
+        _refuse_variant(file, list(header), peft_config, kind)
     if kind in ("kohya", "peft", "diffusers"):
         info = _inspect_lora(file, header, meta, kind, peft_config)
     elif kind in ("single-file", "diffusers-unet"):
@@ -351,19 +354,28 @@ def inspect_source(path: str | Path, *, checksum: bool = True) -> SourceInfo:
 # loading (the one place that needs torch)
 
 
-def lora_for_diffusers(info: SourceInfo) -> str | dict:
+def lora_for_diffusers(info: SourceInfo, weight_shape: Callable[[str], tuple[int, ...] | None] | None = None) -> str | dict:
     """The argument for ``pipe.load_lora_weights`` that loads this LoRA exactly, with its own alpha.
 
     Layouts diffusers reads as they are (its own, kohya) load from their path. The others become a state
     dict through ``catalog.convert.diffusers_lora``: PEFT folders (diffusers does not read them),
     attention-processor files (diffusers 0.42 silently loads nothing) and diffusers files with network
-    alphas (refused by diffusers); each module's alpha/r is folded into lora_B.
+    alphas (refused by diffusers); each module's alpha/r is folded into lora_B. LyCORIS LoHa / LoKr
+    modules become exact kohya LoRA modules (`catalog.lycoris.as_lora`), which needs `weight_shape`: the
+    base module's weight shape for a kohya stem.
     """
     if info.kind != "lora":
         raise ValueError(f"{info.file} is a {info.kind}, not a LoRA")
     if not info.convert:
         return str(info.file)
     from safetensors.torch import load_file
+
+    if info.lycoris:
+        from mixdiff_cli.catalog.lycoris import as_lora
+
+        if weight_shape is None:
+            raise ValueError(f"{info.file} holds LyCORIS modules: pass weight_shape to rewrite them")
+        return as_lora(load_file(info.file), weight_shape)
 
     from mixdiff_cli.catalog.convert import diffusers_lora
 

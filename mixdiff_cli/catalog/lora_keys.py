@@ -4,10 +4,11 @@ path, rank, shapes), and adapter kinds mixdiff refuses by name."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixdiff_cli import families
+from mixdiff_cli.catalog import lycoris
 from mixdiff_cli.catalog.convert import LoraKey, parse_key
 from mixdiff_cli.core.errors import MixdiffError
 
@@ -93,6 +94,7 @@ class _Parsed:
     alphas: list[str]  # keys of the alpha scalars (kohya ``.alpha``, diffusers network alphas)
     layout: str  # kohya | peft | diffusers-peft | diffusers-script | attn-procs
     saved: dict[str, tuple[int, int]]  # PEFT modules_to_save: module -> (in, out) of the saved weight
+    lycoris: dict[str, int] = field(default_factory=dict)  # "LoHa 4x4" / "LoKr factor 4x4" -> modules of that kind
 
 
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -113,20 +115,22 @@ _VARIANTS = (
 )
 
 
+_LYCORIS_READ = ("a LyCORIS LoHa network", "a LyCORIS LoKr network")  # exact LoRAs once rewritten (catalog.lycoris)
 _PEFT_TYPES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "(IA)^3", "ADALORA": "AdaLoRA"}
 
 
 def _kohya_key(key: str) -> LoraKey | None:
     stem, _, suffix = key.partition(".")
-    role = _KOHYA_ROLES.get(suffix)
+    role = _KOHYA_ROLES.get(suffix) or (suffix if suffix in lycoris.ROLES else None)
     for prefix, component in families.kohya_prefixes():
         if role and stem.startswith(prefix):
             return LoraKey(component, kohya_to_dotted(stem[len(prefix) :]), role, "kohya", True)
     return None
 
 
-def _refuse_variant(file: Path, keys: list[str], peft_config: dict | None) -> None:
-    """Raise UnsupportedLora, naming the format, for adapters that are not plain LoRA."""
+def _refuse_variant(file: Path, keys: list[str], peft_config: dict | None, fmt: str | None = None) -> None:
+    """Raise UnsupportedLora, naming the format, for adapters that are not plain LoRA (kohya-named
+    LyCORIS LoHa and LoKr files are read by `catalog.lycoris` instead)."""
     kind = None
     peft_type = str((peft_config or {}).get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -134,6 +138,8 @@ def _refuse_variant(file: Path, keys: list[str], peft_config: dict | None) -> No
     elif peft_config is not None and peft_config.get("use_dora"):
         kind = "a DoRA LoRA (use_dora)"
     for pattern, name in _VARIANTS:
+        if fmt == "kohya" and name in _LYCORIS_READ:
+            continue
         if kind is None and any(re.search(pattern, k) for k in keys):
             kind = name
     if kind is None:
@@ -173,8 +179,17 @@ def _lora_modules(file: Path, header: dict[str, dict], fmt: str, saved: list[str
         if p.role in ("down", "up"):
             names[(p.component, p.module)] = _MATRICES.get(p.layout, _MATRICES["peft"])
             layouts.add("attn-procs" if p.layout == "attn-procs" else f"{fmt}-{p.layout}" if fmt == "diffusers" else fmt)
-    modules, alphas = [], []
+    modules, alphas, kinds = [], [], {}
     for (component, path), g in groups.items():
+        if kind := lycoris.kind_of(set(g)):
+            if any(t in g for t in lycoris.TUCKER):
+                raise UnsupportedLora(f"{file} is a LyCORIS {lycoris.kind_of_name(kind)} with Tucker factors (module {path}); mixdiff "
+                                      "applies LoHa and LoKr without them", "train it again without use_tucker, or merge it into the base")
+            rank, fin, fout, detail = lycoris.module_shape(file, path, kind, {r: s for r, (_, s) in g.items()}, module_type(path))
+            modules.append(_Module(component, path, rank, fin, fout))
+            kinds[detail] = kinds.get(detail, 0) + 1
+            alphas += [g["alpha"][0]] if "alpha" in g else []
+            continue
         down, up = g.get("down"), g.get("up")
         a, b = names.get((component, path), _MATRICES["peft"])
         if down is None or up is None:
@@ -190,6 +205,6 @@ def _lora_modules(file: Path, header: dict[str, dict], fmt: str, saved: list[str
         if "alpha" in g:
             alphas.append(g["alpha"][0])
     layout = next((x for x in ("attn-procs", "diffusers-script", "diffusers-peft", "peft", "kohya") if x in layouts), fmt)
-    return _Parsed(modules, alphas, layout, saved_shapes)
+    return _Parsed(modules, alphas, layout, saved_shapes, kinds)
 
 

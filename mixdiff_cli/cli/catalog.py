@@ -189,7 +189,23 @@ def show(name: ExpertNameArg, catalog: CatalogOpt = None) -> None:
 
     cat = load_catalog(find_catalog(catalog))
     exp = cat.expert(name)
-    out.data({**exp.to_dict(), "autov2": exp.short_hash, "path": str(cat.resolve(exp.source)) if not exp.source.startswith("hf://") else exp.source})
+    local = None if exp.source.startswith("hf://") else cat.resolve(exp.source)
+    adapter = _adapter(Path(local)) if local is not None and exp.kind == "lora" else None
+    out.data({**exp.to_dict(), "autov2": exp.short_hash, "path": str(local) if local is not None else exp.source,
+              **({"adapter": adapter} if adapter else {})})
+
+
+def _adapter(path: Path) -> str | None:
+    """What the LoRA file is, from its header: "LoRA rank 4", or "LyCORIS LoHa 4x4 (113 modules), effective rank 16"."""
+    from mixdiff_cli.catalog.formats import inspect_source
+    from mixdiff_cli.core.errors import MixdiffError
+
+    try:
+        info = inspect_source(path, checksum=False)
+    except (MixdiffError, OSError):
+        return None
+    kinds = ", ".join(f"LyCORIS {kind} ({n} modules)" for kind, n in info.lycoris.items())
+    return f"{kinds}, effective rank {info.rank}" if kinds else f"LoRA rank {info.rank}"
 
 
 def remove(name: ExpertNameArg, catalog: CatalogOpt = None) -> None:

@@ -85,7 +85,7 @@ class Loaders:
                 raise ExpertLoadError(f"expert {expert.name}: {path} is not a .safetensors file", "mixdiff never unpickles; convert it to safetensors")
             # the path where diffusers reads the layout as it is; else the state dict catalog.convert makes exact
             try:
-                weights = lora_for_diffusers(inspect_source(file, checksum=False))
+                weights = lora_for_diffusers(inspect_source(file, checksum=False), self._weight_shape)
             except MixdiffError as exc:  # a file changed or edited in since add-expert checked it
                 raise ExpertLoadError(f"expert {expert.name}: {exc.message}", "run 'mixdiff experts verify', then fix or re-add it") from exc
             kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True} if isinstance(weights, str) else {}
@@ -99,6 +99,25 @@ class Loaders:
                 self.denoiser.compile()  # after the first load, so later hotswaps do not recompile
                 self._compiled = True
         return _Loaded(expert, adapter=adapter, text_encoder=text_encoder, nbytes=_nbytes(path))
+
+    def _weight_shape(self, stem: str) -> tuple[int, ...] | None:
+        """The base weight shape of the module a kohya stem (``lora_unet_...``, ``lora_te1_...``) names; None
+        when the base has no such module (LyCORIS modules are rewritten to the shape of what they adapt)."""
+        from mixdiff_cli import families
+        from mixdiff_cli.catalog.lora_keys import kohya_to_dotted
+
+        for prefix, component in families.kohya_prefixes():
+            if stem.startswith(prefix) and (model := getattr(self.pipe, component, None)) is not None:
+                path = kohya_to_dotted(stem[len(prefix) :])
+                if component == "unet":
+                    from mixdiff_cli.families.unet_geometry import sgm_to_diffusers
+
+                    path = sgm_to_diffusers(path, dict(model.config)) or path
+                try:
+                    return tuple(model.get_submodule(path).weight.shape)
+                except AttributeError:
+                    return None
+        return None
 
     def _pin_unit_scaling(self, adapter: str) -> None:
         """After a hotswap PEFT updates each layer's `scaling` but not `lora_alpha`/`r` (and rank padding

@@ -1,0 +1,166 @@
+"""LyCORIS LoHa and LoKr modules (kohya naming: ``lora_unet_<module>.hada_w1_a`` ...), read from headers
+and rewritten as exact LoRAs, so every blend's per-sample LoRA path applies them unchanged.
+
+    LoHa  dW = s (w1a w1b) * (w2a w2b)          = B A, rank r1 r2: B[o, (p, q)] = w1a[o, p] w2a[o, q],
+                                                   A[(p, q), i] = w1b[p, i] w2b[q, i]
+    LoKr  dW = s kron(w1, w2a w2b)              = kron(w1, w2a) kron(I_b, w2b), rank b r
+          (w1 may itself be w1a w1b; a whole w2 has no low-rank form and falls back to a dense dW)
+
+s = alpha / r as LyCORIS (and A1111's ``network_hada`` / ``network_lokr``) scale them: r is the LoHa
+dimension, or the LoKr factor's rank (s = 1 when neither LoKr factor is decomposed). On a convolution
+the B A form keeps A as the k x k kernel and B as a 1 x 1 one. A rank that reaches min(out, in k k)
+gains nothing: the module becomes dW itself times an identity, still exact. Tucker factors (``hada_t1``,
+``lokr_t2``) are refused by name.
+
+Reading headers needs no torch; `as_lora` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from mixdiff_cli.core.errors import MixdiffError
+
+if TYPE_CHECKING:
+    import torch
+
+HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+TUCKER = ("hada_t1", "hada_t2", "lokr_t2")
+ROLES = (*HADA, *LOKR, *TUCKER)
+KERNEL3 = frozenset({"conv1", "conv2", "conv_in", "conv_out", "conv"})  # UNet module types that are 3 x 3 convolutions
+_REEXPORT = "the file is incomplete or was written by a broken tool; export it again"
+
+
+class LycorisShapeError(MixdiffError):
+    """LoHa / LoKr factors whose shapes do not make the module's weight."""
+
+
+def kind_of(roles: set[str]) -> str | None:
+    """"loha", "lokr" or None (a plain LoRA module) from a module's tensor roles."""
+    if roles & set(HADA) or "hada_t1" in roles:
+        return "loha"
+    if roles & set(LOKR):
+        return "lokr"
+    return None
+
+
+def module_shape(file: Any, path: str, kind: str, shapes: Mapping[str, list[int]], mtype: str) -> tuple[int, int, int, str]:
+    """(effective LoRA rank, in features, out features, description) of one LoHa / LoKr module from its
+    header shapes (role -> shape); `mtype` (``catalog.lora_keys.module_type``) tells a 3 x 3 convolution,
+    whose factors flatten in x 3 x 3. Raises `LycorisShapeError` on factors that do not fit together
+    (the caller refuses Tucker factors, `TUCKER`, first)."""
+    bad = lambda what: LycorisShapeError(f"{file}: {kind_of_name(kind)} module {path}: {what}", _REEXPORT)  # noqa: E731
+    if kind == "loha":
+        missing = [r for r in HADA if r not in shapes]
+        if missing:
+            raise bad(f"no {missing[0]}")
+        w1a, w1b, w2a, w2b = (shapes[r] for r in HADA)
+        if not (len(w1a) == len(w1b) == len(w2a) == len(w2b) == 2 and w1a[1] == w1b[0] and w2a[1] == w2b[0] and w1a[0] == w2a[0] and w1b[1] == w2b[1]):
+            raise bad(f"hada_w1_a {w1a} x hada_w1_b {w1b} and hada_w2_a {w2a} x hada_w2_b {w2b} do not make one weight")
+        out_f, flat, rank, detail = w1a[0], w1b[1], w1a[1] * w2a[1], f"LoHa {w1a[1]}x{w2a[1]}"
+    else:
+        w1 = shapes.get("lokr_w1") or ([shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1]] if "lokr_w1_a" in shapes and "lokr_w1_b" in shapes else None)
+        if w1 is None or ("lokr_w1_a" in shapes and shapes["lokr_w1_a"][1] != shapes["lokr_w1_b"][0]):
+            raise bad("lokr_w1 (or lokr_w1_a and lokr_w1_b of one rank) is missing or does not pair up")
+        if "lokr_w2" in shapes:
+            w2 = shapes["lokr_w2"]
+            c, d_flat, rank = w2[0], w2[1] * (w2[2] * w2[3] if len(w2) == 4 else 1), None
+        elif "lokr_w2_a" in shapes and "lokr_w2_b" in shapes and shapes["lokr_w2_a"][1] == shapes["lokr_w2_b"][0]:
+            c, d_flat, rank = shapes["lokr_w2_a"][0], shapes["lokr_w2_b"][1], w1[1] * shapes["lokr_w2_a"][1]
+        else:
+            raise bad("lokr_w2 (or lokr_w2_a and lokr_w2_b of one rank) is missing or does not pair up")
+        out_f, flat, detail = w1[0] * c, w1[1] * d_flat, f"LoKr factor {w1[0]}x{w1[1]}"
+    kernel = 9 if mtype in KERNEL3 and flat % 9 == 0 else 1
+    in_f = flat // kernel
+    dense = min(out_f, flat)
+    rank = dense if rank is None else min(rank, dense)
+    return rank, in_f, out_f, detail
+
+
+def kind_of_name(kind: str) -> str:
+    return {"loha": "LoHa", "lokr": "LoKr"}.get(kind, kind)
+
+
+def scale(kind: str, weights: Mapping[str, torch.Tensor], alpha: float | None) -> float:
+    """alpha / r as LyCORIS scales a module: r the LoHa dimension, or the rank of a LoKr's decomposed
+    factor (1 when neither is decomposed, as LyCORIS and A1111 do); no alpha: alpha = r."""
+    if kind == "loha":
+        dim = int(weights["hada_w1_b"].shape[0])
+    elif "lokr_w1_b" in weights or "lokr_w2_b" in weights:
+        dim = int((weights.get("lokr_w1_b") if "lokr_w1_b" in weights else weights["lokr_w2_b"]).shape[0])
+    else:
+        return 1.0
+    return 1.0 if alpha is None or alpha == 0 else float(alpha) / dim
+
+
+def factors(kind: str, w: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up (out, R), down (R, in k k)) with up @ down = the module's unscaled dW, flattened as LyCORIS
+    flattens a convolution's weight; `weight_shape` is the base module's weight shape."""
+    import torch
+
+    f = {k: v.float() for k, v in w.items()}
+    out_f = weight_shape[0]
+    flat = int(torch.tensor(weight_shape[1:]).prod()) if len(weight_shape) > 1 else 1
+    if kind == "loha":
+        (r1, r2) = f["hada_w1_a"].shape[1], f["hada_w2_a"].shape[1]
+        up = (f["hada_w1_a"][:, :, None] * f["hada_w2_a"][:, None, :]).reshape(out_f, r1 * r2)
+        down = (f["hada_w1_b"][:, None, :] * f["hada_w2_b"][None, :, :]).reshape(r1 * r2, flat)
+        return up, down
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    b = w1.shape[1]
+    if "lokr_w2" in f:  # no low-rank form: dW itself
+        w2 = f["lokr_w2"].reshape(f["lokr_w2"].shape[0], -1)
+        if len(weight_shape) == 4 and f["lokr_w2"].dim() == 4:  # kron over channels, the kernel kept: (a c, b d, k, k)
+            full = torch.kron(w1[:, :, None, None].contiguous(), f["lokr_w2"].contiguous()).reshape(out_f, flat)
+        else:
+            full = torch.kron(w1, w2)
+        return full, torch.eye(flat)
+    up = torch.kron(w1, f["lokr_w2_a"])  # (a c, b r)
+    # (b r, b d k k): column j' d k k + d' k k + kk, which is input channel j' d + d' at kernel tap kk, as the weight flattens
+    down = torch.kron(torch.eye(b), f["lokr_w2_b"])
+    return up, down
+
+
+def as_lora(state: Mapping[str, torch.Tensor], weight_shape: Callable[[str], tuple[int, ...] | None]) -> dict[str, torch.Tensor]:
+    """`state` (a kohya-named file) with every LoHa / LoKr module rewritten as ``lora_down`` /
+    ``lora_up``, the LyCORIS scale folded into lora_up, and no alphas: plain LoRA modules get their
+    alpha / rank folded in the same way, since diffusers applies one alpha per file exactly but not a
+    pattern of them. `weight_shape(stem)`: the base module's weight shape for a kohya stem (``lora_unet_...``)."""
+    lycoris = {key.partition(".")[0] for key in state if key.partition(".")[2] in ROLES}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        stem, _, role = key.partition(".")
+        if stem in lycoris:
+            modules.setdefault(stem, {})[role] = t
+        else:
+            out[key] = t
+    for key in [k for k in out if k.endswith(".alpha")]:  # a plain module: fold alpha / rank into lora_up
+        stem, alpha = key[: -len(".alpha")], float(out.pop(key))
+        if f"{stem}.lora_down.weight" in out and f"{stem}.lora_up.weight" in out:
+            out[f"{stem}.lora_up.weight"] = out[f"{stem}.lora_up.weight"] * (alpha / out[f"{stem}.lora_down.weight"].shape[0])
+    for stem, w in modules.items():
+        kind = kind_of(set(w))
+        shape = weight_shape(stem)
+        if kind is None or shape is None:
+            raise LycorisShapeError(f"{stem}: no module of the base model has this LyCORIS module's name", "check the file's base model")
+        alpha = float(w["alpha"]) if "alpha" in w else None
+        up, down = factors(kind, w, shape)
+        up = up * scale(kind, w, alpha)
+        if up.shape[1] >= min(up.shape[0], down.shape[1]):  # a rank that gains nothing: dW itself
+            up, down = _dense(up @ down)
+        rank = down.shape[0]
+        if len(shape) == 4:
+            down, up = down.reshape(rank, *shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
+        out.update({f"{stem}.lora_down.weight": down.contiguous(), f"{stem}.lora_up.weight": up.contiguous()})
+    return out
+
+
+def _dense(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) of rank min(out, in) with up @ down = delta exactly: one side is an identity."""
+    import torch
+
+    out_f, flat = delta.shape
+    return (delta, torch.eye(flat)) if flat <= out_f else (torch.eye(out_f), delta)

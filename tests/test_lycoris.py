@@ -1,0 +1,174 @@
+"""LyCORIS LoHa and LoKr files, applied exactly: each fixture is written by the `lycoris-lora` package
+itself (its modules on the tiny SD 1.x UNet: attention and feed-forward Linears, 3x3 and 1x1 convs),
+under kohya's names, and its reference is plain diffusers with every UNet weight patched by the dW that
+`lycoris.functional` computes. The rewrite into LoRA factors is checked against the same functions."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lycoris")
+
+from test_compat import EFFECT, EQUAL, add, assert_refused, engine_top1, new_catalog  # noqa: E402
+from test_engine import PROMPT, STEPS, diff, plain_images, reference_blend  # noqa: E402
+
+from mixdiff_cli import testing  # noqa: E402
+from mixdiff_cli.catalog.formats import inspect_source  # noqa: E402
+from mixdiff_cli.catalog.lycoris import as_lora  # noqa: E402
+from mixdiff_cli.catalog.schema import load_catalog  # noqa: E402
+from mixdiff_cli.sampling.engine import Engine, Request  # noqa: E402
+
+ALPHA, DIM = 2.0, 4  # alpha / dim = 0.5: the scale is applied once, as A1111 and LyCORIS' functional code do
+
+
+def lycoris_network(unet, algo: str, seed: int):
+    """The lycoris-lora package's network of `algo` over `unet`'s Transformer2DModel and ResnetBlock2D
+    modules, every factor drawn at random (LyCORIS starts one at zero), not applied."""
+    import torch
+    from lycoris import LycorisNetwork, create_lycoris
+
+    LycorisNetwork.apply_preset({"target_module": ["Transformer2DModel", "ResnetBlock2D"]})
+    net = create_lycoris(unet, 1.0, linear_dim=DIM, linear_alpha=ALPHA, conv_dim=DIM, conv_alpha=ALPHA, algo=algo, factor=4)
+    net.apply_to()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.35 if algo == "loha" else 0.2))
+    return net
+
+
+def reference_delta(module, algo: str):
+    """dW of one LyCORIS module by lycoris.functional (the scale alpha / dim once)."""
+    import torch
+    from lycoris.functional import loha, lokr
+
+    if algo == "loha":
+        w = module.hada_w1_b, module.hada_w1_a, module.hada_w2_b, module.hada_w2_a, None, None
+        return loha.diff_weight(*w, gamma=torch.tensor(float(module.alpha) / module.hada_w1_b.shape[0])).detach()
+    get = lambda n: getattr(module, n, None)  # noqa: E731
+    w2b = get("lokr_w2_b")
+    shape = module.shape
+    if w2b is not None and len(shape) == 4:
+        w2b = w2b.reshape(w2b.shape[0], shape[1] // get("lokr_w1").shape[1], *shape[2:])
+    return lokr.diff_weight(get("lokr_w1"), get("lokr_w1_a"), get("lokr_w1_b"), get("lokr_w2"), get("lokr_w2_a"), w2b, None,
+                            gamma=float(module.alpha)).detach()
+
+
+@pytest.fixture(scope="module", params=["loha", "lokr"])
+def lycoris_case(request, tiny_sd, tmp_path_factory):
+    """(algo, the file as LyCORIS' kohya integration names it, plain diffusers UNet patched by dW)."""
+    import torch
+    from safetensors.torch import save_file
+
+    algo = request.param
+    pipe = testing.load_pipeline(tiny_sd)
+    net = lycoris_network(pipe.unet, algo, seed=7)
+    state = {k.replace("lycoris_", "lora_unet_", 1): v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    where = {id(m): name for name, m in pipe.unet.named_modules()}
+    deltas = {where[id(lyco.org_module[0])]: reference_delta(lyco, algo) for lyco in net.loras}
+    net.restore()  # before the copy: applied, LyCORIS replaces each module's forward
+    patched = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            target = patched.get_submodule(name)
+            target.weight += delta.reshape(target.weight.shape)
+    path = tmp_path_factory.mktemp(algo) / f"{algo}.safetensors"
+    save_file(state, str(path), metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{algo}"}}'})
+    return algo, path, patched, net
+
+
+def test_rewrite_equals_lycoris_delta_for_every_module(lycoris_case):
+    import torch
+
+    algo, path, _, net = lycoris_case
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    shapes = {lyco.lora_name.replace("lycoris_", "lora_unet_", 1): tuple(lyco.shape) for lyco in net.loras}
+    lora = as_lora(state, shapes.get)
+    worst, kinds = 0.0, set()
+    for lyco in net.loras:
+        stem = lyco.lora_name.replace("lycoris_", "lora_unet_", 1)
+        down, up = lora[f"{stem}.lora_down.weight"], lora[f"{stem}.lora_up.weight"]
+        assert f"{stem}.alpha" not in lora  # the scale is folded into lora_up
+        got = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+        want = reference_delta(lyco, algo).reshape(got.shape)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+        kinds.add(len(lyco.shape))
+        assert down.shape[0] <= min(got.shape), stem  # never above the dense rank
+    assert worst < 1e-5 and kinds == {2, 4}  # Linear and Conv2d modules alike
+    assert all(torch.isfinite(t).all() for t in lora.values())
+
+
+def test_top1_equals_diffusers_with_the_lycoris_delta_patched_in(lycoris_case, tiny_sd, tmp_path):
+    algo, path, patched, _ = lycoris_case
+    catalog = new_catalog(tmp_path, tiny_sd)
+    res = add(catalog, path, algo)
+    assert res.exit_code == 0, res.output
+    expert = load_catalog(catalog).expert(algo)
+    info = inspect_source(path, checksum=False)
+    assert expert.format == "kohya" and expert.arch == "sd1" and info.lycoris
+    assert next(iter(info.lycoris)).startswith("LoHa 4x4" if algo == "loha" else "LoKr factor")
+    assert {"conv1", "conv2", "conv_shortcut", "proj_in", "to_q", "ff.net.2"} <= set(info.targets)
+    import json
+
+    from test_compat import run
+
+    shown = json.loads(run("--json", "experts", "show", algo, "--catalog", catalog).stdout)
+    assert shown["adapter"].startswith("LyCORIS LoHa 4x4 (113 modules)" if algo == "loha" else "LyCORIS LoKr factor")
+    assert shown["adapter"].endswith(f"effective rank {expert.rank}") and expert.rank == info.rank
+    got, bare = engine_top1(catalog, algo)
+    pipe = testing.load_pipeline(tiny_sd)
+    pipe.unet = patched
+    want = plain_images(pipe)[0]
+    print(f"\n[lycoris] {algo}: top-1 vs patched diffusers {diff(got, want):.2e}, vs bare base {diff(got, bare):.3f}")
+    assert diff(got, want) <= EQUAL and diff(got, bare) > EFFECT
+
+
+def test_noise_blend_of_a_lycoris_file_and_a_kohya_lora(lycoris_case, compat_files, tiny_sd, tmp_path):
+    algo, path, patched, _ = lycoris_case
+    kohya = compat_files[("sd1", "kohya")]
+    catalog = new_catalog(tmp_path, tiny_sd)
+    assert add(catalog, path, algo).exit_code == 0 and add(catalog, kohya, "kohya").exit_code == 0
+    members = [(algo, 0.5), ("kohya", 0.5)]
+    got = Engine(catalog).generate([Request(PROMPT, seed=0, steps=STEPS)], members, blend="noise", output_type="np")[0]
+    pipe = testing.load_pipeline(tiny_sd)
+    pipe.load_lora_weights(str(kohya), adapter_name="kohya")
+    want = reference_blend(pipe, members, guidance=7.5, models={algo: patched})
+    assert diff(got, want) <= EQUAL
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(src))
+    edit(state)
+    save_file(state, str(dst))
+    return dst
+
+
+def test_bad_lycoris_factors_are_refused_in_one_line(lycoris_case, tiny_sd, tmp_path):
+    import torch
+
+    algo, path, _, _ = lycoris_case
+    catalog = new_catalog(tmp_path, tiny_sd)
+    key = next(k for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(path))
+               if k.endswith(".hada_w2_b" if algo == "loha" else ".lokr_w2_b") and "attn1_to_q" in k)
+
+    def shrink(state):
+        state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+
+    bad = _edited(path, tmp_path / "bad.safetensors", shrink)
+    if algo == "loha":  # the two Hadamard factors disagree
+        assert_refused(catalog, bad, "LoHa module", "attn1.to_q", "do not make one weight")
+    else:  # kron(w1, w2a w2b) is 4 x 17 = 68 columns wide, the module 64
+        assert_refused(catalog, bad, "attn1.to_q: 68->64", "do not match the base UNet (64->64)")
+    tucker = _edited(path, tmp_path / "tucker.safetensors",
+                     lambda s: s.update({key.rsplit(".", 1)[0] + (".hada_t1" if algo == "loha" else ".lokr_t2"): torch.zeros(4, 4, 3, 3)}))
+    assert_refused(catalog, tucker, "Tucker")
