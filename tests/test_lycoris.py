@@ -6,6 +6,7 @@ under kohya's names, and its reference is plain diffusers with every UNet weight
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 pytest.importorskip("lycoris")
 
 from test_compat import EFFECT, EQUAL, add, assert_refused, engine_top1, new_catalog  # noqa: E402
-from test_engine import PROMPT, STEPS, diff, plain_images, reference_blend  # noqa: E402
+from test_engine import GUIDANCE, PROMPT, STEPS, diff, plain_images, reference_blend  # noqa: E402
 
 from mixdiff_cli import testing  # noqa: E402
 from mixdiff_cli.catalog.formats import inspect_source  # noqa: E402
@@ -57,17 +58,33 @@ def reference_delta(module, algo: str):
                             gamma=float(module.alpha)).detach()
 
 
-@pytest.fixture(scope="module", params=["loha", "lokr"])
-def lycoris_case(request, tiny_sd, tmp_path_factory):
-    """(algo, the file as LyCORIS' kohya integration names it, plain diffusers UNet patched by dW)."""
+@dataclass
+class Case:
+    arch: str
+    algo: str
+    base: Path
+    path: Path  # the file, kohya-named as LyCORIS' kohya integration writes it
+    patched: object  # plain diffusers UNet with every module's dW added
+    modules: dict  # kohya stem -> the LyCORIS module
+
+
+@pytest.fixture(scope="module", params=[("sd1", "loha"), ("sd1", "lokr"), ("sdxl", "loha"), ("sdxl", "lokr")], ids=lambda p: "-".join(p))
+def lycoris_case(request, tiny_sd, tiny_sdxl, tmp_path_factory) -> Case:
     import torch
     from safetensors.torch import save_file
 
-    algo = request.param
-    pipe = testing.load_pipeline(tiny_sd)
+    from mixdiff_cli.families.unet_geometry import diffusers_to_sgm
+
+    arch, algo = request.param
+    base = tiny_sd if arch == "sd1" else tiny_sdxl
+    pipe = testing.load_pipeline(base)
     net = lycoris_network(pipe.unet, algo, seed=7)
-    state = {k.replace("lycoris_", "lora_unet_", 1): v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     where = {id(m): name for name, m in pipe.unet.named_modules()}
+    cfg = dict(pipe.unet.config)
+    # kohya names: SD 1.x the diffusers module path, SDXL the original SGM one (sd-scripts' SDXL UNet)
+    stem = lambda name: "lora_unet_" + (name if arch == "sd1" else diffusers_to_sgm(name, cfg)).replace(".", "_")  # noqa: E731
+    modules = {stem(where[id(lyco.org_module[0])]): lyco for lyco in net.loras}
+    state = {f"{s}.{k}": v.detach().clone().contiguous() for s, lyco in modules.items() for k, v in lyco.state_dict().items()}
     deltas = {where[id(lyco.org_module[0])]: reference_delta(lyco, algo) for lyco in net.loras}
     net.restore()  # before the copy: applied, LyCORIS replaces each module's forward
     patched = copy.deepcopy(pipe.unet)
@@ -77,25 +94,22 @@ def lycoris_case(request, tiny_sd, tmp_path_factory):
             target.weight += delta.reshape(target.weight.shape)
     path = tmp_path_factory.mktemp(algo) / f"{algo}.safetensors"
     save_file(state, str(path), metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{algo}"}}'})
-    return algo, path, patched, net
+    return Case(arch, algo, base, path, patched, modules)
 
 
 def test_rewrite_equals_lycoris_delta_for_every_module(lycoris_case):
     import torch
 
-    algo, path, _, net = lycoris_case
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
-    shapes = {lyco.lora_name.replace("lycoris_", "lora_unet_", 1): tuple(lyco.shape) for lyco in net.loras}
-    lora = as_lora(state, shapes.get)
+    c = lycoris_case
+    lora = as_lora(load_file(str(c.path)), {s: tuple(m.shape) for s, m in c.modules.items()}.get)
     worst, kinds = 0.0, set()
-    for lyco in net.loras:
-        stem = lyco.lora_name.replace("lycoris_", "lora_unet_", 1)
+    for stem, lyco in c.modules.items():
         down, up = lora[f"{stem}.lora_down.weight"], lora[f"{stem}.lora_up.weight"]
         assert f"{stem}.alpha" not in lora  # the scale is folded into lora_up
         got = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
-        want = reference_delta(lyco, algo).reshape(got.shape)
+        want = reference_delta(lyco, c.algo).reshape(got.shape)
         worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
         kinds.add(len(lyco.shape))
         assert down.shape[0] <= min(got.shape), stem  # never above the dense rank
@@ -103,41 +117,43 @@ def test_rewrite_equals_lycoris_delta_for_every_module(lycoris_case):
     assert all(torch.isfinite(t).all() for t in lora.values())
 
 
-def test_top1_equals_diffusers_with_the_lycoris_delta_patched_in(lycoris_case, tiny_sd, tmp_path):
-    algo, path, patched, _ = lycoris_case
-    catalog = new_catalog(tmp_path, tiny_sd)
+def test_top1_equals_diffusers_with_the_lycoris_delta_patched_in(lycoris_case, tmp_path):
+    c = lycoris_case
+    algo, path = c.algo, c.path
+    catalog = new_catalog(tmp_path, c.base)
     res = add(catalog, path, algo)
     assert res.exit_code == 0, res.output
     expert = load_catalog(catalog).expert(algo)
     info = inspect_source(path, checksum=False)
-    assert expert.format == "kohya" and expert.arch == "sd1" and info.lycoris
+    assert expert.format == "kohya" and expert.arch == c.arch and info.lycoris
     assert next(iter(info.lycoris)).startswith("LoHa 4x4" if algo == "loha" else "LoKr factor")
-    assert {"conv1", "conv2", "conv_shortcut", "proj_in", "to_q", "ff.net.2"} <= set(info.targets)
+    convs = {"conv1", "conv2", "conv_shortcut"} if c.arch == "sd1" else {"in_layers.2", "out_layers.3", "skip_connection"}  # SGM names
+    assert convs | {"proj_in", "to_q", "ff.net.2"} <= set(info.targets)
     import json
 
     from test_compat import run
 
     shown = json.loads(run("--json", "experts", "show", algo, "--catalog", catalog).stdout)
-    assert shown["adapter"].startswith("LyCORIS LoHa 4x4 (113 modules)" if algo == "loha" else "LyCORIS LoKr factor")
+    assert shown["adapter"].startswith(f"LyCORIS LoHa 4x4 ({len(c.modules)} modules)" if algo == "loha" else "LyCORIS LoKr factor")
     assert shown["adapter"].endswith(f"effective rank {expert.rank}") and expert.rank == info.rank
     got, bare = engine_top1(catalog, algo)
-    pipe = testing.load_pipeline(tiny_sd)
-    pipe.unet = patched
+    pipe = testing.load_pipeline(c.base)
+    pipe.unet = c.patched
     want = plain_images(pipe)[0]
-    print(f"\n[lycoris] {algo}: top-1 vs patched diffusers {diff(got, want):.2e}, vs bare base {diff(got, bare):.3f}")
+    print(f"\n[lycoris] {c.arch} {algo}: top-1 vs patched diffusers {diff(got, want):.2e}, vs bare base {diff(got, bare):.3f}")
     assert diff(got, want) <= EQUAL and diff(got, bare) > EFFECT
 
 
-def test_noise_blend_of_a_lycoris_file_and_a_kohya_lora(lycoris_case, compat_files, tiny_sd, tmp_path):
-    algo, path, patched, _ = lycoris_case
-    kohya = compat_files[("sd1", "kohya")]
-    catalog = new_catalog(tmp_path, tiny_sd)
-    assert add(catalog, path, algo).exit_code == 0 and add(catalog, kohya, "kohya").exit_code == 0
-    members = [(algo, 0.5), ("kohya", 0.5)]
+def test_noise_blend_of_a_lycoris_file_and_a_kohya_lora(lycoris_case, compat_files, tmp_path):
+    c = lycoris_case
+    kohya = compat_files[(c.arch, "kohya")]
+    catalog = new_catalog(tmp_path, c.base)
+    assert add(catalog, c.path, c.algo).exit_code == 0 and add(catalog, kohya, "kohya").exit_code == 0
+    members = [(c.algo, 0.5), ("kohya", 0.5)]
     got = Engine(catalog).generate([Request(PROMPT, seed=0, steps=STEPS)], members, blend="noise", output_type="np")[0]
-    pipe = testing.load_pipeline(tiny_sd)
+    pipe = testing.load_pipeline(c.base)
     pipe.load_lora_weights(str(kohya), adapter_name="kohya")
-    want = reference_blend(pipe, members, guidance=7.5, models={algo: patched})
+    want = reference_blend(pipe, members, guidance=GUIDANCE[c.arch], models={c.algo: c.patched})
     assert diff(got, want) <= EQUAL
 
 
@@ -153,11 +169,13 @@ def _edited(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def test_bad_lycoris_factors_are_refused_in_one_line(lycoris_case, tiny_sd, tmp_path):
+def test_bad_lycoris_factors_are_refused_in_one_line(lycoris_case, tmp_path):
     import torch
 
-    algo, path, _, _ = lycoris_case
-    catalog = new_catalog(tmp_path, tiny_sd)
+    if lycoris_case.arch != "sd1":
+        pytest.skip("header checks do not depend on the architecture")
+    algo, path = lycoris_case.algo, lycoris_case.path
+    catalog = new_catalog(tmp_path, lycoris_case.base)
     key = next(k for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(path))
                if k.endswith(".hada_w2_b" if algo == "loha" else ".lokr_w2_b") and "attn1_to_q" in k)
 

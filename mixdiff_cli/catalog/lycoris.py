@@ -29,7 +29,9 @@ HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 TUCKER = ("hada_t1", "hada_t2", "lokr_t2")
 ROLES = (*HADA, *LOKR, *TUCKER)
-KERNEL3 = frozenset({"conv1", "conv2", "conv_in", "conv_out", "conv"})  # UNet module types that are 3 x 3 convolutions
+# UNet module types that are 3 x 3 convolutions: diffusers names, then the SGM names kohya uses for SDXL
+KERNEL3 = frozenset({"conv1", "conv2", "conv_in", "conv_out", "conv", "in_layers.2", "out_layers.3", "op"})
+KERNEL3_PATHS = frozenset({"input_blocks.0.0", "out.2"})  # SGM conv_in, conv_out
 _REEXPORT = "the file is incomplete or was written by a broken tool; export it again"
 
 
@@ -72,7 +74,7 @@ def module_shape(file: Any, path: str, kind: str, shapes: Mapping[str, list[int]
         else:
             raise bad("lokr_w2 (or lokr_w2_a and lokr_w2_b of one rank) is missing or does not pair up")
         out_f, flat, detail = w1[0] * c, w1[1] * d_flat, f"LoKr factor {w1[0]}x{w1[1]}"
-    kernel = 9 if mtype in KERNEL3 and flat % 9 == 0 else 1
+    kernel = 9 if (mtype in KERNEL3 or path in KERNEL3_PATHS) and flat % 9 == 0 else 1
     in_f = flat // kernel
     dense = min(out_f, flat)
     rank = dense if rank is None else min(rank, dense)
