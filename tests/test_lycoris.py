@@ -190,3 +190,40 @@ def test_bad_lycoris_factors_are_refused_in_one_line(lycoris_case, tmp_path):
     tucker = _edited(path, tmp_path / "tucker.safetensors",
                      lambda s: s.update({key.rsplit(".", 1)[0] + (".hada_t1" if algo == "loha" else ".lokr_t2"): torch.zeros(4, 4, 3, 3)}))
     assert_refused(catalog, tucker, "Tucker")
+
+
+def test_two_bands_a_lokr_then_a_kohya_lora_equal_the_switching_reference(lycoris_case, tmp_path):
+    """Steps 0-2 under the LoKr, 3-9 under a plain kohya LoRA: plain diffusers, its UNet swapped mid-run."""
+    import numpy as np
+    import torch
+
+    from mixdiff_cli.sampling.engine import make_scheduler
+    from mixdiff_cli.testing import make_lora
+
+    c = lycoris_case
+    if (c.arch, c.algo) != ("sd1", "lokr"):
+        pytest.skip("bands are checked once, with a LoKr on SD 1.x")
+    kohya = make_lora(c.base, tmp_path / "pixel.safetensors", "kohya", seed=12, scale=0.2)
+    catalog = new_catalog(tmp_path, c.base)
+    assert add(catalog, c.path, "lokr").exit_code == 0 and add(catalog, kohya, "pixel").exit_code == 0
+    seeds, steps = [3, 4], 10
+    got = np.stack(Engine(catalog).generate([Request(PROMPT, seed=s, steps=steps, scheduler="ddim") for s in seeds],
+                                            ["lokr@:0.3", "pixel@0.3:"], output_type="np"))
+    pipe = testing.load_pipeline(c.base)
+    pipe.load_lora_weights(str(kohya), adapter_name="pixel")
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    adapted = pipe.unet
+
+    def reference(switch_after: int):
+        pipe.unet = c.patched
+
+        def switch(p, i, t, tensors):
+            if i == switch_after:
+                p.unet = adapted
+            return tensors
+
+        return pipe([PROMPT] * len(seeds), num_inference_steps=steps, output_type="np", callback_on_step_end=switch,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+
+    assert diff(got, reference(2)) <= EQUAL
+    assert diff(got, reference(3)) > EQUAL  # the boundary is where the grammar puts it
