@@ -32,7 +32,8 @@ def lycoris_network(unet, algo: str, seed: int):
     from lycoris import LycorisNetwork, create_lycoris
 
     LycorisNetwork.apply_preset({"target_module": ["Transformer2DModel", "ResnetBlock2D"]})
-    net = create_lycoris(unet, 1.0, linear_dim=DIM, linear_alpha=ALPHA, conv_dim=DIM, conv_alpha=ALPHA, algo=algo, factor=4)
+    extra = {"algo": "locon", "use_tucker": True} if algo == "tucker" else {"algo": algo, "factor": 4}
+    net = create_lycoris(unet, 1.0, linear_dim=DIM, linear_alpha=ALPHA, conv_dim=DIM, conv_alpha=ALPHA, **extra)
     net.apply_to()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -44,8 +45,11 @@ def lycoris_network(unet, algo: str, seed: int):
 def reference_delta(module, algo: str):
     """dW of one LyCORIS module by lycoris.functional (the scale alpha / dim once)."""
     import torch
-    from lycoris.functional import loha, lokr
+    from lycoris.functional import locon, loha, lokr
 
+    if algo == "tucker":  # a LoCon: 3x3 convs with a Tucker core (lora_mid), the rest plain
+        mid = module.lora_mid.weight if getattr(module, "tucker", False) else None
+        return locon.diff_weight(module.lora_down.weight, module.lora_up.weight, mid, gamma=float(module.alpha) / module.lora_dim).detach()
     if algo == "loha":
         w = module.hada_w1_b, module.hada_w1_a, module.hada_w2_b, module.hada_w2_a, None, None
         return loha.diff_weight(*w, gamma=torch.tensor(float(module.alpha) / module.hada_w1_b.shape[0])).detach()
@@ -68,7 +72,8 @@ class Case:
     modules: dict  # kohya stem -> the LyCORIS module
 
 
-@pytest.fixture(scope="module", params=[("sd1", "loha"), ("sd1", "lokr"), ("sdxl", "loha"), ("sdxl", "lokr")], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[("sd1", "loha"), ("sd1", "lokr"), ("sd1", "tucker"), ("sdxl", "loha"), ("sdxl", "lokr")],
+                ids=lambda p: "-".join(p))
 def lycoris_case(request, tiny_sd, tiny_sdxl, tmp_path_factory) -> Case:
     import torch
     from safetensors.torch import save_file
@@ -126,7 +131,7 @@ def test_top1_equals_diffusers_with_the_lycoris_delta_patched_in(lycoris_case, t
     expert = load_catalog(catalog).expert(algo)
     info = inspect_source(path, checksum=False)
     assert expert.format == "kohya" and expert.arch == c.arch and info.lycoris
-    assert next(iter(info.lycoris)).startswith("LoHa 4x4" if algo == "loha" else "LoKr factor")
+    assert next(iter(info.lycoris)).startswith({"loha": "LoHa 4x4", "lokr": "LoKr factor", "tucker": "LoCon with Tucker factors"}[algo])
     convs = {"conv1", "conv2", "conv_shortcut"} if c.arch == "sd1" else {"in_layers.2", "out_layers.3", "skip_connection"}  # SGM names
     assert convs | {"proj_in", "to_q", "ff.net.2"} <= set(info.targets)
     import json
@@ -134,7 +139,8 @@ def test_top1_equals_diffusers_with_the_lycoris_delta_patched_in(lycoris_case, t
     from test_compat import run
 
     shown = json.loads(run("--json", "experts", "show", algo, "--catalog", catalog).stdout)
-    assert shown["adapter"].startswith(f"LyCORIS LoHa 4x4 ({len(c.modules)} modules)" if algo == "loha" else "LyCORIS LoKr factor")
+    first = {"loha": f"LyCORIS LoHa 4x4 ({len(c.modules)} modules)", "lokr": "LyCORIS LoKr factor", "tucker": "LyCORIS LoCon with Tucker factors"}
+    assert shown["adapter"].startswith(first[algo])
     assert shown["adapter"].endswith(f"effective rank {expert.rank}") and expert.rank == info.rank
     got, bare = engine_top1(catalog, algo)
     pipe = testing.load_pipeline(c.base)
@@ -172,8 +178,8 @@ def _edited(src: Path, dst: Path, edit) -> Path:
 def test_bad_lycoris_factors_are_refused_in_one_line(lycoris_case, tmp_path):
     import torch
 
-    if lycoris_case.arch != "sd1":
-        pytest.skip("header checks do not depend on the architecture")
+    if lycoris_case.arch != "sd1" or lycoris_case.algo == "tucker":
+        pytest.skip("header checks do not depend on the architecture; LoCon's are in test_compat")
     algo, path = lycoris_case.algo, lycoris_case.path
     catalog = new_catalog(tmp_path, lycoris_case.base)
     key = next(k for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(path))

@@ -97,7 +97,7 @@ class _Parsed:
     lycoris: dict[str, int] = field(default_factory=dict)  # "LoHa 4x4" / "LoKr factor 4x4" -> modules of that kind
 
 
-_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid"}
 # how each layout names its two matrices, for messages
 _MATRICES = {"kohya": ("lora_down", "lora_up"), "peft": ("lora_A", "lora_B"), "script": ("lora.down", "lora.up"),
              "attn-procs": ("_lora.down", "_lora.up")}  # fmt: skip
@@ -115,7 +115,7 @@ _VARIANTS = (
 )
 
 
-_LYCORIS_READ = ("a LyCORIS LoHa network", "a LyCORIS LoKr network")  # exact LoRAs once rewritten (catalog.lycoris)
+_LYCORIS_READ = ("a LyCORIS LoHa network", "a LyCORIS LoKr network", "a LyCORIS LoCon with Tucker factors (lora_mid)")  # exact LoRAs once rewritten (catalog.lycoris)
 _PEFT_TYPES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "(IA)^3", "ADALORA": "AdaLoRA"}
 
 
@@ -196,6 +196,14 @@ def _lora_modules(file: Path, header: dict[str, dict], fmt: str, saved: list[str
             have = b if up else a if down else "an alpha" if "alpha" in g else "a bias"
             raise MalformedLora(f"{file}: LoRA module {path} has {have} without its {a if up else b if down else 'matrices'}", _REEXPORT)
         (_, d), (_, u) = down, up
+        if "mid" in g:  # LoCon with a Tucker core: down (r, in, 1, 1), mid (r, r, kh, kw), up (out, r, 1, 1)
+            m = g["mid"][1]
+            if not (len(d) == len(u) == len(m) == 4 and d[2:] == u[2:] == [1, 1] and m[0] == u[1] and m[1] == d[0]):
+                raise MalformedLora(f"{file}: LoCon module {path} has lora_down {d}, lora_mid {m} and lora_up {u}, which do not make one weight", _REEXPORT)
+            modules.append(_Module(component, path, min(u[1], u[0], d[1] * m[2] * m[3]), d[1], u[0]))
+            kinds["LoCon with Tucker factors"] = kinds.get("LoCon with Tucker factors", 0) + 1
+            alphas += [g["alpha"][0]] if "alpha" in g else []
+            continue
         # down (r, in[, kh, kw]), up (out, r[, 1, 1])
         paired = len(d) in (2, 4) and len(u) == len(d) and d[0] > 0 and u[1] == d[0] and (len(u) == 2 or u[2:] == [1, 1])
         if not paired:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-TUCKER = ("hada_t1", "hada_t2", "lokr_t2")
+TUCKER = ("hada_t1", "hada_t2", "lokr_t2")  # refused; a LoCon's lora_mid is folded into its lora_down instead (`_untucked`)
 ROLES = (*HADA, *LOKR, *TUCKER)
 # UNet module types that are 3 x 3 convolutions: diffusers names, then the SGM names kohya uses for SDXL
 KERNEL3 = frozenset({"conv1", "conv2", "conv_in", "conv_out", "conv", "in_layers.2", "out_layers.3", "op"})
@@ -132,12 +132,12 @@ def as_lora(state: Mapping[str, torch.Tensor], weight_shape: Callable[[str], tup
     pattern of them. `weight_shape(stem)`: the base module's weight shape for a kohya stem (``lora_unet_...``)."""
     lycoris = {key.partition(".")[0] for key in state if key.partition(".")[2] in ROLES}
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = dict(_untucked(state))
     for key, t in state.items():
         stem, _, role = key.partition(".")
         if stem in lycoris:
             modules.setdefault(stem, {})[role] = t
-        else:
+        elif key not in out and not key.endswith(".lora_mid.weight"):
             out[key] = t
     for key in [k for k in out if k.endswith(".alpha")]:  # a plain module: fold alpha / rank into lora_up
         stem, alpha = key[: -len(".alpha")], float(out.pop(key))
@@ -157,6 +157,21 @@ def as_lora(state: Mapping[str, torch.Tensor], weight_shape: Callable[[str], tup
         if len(shape) == 4:
             down, up = down.reshape(rank, *shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
         out.update({f"{stem}.lora_down.weight": down.contiguous(), f"{stem}.lora_up.weight": up.contiguous()})
+    return out
+
+
+def _untucked(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``lora_down`` of every LoCon module with a Tucker core (``lora_mid`` (r, r, kh, kw) between
+    a 1 x 1 down and up): the core folded into it, down' = mid x down (r, in, kh, kw), so up down' is the
+    module's dW exactly (as LyCORIS' ``rebuild_tucker`` and A1111's ``rebuild_cp_decomposition``)."""
+    import torch
+
+    out = {}
+    for key, mid in state.items():
+        if key.endswith(".lora_mid.weight"):
+            stem = key[: -len(".lora_mid.weight")]
+            down = state[f"{stem}.lora_down.weight"].float()
+            out[f"{stem}.lora_down.weight"] = torch.einsum("pqab,qi->piab", mid.float(), down.reshape(down.shape[0], -1))
     return out
 
 
