@@ -233,3 +233,51 @@ def test_two_bands_a_lokr_then_a_kohya_lora_equal_the_switching_reference(lycori
 
     assert diff(got, reference(2)) <= EQUAL
     assert diff(got, reference(3)) > EQUAL  # the boundary is where the grammar puts it
+
+
+@pytest.mark.parametrize(("arch", "algo"), [("sd1", "loha"), ("sdxl", "lokr")])
+def test_text_encoder_modules_are_applied_too(arch, algo, tiny_sd, tiny_sdxl, tmp_path):
+    """A file whose LyCORIS modules adapt the text encoders (kohya's lora_te_ / lora_te1_ / lora_te2_):
+    top-1 equals plain diffusers with each text encoder's weights patched by dW."""
+    import torch
+    from lycoris import LycorisNetwork, create_lycoris
+    from safetensors.torch import save_file
+
+    base = tiny_sd if arch == "sd1" else tiny_sdxl
+    pipe = testing.load_pipeline(base)
+    prefixes = {"text_encoder": "lora_te_" if arch == "sd1" else "lora_te1_", "text_encoder_2": "lora_te2_"}
+    state, patched = {}, {}
+    for component, prefix in prefixes.items():
+        encoder = getattr(pipe, component, None)
+        if encoder is None:
+            continue
+        LycorisNetwork.apply_preset({"target_module": ["CLIPAttention", "CLIPMLP"]})
+        extra = {"algo": algo, "factor": 4}
+        net = create_lycoris(encoder, 1.0, linear_dim=DIM, linear_alpha=ALPHA, **extra)
+        net.apply_to()
+        gen = torch.Generator().manual_seed(len(state) + 3)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        where = {id(m): name for name, m in encoder.named_modules()}
+        for lyco in net.loras:
+            name = where[id(lyco.org_module[0])]
+            state |= {f"{prefix}{name.replace('.', '_')}.{k}": v.detach().clone().contiguous() for k, v in lyco.state_dict().items()}
+        deltas = {where[id(lyco.org_module[0])]: reference_delta(lyco, algo) for lyco in net.loras}
+        net.restore()
+        copy_ = copy.deepcopy(encoder)
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                copy_.get_submodule(name).weight += delta.reshape(copy_.get_submodule(name).weight.shape)
+        patched[component] = copy_
+    path = tmp_path / f"te-{algo}.safetensors"
+    save_file(state, str(path))
+    catalog = new_catalog(tmp_path, base)
+    assert add(catalog, path, "te").exit_code == 0
+    info = inspect_source(path, checksum=False)
+    assert info.has_text_encoder and not info.unet_shapes and {c for c, _ in info.text_shapes} == set(patched)
+    got, bare = engine_top1(catalog, "te")
+    for component, encoder in patched.items():
+        setattr(pipe, component, encoder)
+    want = plain_images(pipe)[0]
+    assert diff(got, want) <= EQUAL and diff(got, bare) > EFFECT
