@@ -204,7 +204,6 @@ def test_peft_folder_is_applied_as_peft_does(layout, compat_files, tiny_sd, tmp_
         ("ia3", ["(IA)^3"]),
         ("kohya-dora", ["DoRA"]),
         ("peft-dora", ["DoRA"]),
-        ("peft-loha", ["PEFT LoHa"]),
         ("peft-ia3", ["PEFT (IA)^3"]),
         ("inpainting", ["9 input channels", "inpainting"]),
         ("inpainting-file", ["9 input channels", "inpainting"]),

@@ -281,3 +281,33 @@ def test_text_encoder_modules_are_applied_too(arch, algo, tiny_sd, tiny_sdxl, tm
         setattr(pipe, component, encoder)
     want = plain_images(pipe)[0]
     assert diff(got, want) <= EQUAL and diff(got, bare) > EFFECT
+
+
+@pytest.mark.parametrize("peft_type", ["loha", "lokr"])
+def test_peft_loha_and_lokr_folders_equal_peft_merging_them(peft_type, tiny_sd, tmp_path):
+    """PEFT's own LoHa / LoKr adapters (save_pretrained) on Linear and conv layers: top-1 equals plain
+    diffusers with the UNet PEFT merged (`merge_and_unload`), alpha / r as PEFT scales it."""
+    import torch
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    pipe = testing.load_pipeline(tiny_sd)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in", "conv1", "conv_shortcut"]
+    config = (LoHaConfig(r=4, alpha=8, target_modules=targets) if peft_type == "loha"
+              else LoKrConfig(r=4, alpha=8, target_modules=targets, decompose_factor=4))
+    model = get_peft_model(pipe.unet, config)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f".{peft_type}_" in name or ".hada_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    folder = tmp_path / f"peft-{peft_type}"
+    model.save_pretrained(folder)
+    pipe.unet = model.merge_and_unload()
+    want = plain_images(pipe)[0]
+    catalog = new_catalog(tmp_path, tiny_sd)
+    res = add(catalog, folder, peft_type)
+    assert res.exit_code == 0, res.output
+    info = inspect_source(folder, checksum=False)
+    assert info.format == "peft" and info.lycoris and {"conv1", "proj_in", "to_q"} <= set(info.targets)
+    got, bare = engine_top1(catalog, peft_type)
+    assert diff(got, want) <= EQUAL and diff(got, bare) > EFFECT

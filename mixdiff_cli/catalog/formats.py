@@ -206,10 +206,16 @@ def _classify(header: dict[str, dict]) -> str | None:
     if "conv_in.weight" in header and any(k.startswith("time_embedding.") for k in keys):
         return "diffusers-unet"
     parsed = [p for k in keys if (p := parse_key(k)) is not None and p.role in ("down", "up")]
-    if not parsed:
-        return None
+    if not parsed:  # a PEFT LoHa / LoKr adapter has no down/up matrices
+        return "peft" if any(k.startswith("base_model.model.") and k.rpartition(".")[2] in lycoris_roles() for k in keys) else None
     # PEFT keys name no component (base_model.model.<module>); diffusers files prefix unet. / text_encoder.
     return "peft" if all(p.layout == "peft" and not p.prefixed for p in parsed) else "diffusers"
+
+
+def lycoris_roles() -> tuple[str, ...]:
+    from mixdiff_cli.catalog.lycoris import ROLES
+
+    return ROLES
 
 
 def _prediction_type(meta: dict[str, str]) -> str | None:

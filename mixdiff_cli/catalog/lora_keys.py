@@ -128,17 +128,23 @@ def _kohya_key(key: str) -> LoraKey | None:
     return None
 
 
+def _peft_lycoris_key(key: str) -> LoraKey | None:
+    """A PEFT LoHa / LoKr tensor (``base_model.model.<module>.hada_w1_a``), else None."""
+    module, _, role = key.removeprefix("base_model.model.").rpartition(".")
+    return LoraKey("unet", module, role, "peft", False) if key.startswith("base_model.model.") and role in lycoris.ROLES else None
+
+
 def _refuse_variant(file: Path, keys: list[str], peft_config: dict | None, fmt: str | None = None) -> None:
     """Raise UnsupportedLora, naming the format, for adapters that are not plain LoRA (kohya-named
     LyCORIS LoHa and LoKr files are read by `catalog.lycoris` instead)."""
     kind = None
     peft_type = str((peft_config or {}).get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    if peft_type not in ("LORA", "LOHA", "LOKR"):  # PEFT LoHa / LoKr: read by catalog.lycoris
         kind = f"a PEFT {_PEFT_TYPES.get(peft_type, peft_type)} adapter"
     elif peft_config is not None and peft_config.get("use_dora"):
         kind = "a DoRA LoRA (use_dora)"
     for pattern, name in _VARIANTS:
-        if fmt == "kohya" and name in _LYCORIS_READ:
+        if fmt in ("kohya", "peft") and name in _LYCORIS_READ:
             continue
         if kind is None and any(re.search(pattern, k) for k in keys):
             kind = name
@@ -165,7 +171,7 @@ def _lora_modules(file: Path, header: dict[str, dict], fmt: str, saved: list[str
     names: dict[tuple[str, str], tuple[str, str]] = {}  # module -> how its layout names the two matrices
     layouts, saved_shapes = set(), {}
     for key, t in header.items():
-        p = _kohya_key(key) if fmt == "kohya" else parse_key(key)
+        p = _kohya_key(key) if fmt == "kohya" else parse_key(key) or _peft_lycoris_key(key)
         if p is None and (module := _saved_module(key, saved or [])):
             if key.endswith(".weight") and len(t["shape"]) not in (2, 4):
                 raise UnsupportedLora(f"{file} saves module {module} whole (modules_to_save), which is not a Linear or Conv2d layer",

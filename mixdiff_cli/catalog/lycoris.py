@@ -181,3 +181,40 @@ def _dense(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     out_f, flat = delta.shape
     return (delta, torch.eye(flat)) if flat <= out_f else (torch.eye(out_f), delta)
+
+
+def _pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """A PEFT rank_pattern / alpha_pattern value for `module` (keys match the end of its path, as PEFT's)."""
+    import re
+
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
+
+
+def peft_as_lora(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], weight_shape: Callable[[str], tuple[int, ...] | None]) -> dict[str, torch.Tensor]:
+    """A PEFT LoHa / LoKr adapter (``base_model.model.<module>.hada_w1_a`` ..., its adapter_config.json)
+    as a LoRA state dict ``<module>.lora_A.weight`` / ``.lora_B.weight`` with PEFT's scale alpha / r
+    (rank_pattern, alpha_pattern) folded into lora_B: `load_lora_adapter` then applies it at scale 1.
+    `weight_shape(module)`: the base module's weight shape."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        module, _, role = key.removeprefix("base_model.model.").rpartition(".")
+        if role not in ROLES:
+            raise LycorisShapeError(f"{key!r} is not part of a PEFT LoHa / LoKr adapter", _REEXPORT)
+        modules.setdefault(module, {})[role] = t
+    out: dict[str, torch.Tensor] = {}
+    for module, w in modules.items():
+        kind, shape = kind_of(set(w)), weight_shape(module)
+        if kind is None or shape is None:
+            raise LycorisShapeError(f"{module}: no module of the base model has this adapter module's name", "check the adapter's base model")
+        r = _pattern(config.get("rank_pattern") or {}, module, config.get("r", 8))
+        alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("alpha", r))
+        up, down = factors(kind, w, shape)
+        up = up * (float(alpha) / float(r))
+        if up.shape[1] >= min(up.shape[0], down.shape[1]):
+            up, down = _dense(up @ down)
+        rank = down.shape[0]
+        if len(shape) == 4:
+            down, up = down.reshape(rank, *shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
+        out.update({f"{module}.lora_A.weight": down.contiguous(), f"{module}.lora_B.weight": up.contiguous()})
+    return out
+

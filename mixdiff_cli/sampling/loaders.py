@@ -139,6 +139,18 @@ class Loaders:
         if not weights.is_file() or weights.suffix != ".safetensors":
             raise ExpertLoadError(f"{path} has no adapter_model.safetensors", "mixdiff never unpickles; save the adapter with safe_serialization=True")
         config = json.loads((weights.parent / "adapter_config.json").read_text())
+        if str(config.get("peft_type", "LORA")).upper() in ("LOHA", "LOKR"):  # rewritten as an exact LoRA (catalog.lycoris)
+            from mixdiff_cli.catalog.lycoris import peft_as_lora
+
+            def shape(module: str) -> tuple[int, ...] | None:
+                try:
+                    return tuple(self.denoiser.get_submodule(module).weight.shape)
+                except AttributeError:
+                    return None
+
+            state = peft_as_lora(load_file(weights), config, shape)
+            self.denoiser.load_lora_adapter(state, prefix=None, adapter_name=adapter, _pipeline=self.pipe, hotswap=hotswap)
+            return
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
         lora_keys = {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora",
                      "lora_bias", "init_lora_weights", "lora_dropout", "fan_in_fan_out", "bias"}
