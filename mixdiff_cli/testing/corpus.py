@@ -138,8 +138,9 @@ def _peft_folder(pipe_folder: Path, folder: Path, spec: LoraSpec, gen: Any, save
 
 @own_rng
 def make_refused(pipe_folder: str | Path, out_path: str | Path, kind: str, rank: int = 4) -> Path:
-    """An adapter mixdiff refuses by name (`REFUSED`): LyCORIS LoHa / LoKr / (IA)^3 in kohya naming, kohya
-    DoRA (`dora_scale`), and PEFT's own DoRA / LoHa / (IA)^3 folders."""
+    """An adapter kind other than plain LoRA (`REFUSED`, the kinds mixdiff refused by name before it read
+    LyCORIS): LyCORIS LoHa / LoKr / (IA)^3 in kohya naming and PEFT LoHa (now applied, `catalog.lycoris`),
+    kohya DoRA (`dora_scale`), PEFT DoRA and (IA)^3 folders (still refused)."""
     pipe_folder, out_path = Path(pipe_folder), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     family = family_of(pipe_folder)
