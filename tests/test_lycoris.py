@@ -311,3 +311,26 @@ def test_peft_loha_and_lokr_folders_equal_peft_merging_them(peft_type, tiny_sd, 
     assert info.format == "peft" and info.lycoris and {"conv1", "proj_in", "to_q"} <= set(info.targets)
     got, bare = engine_top1(catalog, peft_type)
     assert diff(got, want) <= EQUAL and diff(got, bare) > EFFECT
+
+
+def test_merge_of_a_lycoris_file_and_a_kohya_lora(lycoris_case, compat_files, tmp_path):
+    """blend=merge, weights 0.6 / 0.4: plain diffusers with 0.6 dW patched in and the kohya LoRA at 0.4."""
+    import torch
+
+    c = lycoris_case
+    if c.arch != "sd1":
+        pytest.skip("merge is checked on SD 1.x")
+    kohya = compat_files[("sd1", "kohya")]
+    catalog = new_catalog(tmp_path, c.base)
+    assert add(catalog, c.path, c.algo).exit_code == 0 and add(catalog, kohya, "kohya").exit_code == 0
+    got = Engine(catalog).generate([Request(PROMPT, seed=0, steps=STEPS)], [(c.algo, 0.6), ("kohya", 0.4)], blend="merge",
+                                   output_type="np")[0]
+    pipe = testing.load_pipeline(c.base)
+    base_unet = copy.deepcopy(pipe.unet)
+    with torch.no_grad():  # 0.6 of the LyCORIS dW (patched = base + dW)
+        for (name, p), b in zip(c.patched.named_parameters(), base_unet.parameters()):
+            dict(pipe.unet.named_parameters())[name].copy_(b + 0.6 * (p - b))
+    pipe.load_lora_weights(str(kohya), adapter_name="kohya")
+    pipe.set_adapters(["kohya"], adapter_weights=[0.4])
+    want = plain_images(pipe)[0]
+    assert diff(got, want) <= EQUAL
