@@ -334,3 +334,12 @@ def test_merge_of_a_lycoris_file_and_a_kohya_lora(lycoris_case, compat_files, tm
     pipe.set_adapters(["kohya"], adapter_weights=[0.4])
     want = plain_images(pipe)[0]
     assert diff(got, want) <= EQUAL
+
+
+def test_lycoris_own_module_names_are_refused_with_the_way_out(lycoris_case, tmp_path):
+    if (lycoris_case.arch, lycoris_case.algo) != ("sd1", "loha"):
+        pytest.skip("once")
+    renamed = _edited(lycoris_case.path, tmp_path / "native.safetensors",
+                      lambda s: s.update({k.replace("lora_unet_", "lycoris_", 1): s.pop(k) for k in list(s)}))
+    message = assert_refused(new_catalog(tmp_path, lycoris_case.base), renamed, "LyCORIS LoHa", "kohya's module names")
+    assert "lycoris.kohya" in message

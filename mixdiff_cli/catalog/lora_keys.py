@@ -150,10 +150,13 @@ def _refuse_variant(file: Path, keys: list[str], peft_config: dict | None, fmt: 
             kind = name
     if kind is None:
         return
-    why = "mixdiff applies plain LoRA and LoCon only"
+    why, hint = "mixdiff applies LoRA, LoCon, LoHa and LoKr only", "merge or extract it into a plain LoRA (lora_down/lora_up) and add that"
     if "DoRA" in kind:  # PEFT refuses DoRA in mixed-adapter batches; diffusers drops kohya's dora_scale
         why = "a per-sample blend cannot apply DoRA's magnitudes exactly"
-    raise UnsupportedLora(f"{file} is {kind}; {why}", "merge or extract it into a plain LoRA (lora_down/lora_up) and add that")
+    elif kind in _LYCORIS_READ:  # LyCORIS' own module names (lycoris_…), not kohya's
+        why = "mixdiff reads LyCORIS files with kohya's module names (lora_unet_…, lora_te_…) or as PEFT folders"
+        hint = "save it with LyCORIS' kohya integration (network_module=lycoris.kohya), or convert its keys to lora_unet_…"
+    raise UnsupportedLora(f"{file} is {kind}; {why}", hint)
 
 
 def _saved_module(key: str, saved: list[str]) -> str | None:
