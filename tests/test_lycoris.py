@@ -343,3 +343,17 @@ def test_lycoris_own_module_names_are_refused_with_the_way_out(lycoris_case, tmp
                       lambda s: s.update({k.replace("lora_unet_", "lycoris_", 1): s.pop(k) for k in list(s)}))
     message = assert_refused(new_catalog(tmp_path, lycoris_case.base), renamed, "LyCORIS LoHa", "kohya's module names")
     assert "lycoris.kohya" in message
+
+
+def test_the_memory_estimate_is_the_rewritten_size(lycoris_case, tmp_path):
+    """--max-memory plans with the header's estimate: for a LyCORIS file, the size of the LoRA it becomes."""
+    c = lycoris_case
+    if c.arch != "sd1":
+        pytest.skip("sizes are checked on SD 1.x")
+    catalog = new_catalog(tmp_path, c.base)
+    assert add(catalog, c.path, c.algo).exit_code == 0
+    engine = Engine(catalog)
+    hint = engine._size_hint(load_catalog(catalog).expert(c.algo))
+    engine.ensure_loaded([c.algo])
+    real = engine.resident_bytes
+    assert real > 0 and abs(hint - real) / real < 0.05, (hint, real, c.path.stat().st_size)

@@ -218,3 +218,39 @@ def peft_as_lora(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], w
         out.update({f"{module}.lora_A.weight": down.contiguous(), f"{module}.lora_B.weight": up.contiguous()})
     return out
 
+
+def loaded_elements(shapes: Mapping[str, list[int]]) -> int | None:
+    """Elements a file's LoRA factors take once its LyCORIS modules are rewritten (rank (in k k + out)
+    each; a Tucker LoCon's core folded into its down; other tensors as they are), from header shapes
+    (key -> shape); None without LyCORIS modules."""
+    import math
+
+    groups: dict[str, dict[str, list[int]]] = {}
+    total, found = 0, False
+    for key, shape in shapes.items():
+        stem, role = key.removeprefix("base_model.model.").rpartition(".")[::2] if key.startswith("base_model.model.") else key.partition(".")[::2]
+        if role in ROLES:
+            groups.setdefault(stem, {})[role] = list(shape)
+            found = True
+        elif role == "lora_mid.weight":  # a Tucker LoCon: lora_down becomes (r, in, k, k), the core goes
+            found = True
+            down = shapes.get(f"{stem}.lora_down.weight") or [0, 0]
+            total += shape[0] * down[1] * math.prod(shape[2:]) - math.prod(down)
+        elif len(shape) > 1:
+            total += math.prod(shape)
+    for g in groups.values():
+        kind = kind_of(set(g))
+        if kind == "loha" and all(r in g for r in HADA):
+            out_f, flat, rank = g["hada_w1_a"][0], g["hada_w1_b"][1], g["hada_w1_a"][1] * g["hada_w2_a"][1]
+        elif kind == "lokr":
+            w1 = g.get("lokr_w1") or [g.get("lokr_w1_a", [0])[0], g.get("lokr_w1_b", [0, 0])[1]]
+            w2 = g.get("lokr_w2")
+            c = w2[0] if w2 else g.get("lokr_w2_a", [0])[0]
+            d_flat = math.prod(w2[1:]) if w2 else g.get("lokr_w2_b", [0, 0])[1]
+            out_f, flat = w1[0] * c, w1[1] * d_flat
+            rank = w1[1] * g["lokr_w2_a"][1] if not w2 and "lokr_w2_a" in g else flat
+        else:
+            continue
+        total += min(rank, out_f, flat) * (flat + out_f)
+    return total if found else None
+

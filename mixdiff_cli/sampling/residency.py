@@ -104,6 +104,10 @@ class Residency:
         except (MixdiffError, OSError):
             return 0
         shapes = {k: t.get("shape") or [] for h in headers for k, t in h.items()}
+        from mixdiff_cli.catalog.lycoris import loaded_elements
+
+        if (rewritten := loaded_elements(shapes)) is not None:  # LoHa / LoKr: the size of the LoRA they become
+            return rewritten * self.dtype.itemsize
         own = {k: v for k, v in shapes.items() if k.startswith(self.family.checkpoint_prefix)}  # a whole original checkpoint
         return sum(math.prod(v) for v in (own or shapes).values() if len(v) > 1) * self.dtype.itemsize  # kohya alphas are scalars
 
