@@ -69,14 +69,18 @@ def parse_key(key: str) -> LoraKey | None:
     return None
 
 
+def peft_pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """A PEFT rank_pattern / alpha_pattern value for `module`: a key matches the end of its path, as PEFT's."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
+
+
 def _scale(module: str, rank: int, alphas: Mapping[tuple[str, str], float], key: tuple[str, str], peft_config: Mapping | None) -> float:
     """alpha / r of one module: its own ``.alpha`` tensor, else the PEFT config (alpha_pattern, rsLoRA), else 1."""
     if key in alphas:
         return alphas[key] / rank
     if not peft_config or peft_config.get("lora_alpha") is None:
         return 1.0
-    patterns = peft_config.get("alpha_pattern") or {}
-    alpha = next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), peft_config["lora_alpha"])
+    alpha = peft_pattern(peft_config.get("alpha_pattern") or {}, module, peft_config["lora_alpha"])
     return alpha / (rank**0.5 if peft_config.get("use_rslora") else rank)
 
 

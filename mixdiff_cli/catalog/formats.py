@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mixdiff_cli import families
+from mixdiff_cli.catalog import lycoris
 from mixdiff_cli.catalog.convert import parse_key
 from mixdiff_cli.catalog.headers import (
     _PICKLE_HINT,
@@ -207,15 +208,9 @@ def _classify(header: dict[str, dict]) -> str | None:
         return "diffusers-unet"
     parsed = [p for k in keys if (p := parse_key(k)) is not None and p.role in ("down", "up")]
     if not parsed:  # a PEFT LoHa / LoKr adapter has no down/up matrices
-        return "peft" if any(k.startswith("base_model.model.") and k.rpartition(".")[2] in lycoris_roles() for k in keys) else None
+        return "peft" if any(k.startswith("base_model.model.") and k.rpartition(".")[2] in lycoris.ROLES for k in keys) else None
     # PEFT keys name no component (base_model.model.<module>); diffusers files prefix unet. / text_encoder.
     return "peft" if all(p.layout == "peft" and not p.prefixed for p in parsed) else "diffusers"
-
-
-def lycoris_roles() -> tuple[str, ...]:
-    from mixdiff_cli.catalog.lycoris import ROLES
-
-    return ROLES
 
 
 def _prediction_type(meta: dict[str, str]) -> str | None:

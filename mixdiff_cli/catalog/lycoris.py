@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from mixdiff_cli.catalog.convert import peft_pattern
 from mixdiff_cli.core.errors import MixdiffError
 
 if TYPE_CHECKING:
@@ -61,24 +62,33 @@ def module_shape(file: Any, path: str, kind: str, shapes: Mapping[str, list[int]
         w1a, w1b, w2a, w2b = (shapes[r] for r in HADA)
         if not (len(w1a) == len(w1b) == len(w2a) == len(w2b) == 2 and w1a[1] == w1b[0] and w2a[1] == w2b[0] and w1a[0] == w2a[0] and w1b[1] == w2b[1]):
             raise bad(f"hada_w1_a {w1a} x hada_w1_b {w1b} and hada_w2_a {w2a} x hada_w2_b {w2b} do not make one weight")
+    else:
+        if not ("lokr_w1" in shapes or ("lokr_w1_a" in shapes and "lokr_w1_b" in shapes and shapes["lokr_w1_a"][1] == shapes["lokr_w1_b"][0])):
+            raise bad("lokr_w1 (or lokr_w1_a and lokr_w1_b of one rank) is missing or does not pair up")
+        if not ("lokr_w2" in shapes or ("lokr_w2_a" in shapes and "lokr_w2_b" in shapes and shapes["lokr_w2_a"][1] == shapes["lokr_w2_b"][0])):
+            raise bad("lokr_w2 (or lokr_w2_a and lokr_w2_b of one rank) is missing or does not pair up")
+    out_f, flat, rank, detail = _dims(kind, shapes)
+    kernel = 9 if (mtype in KERNEL3 or path in KERNEL3_PATHS) and flat % 9 == 0 else 1
+    return rank, flat // kernel, out_f, detail
+
+
+def _dims(kind: str, shapes: Mapping[str, list[int]]) -> tuple[int, int, int, str]:
+    """(out features, in features x kernel, effective LoRA rank, description) of a module whose factors
+    `module_shape` checked: a rank that reaches min(out, in k k) counts as that (the dense dW)."""
+    import math
+
+    if kind == "loha":
+        w1a, w1b, w2a = shapes["hada_w1_a"], shapes["hada_w1_b"], shapes["hada_w2_a"]
         out_f, flat, rank, detail = w1a[0], w1b[1], w1a[1] * w2a[1], f"LoHa {w1a[1]}x{w2a[1]}"
     else:
-        w1 = shapes.get("lokr_w1") or ([shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1]] if "lokr_w1_a" in shapes and "lokr_w1_b" in shapes else None)
-        if w1 is None or ("lokr_w1_a" in shapes and shapes["lokr_w1_a"][1] != shapes["lokr_w1_b"][0]):
-            raise bad("lokr_w1 (or lokr_w1_a and lokr_w1_b of one rank) is missing or does not pair up")
-        if "lokr_w2" in shapes:
-            w2 = shapes["lokr_w2"]
-            c, d_flat, rank = w2[0], w2[1] * (w2[2] * w2[3] if len(w2) == 4 else 1), None
-        elif "lokr_w2_a" in shapes and "lokr_w2_b" in shapes and shapes["lokr_w2_a"][1] == shapes["lokr_w2_b"][0]:
-            c, d_flat, rank = shapes["lokr_w2_a"][0], shapes["lokr_w2_b"][1], w1[1] * shapes["lokr_w2_a"][1]
+        w1 = shapes.get("lokr_w1") or [shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1]]
+        if "lokr_w2" in shapes:  # no low-rank form
+            c, d_flat, rank = shapes["lokr_w2"][0], math.prod(shapes["lokr_w2"][1:]), None
         else:
-            raise bad("lokr_w2 (or lokr_w2_a and lokr_w2_b of one rank) is missing or does not pair up")
+            c, d_flat, rank = shapes["lokr_w2_a"][0], shapes["lokr_w2_b"][1], w1[1] * shapes["lokr_w2_a"][1]
         out_f, flat, detail = w1[0] * c, w1[1] * d_flat, f"LoKr factor {w1[0]}x{w1[1]}"
-    kernel = 9 if (mtype in KERNEL3 or path in KERNEL3_PATHS) and flat % 9 == 0 else 1
-    in_f = flat // kernel
     dense = min(out_f, flat)
-    rank = dense if rank is None else min(rank, dense)
-    return rank, in_f, out_f, detail
+    return out_f, flat, dense if rank is None else min(rank, dense), detail
 
 
 def kind_of_name(kind: str) -> str:
@@ -148,16 +158,22 @@ def as_lora(state: Mapping[str, torch.Tensor], weight_shape: Callable[[str], tup
         shape = weight_shape(stem)
         if kind is None or shape is None:
             raise LycorisShapeError(f"{stem}: no module of the base model has this LyCORIS module's name", "check the file's base model")
-        alpha = float(w["alpha"]) if "alpha" in w else None
-        up, down = factors(kind, w, shape)
-        up = up * scale(kind, w, alpha)
-        if up.shape[1] >= min(up.shape[0], down.shape[1]):  # a rank that gains nothing: dW itself
-            up, down = _dense(up @ down)
-        rank = down.shape[0]
-        if len(shape) == 4:
-            down, up = down.reshape(rank, *shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
-        out.update({f"{stem}.lora_down.weight": down.contiguous(), f"{stem}.lora_up.weight": up.contiguous()})
+        down, up = _lora_pair(kind, w, shape, scale(kind, w, float(w["alpha"]) if "alpha" in w else None))
+        out.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up})
     return out
+
+
+def _lora_pair(kind: str, w: Mapping[str, torch.Tensor], shape: tuple[int, ...], s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of one module with up @ down = s dW, shaped for the base module's weight `shape` (a
+    convolution: down the k x k kernel, up 1 x 1); a rank that gains nothing becomes dW itself."""
+    up, down = factors(kind, w, shape)
+    up = up * s
+    if up.shape[1] >= min(up.shape[0], down.shape[1]):
+        up, down = _dense(up @ down)
+    rank = down.shape[0]
+    if len(shape) == 4:
+        down, up = down.reshape(rank, *shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
+    return down.contiguous(), up.contiguous()
 
 
 def _untucked(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,13 +199,6 @@ def _dense(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (delta, torch.eye(flat)) if flat <= out_f else (torch.eye(out_f), delta)
 
 
-def _pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """A PEFT rank_pattern / alpha_pattern value for `module` (keys match the end of its path, as PEFT's)."""
-    import re
-
-    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
-
-
 def peft_as_lora(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], weight_shape: Callable[[str], tuple[int, ...] | None]) -> dict[str, torch.Tensor]:
     """A PEFT LoHa / LoKr adapter (``base_model.model.<module>.hada_w1_a`` ..., its adapter_config.json)
     as a LoRA state dict ``<module>.lora_A.weight`` / ``.lora_B.weight`` with PEFT's scale alpha / r
@@ -206,16 +215,10 @@ def peft_as_lora(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], w
         kind, shape = kind_of(set(w)), weight_shape(module)
         if kind is None or shape is None:
             raise LycorisShapeError(f"{module}: no module of the base model has this adapter module's name", "check the adapter's base model")
-        r = _pattern(config.get("rank_pattern") or {}, module, config.get("r", 8))
-        alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("alpha", r))
-        up, down = factors(kind, w, shape)
-        up = up * (float(alpha) / float(r))
-        if up.shape[1] >= min(up.shape[0], down.shape[1]):
-            up, down = _dense(up @ down)
-        rank = down.shape[0]
-        if len(shape) == 4:
-            down, up = down.reshape(rank, *shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
-        out.update({f"{module}.lora_A.weight": down.contiguous(), f"{module}.lora_B.weight": up.contiguous()})
+        r = peft_pattern(config.get("rank_pattern") or {}, module, config.get("r", 8))
+        alpha = peft_pattern(config.get("alpha_pattern") or {}, module, config.get("alpha", r))
+        down, up = _lora_pair(kind, w, shape, float(alpha) / float(r))
+        out.update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
     return out
 
 
@@ -238,19 +241,9 @@ def loaded_elements(shapes: Mapping[str, list[int]]) -> int | None:
             total += shape[0] * down[1] * math.prod(shape[2:]) - math.prod(down)
         elif len(shape) > 1:
             total += math.prod(shape)
-    for g in groups.values():
-        kind = kind_of(set(g))
-        if kind == "loha" and all(r in g for r in HADA):
-            out_f, flat, rank = g["hada_w1_a"][0], g["hada_w1_b"][1], g["hada_w1_a"][1] * g["hada_w2_a"][1]
-        elif kind == "lokr":
-            w1 = g.get("lokr_w1") or [g.get("lokr_w1_a", [0])[0], g.get("lokr_w1_b", [0, 0])[1]]
-            w2 = g.get("lokr_w2")
-            c = w2[0] if w2 else g.get("lokr_w2_a", [0])[0]
-            d_flat = math.prod(w2[1:]) if w2 else g.get("lokr_w2_b", [0, 0])[1]
-            out_f, flat = w1[0] * c, w1[1] * d_flat
-            rank = w1[1] * g["lokr_w2_a"][1] if not w2 and "lokr_w2_a" in g else flat
-        else:
-            continue
-        total += min(rank, out_f, flat) * (flat + out_f)
+    for g in groups.values():  # the file passed module_shape at add-expert
+        if (kind := kind_of(set(g))) is not None:
+            out_f, flat, rank, _ = _dims(kind, g)
+            total += rank * (flat + out_f)
     return total if found else None
 

@@ -113,12 +113,10 @@ def generate(
         result = generate_images(cat_path, prompt, options, out_dir=out_dir, from_image=from_image, progress=tick, warn=out.warn)
     chosen = result.route.get("chosen") or []
     out.info("experts: " + (", ".join(f"{c['expert']} ({c['weight']:.2f})" for c in chosen) or "none (bare base)") + f"; blend: {result.blend}")
-    abstention = result.route.get("abstention") or {}
-    if abstention.get("abstained"):
-        out.info(f"abstained: {escape(abstention['reason'])}")
-    for name, why in (result.route.get("reasons") or {}).items():
-        if why.startswith("left out"):
-            out.info(escape(f"{name} {why}"))
+    from mixdiff_cli.routing.route import explanations
+
+    for line in explanations(result.route):
+        out.info(escape(line))
     out.result("\n".join(str(p) for p in result.paths), result.to_dict())
 
 

@@ -55,6 +55,7 @@ def route(
     """
     from mixdiff_cli.catalog.discovery import find_catalog
     from mixdiff_cli.catalog.schema import load_catalog
+    from mixdiff_cli.routing.route import explanations
     from mixdiff_cli.routing.router import load_router
 
     cat = load_catalog(find_catalog(catalog))
@@ -81,11 +82,8 @@ def route(
             out.info(f"[dim]... and {len(router.names) - len(rows)} less probable experts (--json lists them all)[/dim]")
         chosen = ", ".join(f"{n} ({w:.2f})" for n, w in r.chosen) or "none: the bare base"
         out.info(f"[bold]-> {escape(chosen)}[/bold]  [dim]({router.kind} router, {router.encoder_id} encoder)[/dim]")
-        if r.abstention is not None and r.abstention["abstained"]:
-            out.info(f"abstained: {escape(r.abstention['reason'])}")
-        for name, why in r.reasons.items():
-            if why.startswith("left out"):
-                out.info(f"{escape(name)} {escape(why)}")
+        for line in explanations(r.to_dict()):
+            out.info(escape(line))
 
 
 def register(app: typer.Typer) -> None:

@@ -99,7 +99,7 @@ def calibrate_fit(gate: Gate, x: torch.Tensor, generic: torch.Tensor | None) -> 
     captions (abstained); without a "none" row or generic captions, the gate never abstains."""
     import torch
 
-    from mixdiff_cli.routing.gate import fit_margin, forward_logits, row_matrix
+    from mixdiff_cli.routing.gate import fit_margin, fit_score, forward_logits, row_matrix
 
     gate.fit_threshold = None
     if gate.none_weight is None or generic is None or not len(generic) or not len(x):
@@ -110,7 +110,7 @@ def calibrate_fit(gate: Gate, x: torch.Tensor, generic: torch.Tensor | None) -> 
             for f in (gate.features(x), gate.features(generic))
         )
     gate.fit_platt = fit_platt(margin_in, margin_out)
-    fit_in, fit_out = (torch.sigmoid(gate.fit_platt[0] * m + gate.fit_platt[1]) for m in (margin_in, margin_out))
+    fit_in, fit_out = (fit_score(m, gate.fit_platt) for m in (margin_in, margin_out))
     gate.fit_threshold = fit_threshold(fit_in, fit_out)
     if gate.fit_threshold is None:
         return {}

@@ -79,10 +79,10 @@ def fit_margin(logits: Any, none: Any) -> Any:
     return torch.logsumexp(logits, -1) - none
 
 
-def fit_score(logits: Any, none: Any, platt: tuple[float, float] = (1.0, 0.0)) -> Any:
-    """(N, E) expert logits, (N,) none logits -> (N,) fit = P(some expert fits) = sigmoid(a * margin + b),
-    `platt` = (a, b) fitted at calibration (Platt 1999); (1, 0) is the gate's own 1 - softmax([logits, none])[none]."""
-    z = platt[0] * fit_margin(logits, none) + platt[1]
+def fit_score(margin: Any, platt: tuple[float, float] = (1.0, 0.0)) -> Any:
+    """(N,) `fit_margin` -> (N,) fit = P(some expert fits) = sigmoid(a * margin + b), `platt` = (a, b)
+    fitted at calibration (Platt 1999); (1, 0) is the gate's own 1 - softmax([logits, none])[none]."""
+    z = platt[0] * margin + platt[1]
     if isinstance(z, np.ndarray):
         return (0.5 * (1 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid without overflow
     import torch
@@ -128,15 +128,6 @@ class Gate:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, E)."""
         return forward_logits(self.features(x), row_matrix(self.weight, self.scale), self.bias)
-
-    def fit(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, D) features -> (N,) calibrated P(some expert fits); ones without a "none" row."""
-        import torch
-
-        if self.none_weight is None:
-            return torch.ones(len(features))
-        logits = forward_logits(features, row_matrix(self.weight, self.scale), self.bias)
-        return fit_score(logits, self.none_logit(features), self.fit_platt)
 
     def none_logit(self, features: torch.Tensor) -> torch.Tensor:
         """(N, D) features -> (N,) logit of "none of these" (zeros and no effect on fit when there is no such row)."""

@@ -269,6 +269,14 @@ def spread_bands(route: Route, preference: dict[str, Band | None], steps: int | 
     return replace(route, chosen=list(route.chosen), options={**route.options, "bands": "auto"}, bands=bands)
 
 
+def explanations(decision: dict[str, Any]) -> list[str]:
+    """One line per abstention and per member left out, from a route's `to_dict()`: what `route` and
+    `generate` print under the chosen experts."""
+    ab = decision.get("abstention") or {}
+    lines = [f"abstained: {ab['reason']}"] if ab.get("abstained") else []
+    return lines + [f"{name} {why}" for name, why in (decision.get("reasons") or {}).items() if why.startswith("left out")]
+
+
 def check_routing(top_k: int, temperature: float, threshold: float | None, n_experts: int) -> None:
     """The router's options, in range for a catalog of `n_experts` (0: nothing to route, any k)."""
     if n_experts and not 1 <= top_k <= n_experts:

@@ -37,7 +37,7 @@ from mixdiff_cli.core.errors import MixdiffError, OutputError
 from mixdiff_cli.routing.checkpoint import FORMAT_VERSION, for_catalog, read_checkpoint, save_checkpoint, stale_reason
 from mixdiff_cli.routing.encoders import Encoder, check_encoder, get_encoder
 from mixdiff_cli.routing.errors import RouteOptionError, RouterError, StaleRouter
-from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, fit_score, forward_features, none_logit
+from mixdiff_cli.routing.gate import PROTOTYPE_SCALE, Gate, fit_margin, fit_score, forward_features, none_logit
 from mixdiff_cli.routing.labels import TEXTS_VERSION, expert_texts, texts_key
 from mixdiff_cli.routing.prototypes import learn_abstention, prototype_rows
 from mixdiff_cli.routing.route import Member, OnStale, Route, check_known, check_routing, explicit_route, parse_members, renormalise
@@ -139,7 +139,7 @@ class Router:
         fit = np.ones(len(x), np.float32)
         if self._none is not None:
             none = none_logit(feats, self._none, np.float32(self.gate.scale), np.float32(self.gate.none_bias))
-            fit = fit_score(logits, none, self.gate.fit_platt)
+            fit = fit_score(fit_margin(logits, none), self.gate.fit_platt)
         logits = logits / np.float32(self.temperature * temperature)
         logits -= logits.max(-1, keepdims=True)
         e = np.exp(logits)

@@ -113,10 +113,7 @@ class Loaders:
                     from mixdiff_cli.families.unet_geometry import sgm_to_diffusers
 
                     path = sgm_to_diffusers(path, dict(model.config)) or path
-                try:
-                    return tuple(model.get_submodule(path).weight.shape)
-                except AttributeError:
-                    return None
+                return _module_weight_shape(model, path)
         return None
 
     def _pin_unit_scaling(self, adapter: str) -> None:
@@ -142,13 +139,7 @@ class Loaders:
         if str(config.get("peft_type", "LORA")).upper() in ("LOHA", "LOKR"):  # rewritten as an exact LoRA (catalog.lycoris)
             from mixdiff_cli.catalog.lycoris import peft_as_lora
 
-            def shape(module: str) -> tuple[int, ...] | None:
-                try:
-                    return tuple(self.denoiser.get_submodule(module).weight.shape)
-                except AttributeError:
-                    return None
-
-            state = peft_as_lora(load_file(weights), config, shape)
+            state = peft_as_lora(load_file(weights), config, lambda module: _module_weight_shape(self.denoiser, module))
             self.denoiser.load_lora_adapter(state, prefix=None, adapter_name=adapter, _pipeline=self.pipe, hotswap=hotswap)
             return
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
@@ -191,3 +182,11 @@ class Loaders:
             self._invariance.add(model)
         self.mixture.models[expert.name] = model
         return _Loaded(expert, model=model, nbytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def _module_weight_shape(model: Any, path: str) -> tuple[int, ...] | None:
+    """The weight shape of `model`'s module at `path`; None when there is no such module."""
+    try:
+        return tuple(model.get_submodule(path).weight.shape)
+    except AttributeError:
+        return None
